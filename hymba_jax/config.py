@@ -1,0 +1,423 @@
+"""HymbaConfig: the one description of a Hymba model, its presets, and the released config.json.
+
+Every variant of the architecture (see the architecture document) is a configuration of the same code:
+the released 1.5B model, the paper's smaller sizes, the attention-only and SSM-only ablations and a
+Llama-style attention-only baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Literal, Mapping
+
+LayerKind = Literal["hybrid", "attention", "ssm"]
+ATTENTION_KINDS = ("hybrid", "attention")
+SSM_KINDS = ("hybrid", "ssm")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a Hymba model (the message names the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HymbaConfig:
+    """Shape and numerics of a Hymba model.
+
+    Layer roles follow the released model: `global_layers` use full causal attention, every other layer a
+    sliding window of `sliding_window` positions (meta tokens always visible). In each tuple of
+    `kv_reuse_groups` the first layer computes K/V and the following layers reuse them.
+    """
+
+    vocab_size: int = 32001
+    hidden_size: int = 1600
+    num_layers: int = 32
+    num_heads: int = 25
+    num_kv_heads: int = 5
+    qk_head_dim: int = 64
+    v_head_dim: int = 128
+    intermediate_size: int = 5504
+    d_inner: int = 3200
+    d_state: int = 16
+    d_conv: int = 4
+    dt_rank: int = 100
+    ssm_inner_norms: bool = True
+    conv_bias: bool = True
+    num_meta_tokens: int = 128
+    sliding_window: int = 1024
+    global_layers: tuple[int, ...] = (0, 15, 31)
+    kv_reuse_groups: tuple[tuple[int, ...], ...] = (
+        (1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14),
+        (16, 17, 18), (19, 20), (21, 22), (23, 24), (25, 26), (27, 28), (29, 30),
+    )
+    rope_type: Literal["default", "ntk"] = "ntk"
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    orig_max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    layer_kind: LayerKind = "hybrid"
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    # Numerics and kernels (not part of the released config.json).
+    dtype: str = "float32"          # compute dtype: activations and matmul inputs
+    param_dtype: str = "float32"    # parameter storage
+    scan_backend: str = "associative"
+    remat: str = "none"             # "none" | "full" | "dots": rematerialisation of each layer
+
+    def __post_init__(self):
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------
+    # Derived structure
+    @property
+    def has_attention(self) -> bool:
+        return self.layer_kind in ATTENTION_KINDS
+
+    @property
+    def has_ssm(self) -> bool:
+        return self.layer_kind in SSM_KINDS
+
+    @property
+    def attn_out_dim(self) -> int:
+        """Width of the attention branch output (heads * v_head_dim)."""
+        return self.num_heads * self.v_head_dim
+
+    @property
+    def branch_dim(self) -> int:
+        """Width of the fused branch output fed to out_proj."""
+        return self.d_inner if self.has_ssm else self.attn_out_dim
+
+    def kv_producer(self, layer: int) -> int:
+        """The layer whose K/V `layer` uses (itself unless it is a consumer in a KV-sharing group)."""
+        for group in self.kv_reuse_groups:
+            if layer in group[1:]:
+                return group[0]
+        return layer
+
+    def owns_kv(self, layer: int) -> bool:
+        return self.kv_producer(layer) == layer
+
+    def is_global(self, layer: int) -> bool:
+        return layer in self.global_layers
+
+    @property
+    def kv_owner_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.owns_kv(i))
+
+    @property
+    def rope_base(self) -> float:
+        """RoPE base; static NTK scaling as the released model computes it."""
+        if self.rope_type == "default":
+            return float(self.rope_theta)
+        hd = self.qk_head_dim
+        scale = 2 * self.max_position_embeddings / self.orig_max_position_embeddings - 1
+        return float(self.rope_theta * scale ** (hd / (hd - 2)))
+
+    def replace(self, **changes) -> "HymbaConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, field: str, msg: str):
+            if not cond:
+                raise ConfigError(f"HymbaConfig.{field}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "intermediate_size"):
+            need(int(getattr(self, name)) > 0, name, f"must be a positive integer, got {getattr(self, name)!r}")
+        need(self.layer_kind in ("hybrid", "attention", "ssm"), "layer_kind",
+             f"must be 'hybrid', 'attention' or 'ssm', got {self.layer_kind!r}")
+        need(self.num_meta_tokens >= 0, "num_meta_tokens", f"must be >= 0, got {self.num_meta_tokens}")
+        if self.has_attention:
+            need(self.num_heads > 0 and self.num_kv_heads > 0, "num_heads",
+                 f"heads ({self.num_heads}) and kv heads ({self.num_kv_heads}) must be positive")
+            need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            need(self.qk_head_dim > 0 and self.qk_head_dim % 2 == 0, "qk_head_dim",
+                 f"must be a positive even number (RoPE rotates pairs), got {self.qk_head_dim}")
+            need(self.v_head_dim > 0, "v_head_dim", f"must be positive, got {self.v_head_dim}")
+            need(self.sliding_window > 0, "sliding_window", f"must be positive, got {self.sliding_window}")
+            need(self.rope_type in ("default", "ntk"), "rope_type",
+                 f"must be 'default' or 'ntk', got {self.rope_type!r}")
+        if self.has_ssm:
+            for name in ("d_inner", "d_state", "d_conv", "dt_rank"):
+                need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        if self.layer_kind == "hybrid":
+            need(self.attn_out_dim == self.d_inner, "v_head_dim",
+                 f"num_heads * v_head_dim ({self.num_heads} * {self.v_head_dim} = {self.attn_out_dim}) must "
+                 f"equal d_inner ({self.d_inner}) so the attention and SSM outputs can be averaged")
+        for i in self.global_layers:
+            need(0 <= i < self.num_layers, "global_layers", f"layer {i} is not in 0..{self.num_layers - 1}")
+        seen: set[int] = set()
+        for group in self.kv_reuse_groups:
+            need(len(group) >= 2, "kv_reuse_groups", f"group {list(group)} needs at least two layers")
+            for i in group:
+                need(0 <= i < self.num_layers, "kv_reuse_groups",
+                     f"layer {i} of group {list(group)} is not in 0..{self.num_layers - 1}")
+                need(i not in seen, "kv_reuse_groups", f"layer {i} is in more than one group")
+                need(i not in self.global_layers, "kv_reuse_groups",
+                     f"layer {i} is global; a KV-sharing group may only hold sliding-window layers")
+                seen.add(i)
+            need(list(group) == sorted(group), "kv_reuse_groups",
+                 f"group {list(group)} must list its layers in increasing order (the first one produces K/V)")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+        need(self.dtype in ("float32", "bfloat16", "float16", "float64"), "dtype",
+             f"must be one of float32, bfloat16, float16, float64, got {self.dtype!r}")
+        need(self.param_dtype in ("float32", "bfloat16", "float64"), "param_dtype",
+             f"must be one of float32, bfloat16, float64, got {self.param_dtype!r}")
+        need(self.remat in ("none", "full", "dots"), "remat",
+             f"must be 'none', 'full' or 'dots', got {self.remat!r}")
+
+    # ----------------------------------------------------------------------------------------------
+    # The released config.json
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The released `config.json` fields for this config (lossless for every field the model uses)."""
+        if self.layer_kind != "hybrid":
+            raise ConfigError(f"HymbaConfig.layer_kind: only hybrid models have a released config.json "
+                              f"layout, got {self.layer_kind!r}")
+        if self.d_inner % self.hidden_size:
+            raise ConfigError(f"HymbaConfig.d_inner: the released format stores mamba_expand = d_inner / "
+                              f"hidden_size, which must be an integer ({self.d_inner} / {self.hidden_size})")
+        n = self.num_layers
+        return {
+            "architectures": ["HymbaForCausalLM"],
+            "model_type": "hymba",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": n,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "kq_head_dim": -1 if self.qk_head_dim * self.num_heads == self.hidden_size else self.qk_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "attn_hidden_size": -1,
+            "intermediate_size": self.intermediate_size,
+            "mamba_expand": self.d_inner // self.hidden_size,
+            "mamba_d_state": self.d_state,
+            "mamba_d_conv": self.d_conv,
+            "mamba_dt_rank": self.dt_rank,
+            "mamba_inner_layernorms": self.ssm_inner_norms,
+            "mamba_conv_bias": self.conv_bias,
+            "mamba_proj_bias": False,
+            "conv_dim": {str(i): self.d_inner for i in range(n)},
+            "num_memory_tokens": self.num_meta_tokens,
+            "memory_tokens_interspersed_every": 0,
+            "sliding_window": self.sliding_window,
+            "global_attn_idx": list(self.global_layers),
+            "kv_reuse_group": [list(g) for g in self.kv_reuse_groups],
+            "kv_reuse_every_i_layer": -1,
+            "kv_weight_reuse": False,
+            "rope": True,
+            "rope_type": self.rope_type,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "orig_max_position_embeddings": self.orig_max_position_embeddings,
+            "seq_length": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "layer_type": ["h"] * n,
+            "num_experts": 1,
+            "num_experts_per_tok": 1,
+            "num_mamba": 1,
+            "kq_norm": "none",
+            "hidden_act": "silu",
+            "mlp_hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "use_cache": False,
+            "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Mapping[str, Any], **overrides) -> "HymbaConfig":
+        """Read a released-style `config.json` dict. Unsupported features are refused by name."""
+
+        def get(key: str, default: Any = KeyError):
+            if key in cfg:
+                return cfg[key]
+            if default is KeyError:
+                raise ConfigError(f"config.json: required field {key!r} is missing")
+            return default
+
+        archs = get("architectures", ["HymbaForCausalLM"])
+        if "HymbaForCausalLM" not in archs or get("model_type", "hymba") != "hymba":
+            raise ConfigError(f"config.json: architectures={archs!r}, model_type={cfg.get('model_type')!r}; "
+                              "expected a Hymba checkpoint (HymbaForCausalLM, model_type 'hymba')")
+        unsupported = {
+            "num_experts": 1, "num_mamba": 1, "memory_tokens_interspersed_every": 0,
+            "kv_weight_reuse": False, "kq_norm": "none", "mamba_proj_bias": False, "rope": True,
+            "kv_reuse_every_i_layer": -1,
+        }
+        for key, supported in unsupported.items():
+            if key in cfg and cfg[key] != supported:
+                raise ConfigError(f"config.json: {key}={cfg[key]!r} is not supported by hymba-jax "
+                                  f"(the released Hymba models use {supported!r})")
+        for act_key in ("hidden_act", "mlp_hidden_act"):
+            if cfg.get(act_key, "silu") != "silu":
+                raise ConfigError(f"config.json: {act_key}={cfg[act_key]!r}; only 'silu' is supported")
+        layer_types = set(cfg.get("layer_type", ["h"]))
+        if layer_types != {"h"}:
+            raise ConfigError(f"config.json: layer_type {sorted(layer_types)} is not supported; "
+                              "every released Hymba layer is hybrid ('h')")
+        hidden = int(get("hidden_size"))
+        heads = int(get("num_attention_heads"))
+        expand = get("mamba_expand", 2)
+        d_inner = int(expand * hidden)
+        if int(cfg.get("attn_hidden_size", -1)) not in (-1, d_inner):
+            raise ConfigError(f"config.json: attn_hidden_size={cfg['attn_hidden_size']} is not supported "
+                              f"(only -1, meaning the SSM width {d_inner})")
+        kq = int(get("kq_head_dim", -1))
+        qk_head_dim = hidden // heads if kq == -1 else kq
+        v_head_dim = int(cfg.get("v_head_dim", d_inner // heads))
+        n = int(get("num_hidden_layers"))
+        conv_dim = cfg.get("conv_dim")
+        if conv_dim:
+            widths = {int(v) for v in (conv_dim.values() if isinstance(conv_dim, Mapping) else conv_dim)}
+            if widths != {d_inner}:
+                raise ConfigError(f"config.json: conv_dim {sorted(widths)} does not match "
+                                  f"mamba_expand * hidden_size = {d_inner}")
+        dt_rank = get("mamba_dt_rank", "auto")
+        if dt_rank == "auto":
+            dt_rank = math.ceil(hidden / 16)
+        fields = dict(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            num_layers=n,
+            num_heads=heads,
+            num_kv_heads=int(get("num_key_value_heads", heads)),
+            qk_head_dim=qk_head_dim,
+            v_head_dim=v_head_dim,
+            intermediate_size=int(get("intermediate_size")),
+            d_inner=d_inner,
+            d_state=int(get("mamba_d_state")),
+            d_conv=int(get("mamba_d_conv")),
+            dt_rank=int(dt_rank),
+            ssm_inner_norms=bool(get("mamba_inner_layernorms", True)),
+            conv_bias=bool(get("mamba_conv_bias", True)),
+            num_meta_tokens=int(get("num_memory_tokens", 0)),
+            sliding_window=int(cfg.get("sliding_window") or get("max_position_embeddings")),
+            global_layers=tuple(int(i) for i in get("global_attn_idx", list(range(n)))),
+            kv_reuse_groups=tuple(tuple(int(i) for i in g) for g in (cfg.get("kv_reuse_group") or ())),
+            rope_type=str(get("rope_type", "default")),
+            rope_theta=float(get("rope_theta", 10000.0)),
+            max_position_embeddings=int(get("max_position_embeddings")),
+            orig_max_position_embeddings=int(cfg.get("orig_max_position_embeddings",
+                                                      get("max_position_embeddings"))),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(get("tie_word_embeddings", True)),
+            bos_token_id=int(cfg.get("bos_token_id", 1)),
+            eos_token_id=int(cfg.get("eos_token_id", 2)),
+            pad_token_id=int(cfg.get("pad_token_id") or 0),
+            initializer_range=float(cfg.get("initializer_range", 0.02)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def save_hf_config(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)
+
+    @classmethod
+    def load_hf_config(cls, path: str | os.PathLike, **overrides) -> "HymbaConfig":
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json there; a Hugging Face Hymba checkpoint directory "
+                              "holds config.json beside its safetensors files") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(cfg, **overrides)
+
+
+def _pair_groups(layers: list[int]) -> tuple[tuple[int, ...], ...]:
+    """Consecutive sliding-window layers paired into KV-sharing groups, as in the 1.5B model."""
+    groups, run = [], []
+    for i in layers + [None]:
+        if i is not None and (not run or i == run[-1] + 1):
+            run.append(i)
+            continue
+        for k in range(0, len(run) - 1, 2):
+            groups.append(tuple(run[k:k + 2]))
+        run = [i] if i is not None else []
+    return tuple(groups)
+
+
+def paper_size(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, **overrides) -> HymbaConfig:
+    """A paper-table model: 3 global layers (first, middle, last), window 1024, d_state 16, tied head,
+    128 meta tokens and pairs of consecutive sliding-window layers sharing K/V."""
+    global_layers = (0, layers // 2 - 1, layers - 1)
+    local = [i for i in range(layers) if i not in global_layers]
+    d_inner = 2 * hidden
+    fields = dict(
+        hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+        qk_head_dim=hidden // heads, v_head_dim=d_inner // heads, intermediate_size=mlp, d_inner=d_inner,
+        dt_rank=math.ceil(hidden / 16), global_layers=global_layers, kv_reuse_groups=_pair_groups(local),
+    )
+    fields.update(overrides)
+    return HymbaConfig(**fields)
+
+
+def hymba_1p5b(**overrides) -> HymbaConfig:
+    """Exactly the released nvidia/Hymba-1.5B-Base configuration."""
+    return HymbaConfig(**overrides)
+
+
+def hymba_350m(**overrides) -> HymbaConfig:
+    return paper_size(768, 32, 12, 4, 2432, **overrides)
+
+
+def hymba_125m(**overrides) -> HymbaConfig:
+    return paper_size(512, 24, 8, 4, 1664, **overrides)
+
+
+def hymba_tiny(**overrides) -> HymbaConfig:
+    """A tiny model with every feature on (the shape of the `hymba-tiny-a` fixture), for tests."""
+    fields = dict(
+        vocab_size=101, hidden_size=64, num_layers=7, num_heads=4, num_kv_heads=2, qk_head_dim=16,
+        v_head_dim=32, intermediate_size=96, d_inner=128, d_state=4, d_conv=4, dt_rank=8,
+        num_meta_tokens=4, sliding_window=8, global_layers=(0, 3, 6), kv_reuse_groups=((1, 2), (4, 5)),
+        rope_type="ntk", max_position_embeddings=64, orig_max_position_embeddings=16,
+    )
+    fields.update(overrides)
+    return HymbaConfig(**fields)
+
+
+def llama_style(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, head_dim: int | None = None,
+                **overrides) -> HymbaConfig:
+    """An attention-only, all-global, no-meta-token baseline built by the same code (Llama-like)."""
+    head_dim = head_dim or hidden // heads
+    fields = dict(
+        layer_kind="attention", hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, qk_head_dim=head_dim, v_head_dim=head_dim, intermediate_size=mlp,
+        d_inner=heads * head_dim, num_meta_tokens=0, global_layers=tuple(range(layers)), kv_reuse_groups=(),
+        rope_type="default", rope_theta=500000.0, sliding_window=131072,
+    )
+    fields.update(overrides)
+    return HymbaConfig(**fields)
+
+
+def llama_3p2_3b_shape(**overrides) -> HymbaConfig:
+    """Llama-3.2-3B's shape: 28 layers, 24 heads, 8 KV heads of 128, hidden 3072, MLP 8192."""
+    return llama_style(3072, 28, 24, 8, 8192, head_dim=128, vocab_size=128256, **overrides)
+
+
+PRESETS = {
+    "hymba_1p5b": hymba_1p5b,
+    "hymba_350m": hymba_350m,
+    "hymba_125m": hymba_125m,
+    "hymba_tiny": hymba_tiny,
+    "llama_3p2_3b_shape": llama_3p2_3b_shape,
+}
+
+
+def get_preset(name: str, **overrides) -> HymbaConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)

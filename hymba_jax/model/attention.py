@@ -1,0 +1,104 @@
+"""The attention branch: GQA over the meta tokens and the text, global or sliding-window, with
+cross-layer KV sharing (a consumer layer reuses its producer's post-RoPE keys and values)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hymba_jax.config import HymbaConfig
+from hymba_jax.model.params import Dense
+from hymba_jax.model.rope import apply_rope
+
+
+class KV(NamedTuple):
+    """Keys (B, S, kv_heads, qk_head_dim) after RoPE and values (B, S, kv_heads, v_head_dim)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def attention_mask(query_index: jax.Array, key_index: jax.Array, *, window: Optional[int],
+                   query_segment: Optional[jax.Array] = None, key_segment: Optional[jax.Array] = None
+                   ) -> jax.Array:
+    """Which keys each query sees among the tokens of the current pass (meta/prefix keys are handled
+    by the caller: they are always visible).
+
+    Indices are positions in one sequence ((B, Tq) and (B, Tk), or unbatched). A query sees keys at or
+    before it, within `window` positions (q - k <= window) unless `window` is None (global layers), and
+    in its own document when segments are given. Returns (B, Tq, Tk) bool.
+    """
+    q = query_index[..., :, None]
+    k = key_index[..., None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k <= window)
+    if query_segment is not None:
+        mask = mask & (query_segment[..., :, None] == key_segment[..., None, :])
+    return mask
+
+
+def with_prefix(mask: jax.Array, num_prefix: int) -> jax.Array:
+    """Prepend `num_prefix` always-visible key columns (the meta tokens) to a (B, Tq, Tk) mask."""
+    if num_prefix == 0:
+        return mask
+    visible = jnp.ones(mask.shape[:-1] + (num_prefix,), bool)
+    return jnp.concatenate([visible, mask], axis=-1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention, softmax in fp32.
+
+    q (B, T, H, dk); k (B, S, KV, dk); v (B, S, KV, dv); mask (B|1, T, S) bool. Query head h uses KV head
+    h // (H / KV). Returns (B, T, H, dv) in q's dtype.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / head_dim ** 0.5)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, v.shape[-1])
+
+
+class AttentionBranch(nn.Module):
+    """Attention heads of one hybrid layer. Projections come from the layer's shared in_proj input.
+
+    There is no output projection of its own: the layer's out_proj follows the fusion.
+    """
+
+    config: HymbaConfig
+    owns_kv: bool
+
+    @nn.compact
+    def __call__(self, u: jax.Array, positions: jax.Array, mask: jax.Array, prefix_kv: Optional[KV],
+                 shared_kv: Optional[KV]) -> tuple[jax.Array, KV]:
+        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T).
+
+        Returns the attention output (B, T, heads * v_head_dim) and this pass's K/V (own or shared).
+        """
+        cfg = self.config
+        dense = lambda features, axes, name: Dense(features, ("embed",) + axes, cfg.param_dtype,
+                                                  cfg.initializer_range, name=name)
+        base = cfg.rope_base
+        q = dense((cfg.num_heads, cfg.qk_head_dim), ("heads", "head_dim"), "q_proj")(u)
+        q = apply_rope(q, positions, base)
+        if self.owns_kv:
+            k = dense((cfg.num_kv_heads, cfg.qk_head_dim), ("kv_heads", "head_dim"), "k_proj")(u)
+            v = dense((cfg.num_kv_heads, cfg.v_head_dim), ("kv_heads", "head_dim"), "v_proj")(u)
+            kv = KV(apply_rope(k, positions, base), v)
+        else:
+            kv = shared_kv
+        keys, values = kv
+        if prefix_kv is not None:
+            batch = u.shape[0]
+            expand = lambda t: jnp.broadcast_to(t, (batch,) + t.shape[1:]).astype(t.dtype)
+            keys = jnp.concatenate([expand(prefix_kv.k), keys], axis=1)
+            values = jnp.concatenate([expand(prefix_kv.v), values], axis=1)
+        out = dot_product_attention(q, keys, values, mask)
+        return out.reshape(out.shape[:2] + (-1,)), kv

@@ -1,0 +1,72 @@
+"""One Hymba layer: attention heads and SSM heads in parallel on the same input (the hybrid-head
+module), their normalised outputs averaged and projected back, then a SwiGLU MLP."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+
+from hymba_jax.config import HymbaConfig
+from hymba_jax.model.attention import KV, AttentionBranch
+from hymba_jax.model.norms import RMSNorm
+from hymba_jax.model.params import Dense
+from hymba_jax.model.ssm import SSMBranch, SSMState
+
+
+class LayerState(NamedTuple):
+    """What a layer leaves for the positions after it: K/V (owners only) and the SSM state."""
+
+    kv: Optional[KV]
+    ssm: Optional[SSMState]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    config: HymbaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = lambda features, axes, name: Dense(features, axes, cfg.param_dtype, cfg.initializer_range,
+                                                  name=name)
+        gate = dense((cfg.intermediate_size,), ("embed", "mlp"), "gate_proj")(x)
+        up = dense((cfg.intermediate_size,), ("embed", "mlp"), "up_proj")(x)
+        return dense((cfg.hidden_size,), ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
+
+
+class HymbaLayer(nn.Module):
+    config: HymbaConfig
+    index: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, doc_pos: Optional[jax.Array],
+                 prefix: Optional[LayerState], shared_kv: Optional[KV]) -> tuple[jax.Array, LayerState]:
+        """x (B, T, d). positions (B|1, T) RoPE positions; mask (B|1, T, S_prefix + T) the attention mask
+        for this layer's kind; doc_pos (B, T) or None, positions inside packed documents (SSM and conv
+        restart where it is 0); prefix: the state of the positions before x (the meta tokens), or None;
+        shared_kv: the producer's K/V for x when this layer is a KV consumer.
+
+        Returns the layer output (B, T, d) and the state it leaves (its K/V if it owns them).
+        """
+        cfg = self.config
+        norm = lambda axis, name: RMSNorm(cfg.rms_norm_eps, axis, cfg.param_dtype, name=name)
+        u = norm("embed", "input_norm")(x)
+        branches = []
+        kv = ssm_state = None
+        if cfg.has_attention:
+            owns = cfg.owns_kv(self.index)
+            attn, kv = AttentionBranch(cfg, owns, name="attention")(
+                u, positions, mask, prefix.kv if prefix is not None else None, shared_kv)
+            branches.append(norm("inner", "attn_out_norm")(attn))
+            kv = kv if owns else None
+        if cfg.has_ssm:
+            ssm, ssm_state = SSMBranch(cfg, name="ssm")(u, prefix.ssm if prefix is not None else None, doc_pos)
+            branches.append(norm("inner", "ssm_out_norm")(ssm))
+        mix = sum(branches) / len(branches) if len(branches) > 1 else branches[0]
+        x = x + Dense((cfg.hidden_size,), ("inner", "embed"), cfg.param_dtype, cfg.initializer_range,
+                      name="out_proj")(mix)
+        x = x + MLP(cfg, name="mlp")(norm("embed", "mlp_norm")(x))
+        return x, LayerState(kv, ssm_state)

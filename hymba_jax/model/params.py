@@ -1,0 +1,35 @@
+"""Small helpers shared by the model modules: dtypes and logically-partitioned parameters."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def logical_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
+                  axes: Sequence[str | None], dtype: str) -> jax.Array:
+    """A parameter carrying logical axis names (mapped to mesh axes by the sharding rules)."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.dtype(dtype))
+
+
+class Dense(nn.Module):
+    """`x @ kernel` over the last axis of x, kernel of shape (in, *features) with logical axes.
+
+    The kernel is cast to the input's dtype (fp32 master weights, bf16 compute).
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]          # logical names of (in, *features)
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = logical_param(self, "kernel", nn.initializers.normal(self.init_std),
+                               (x.shape[-1], *self.features), self.axes, self.param_dtype)
+        return jnp.tensordot(x, kernel.astype(x.dtype), axes=((x.ndim - 1,), (0,)))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.params import Dense
+from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
 
 
@@ -58,9 +58,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    acc = accum_dtype(q.dtype)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=acc)
     logits = logits * (1.0 / head_dim ** 0.5)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, length, heads, v.shape[-1])

@@ -19,7 +19,7 @@ from hymba_jax.config import HymbaConfig
 from hymba_jax.model.attention import KV, attention_mask, with_prefix
 from hymba_jax.model.block import HymbaLayer, LayerState
 from hymba_jax.model.norms import RMSNorm
-from hymba_jax.model.params import logical_param
+from hymba_jax.model.params import accum_dtype, logical_param
 
 REMAT_POLICIES = {
     "full": None,
@@ -109,7 +109,7 @@ class HymbaForCausalLM(nn.Module):
         else:
             head = logical_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
                                  (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=accum_dtype(dtype))
         if return_hidden_states:
             return logits, hidden_states
         return logits

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hymba_jax.model.params import logical_param
+from hymba_jax.model.params import accum_dtype, logical_param
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +23,6 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = logical_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,),
                               self.param_dtype)
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(accum_dtype(x.dtype))
         normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
         return scale.astype(x.dtype) * normed

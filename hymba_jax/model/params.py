@@ -11,6 +11,11 @@ import jax.numpy as jnp
 Initializer = Callable[..., jax.Array]
 
 
+def accum_dtype(dtype) -> jnp.dtype:
+    """The dtype of statistics and accumulations: fp32, or fp64 when computing in fp64 (for checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def logical_param(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
                   axes: Sequence[str | None], dtype: str) -> jax.Array:
     """A parameter carrying logical axis names (mapped to mesh axes by the sharding rules)."""

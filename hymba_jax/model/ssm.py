@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.norms import RMSNorm
-from hymba_jax.model.params import Dense, logical_param
+from hymba_jax.model.params import Dense, accum_dtype, logical_param
 from hymba_jax.ops.scan import selective_scan
 
 
@@ -40,11 +40,12 @@ def causal_conv(xs: jax.Array, context: jax.Array, weight: jax.Array, bias: Opti
     """
     batch, length, width = xs.shape
     taps = weight.shape[0]
+    acc = accum_dtype(xs.dtype)
     context = jnp.broadcast_to(context, (batch, taps - 1, width))
-    ext = jnp.concatenate([context, xs], axis=1).astype(jnp.float32)        # ext[t + K - 1] = xs[t]
-    out = jnp.zeros((batch, length, width), jnp.float32)
+    ext = jnp.concatenate([context, xs], axis=1).astype(acc)        # ext[t + K - 1] = xs[t]
+    out = jnp.zeros((batch, length, width), acc)
     if bias is not None:
-        out = out + bias.astype(jnp.float32)
+        out = out + bias.astype(acc)
     t = jnp.arange(length)
     for j in range(taps):
         shift = taps - 1 - j
@@ -53,7 +54,7 @@ def causal_conv(xs: jax.Array, context: jax.Array, weight: jax.Array, bias: Opti
         else:
             index = j + jnp.where(doc_pos >= shift, t, doc_pos)
             tap = jnp.take_along_axis(ext, index[..., None], axis=1)
-        out = out + weight[j].astype(jnp.float32) * tap
+        out = out + weight[j].astype(acc) * tap
     return out
 
 
@@ -106,12 +107,14 @@ class SSMBranch(nn.Module):
             C = RMSNorm(cfg.rms_norm_eps, "state", cfg.param_dtype, name="C_norm")(C)
         dt = Dense((width,), ("dt_rank", "inner"), cfg.param_dtype, cfg.dt_rank ** -0.5, name="dt_proj")(dt)
         dt_bias = logical_param(self, "dt_bias", _dt_bias_init, (width,), ("inner",), cfg.param_dtype)
-        a_log = logical_param(self, "A_log", _a_log_init, (width, n), ("inner", "state"), "float32")
+        a_log = logical_param(self, "A_log", _a_log_init, (width, n), ("inner", "state"),
+                              accum_dtype(cfg.param_dtype).name)   # A_log is kept in fp32 at least
         d_skip = logical_param(self, "D", nn.initializers.ones, (width,), ("inner",), cfg.param_dtype)
 
-        A = -jnp.exp(a_log.astype(jnp.float32))
+        acc = accum_dtype(u.dtype)
+        A = -jnp.exp(a_log.astype(acc))
         y, last = selective_scan(
-            x, dt, A, B, C, d_skip.astype(jnp.float32), z, dt_bias.astype(jnp.float32),
+            x, dt, A, B, C, d_skip.astype(acc), z, dt_bias.astype(acc),
             reset=None if doc_pos is None else doc_pos == 0,
             initial_state=None if prefix is None else prefix.ssm,
             backend=cfg.scan_backend)

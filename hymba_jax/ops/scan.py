@@ -2,6 +2,8 @@
 
     delta_t = softplus(dt_t + dt_bias)                                  (B, L, D), fp32
     h_t     = exp(delta_t A) * h_{t-1} + delta_t * B_t * x_t             (B, D, N), fp32
+
+(fp32 means at least fp32: with float64 inputs everything runs in float64, for gradient checks.)
     y_t     = (sum_n h_t[..., n] C_t[n] + D * x_t) * silu(z_t)
 
 Packed documents restart at `reset[b, t]`: there h_{t-1} is replaced by `initial_state` (the state the meta
@@ -75,7 +77,7 @@ def selective_scan(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, 
 def _scan_terms(x, dt, A, B, dt_bias, reset, initial_state):
     """The recurrence as h_t = a_t h_{t-1} + b_t with resets folded in: where a document starts
     (and at t = 0) a_t becomes 0 and b_t absorbs a_t * h0, so no state needs to be carried across."""
-    f32 = jnp.float32
+    f32 = jnp.promote_types(x.dtype, jnp.float32)   # fp32, or fp64 in float64 checks
     delta = dt.astype(f32)
     if dt_bias is not None:
         delta = delta + dt_bias.astype(f32)
@@ -94,7 +96,7 @@ def _scan_terms(x, dt, A, B, dt_bias, reset, initial_state):
 
 
 def _scan_output(h, x, C, D, z):
-    f32 = jnp.float32
+    f32 = jnp.promote_types(x.dtype, jnp.float32)   # fp32, or fp64 in float64 checks
     y = jnp.einsum("bldn,bln->bld", h, C.astype(f32)) + D.astype(f32) * x.astype(f32)
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
@@ -117,7 +119,7 @@ def associative_scan(x, dt, A, B, C, D, z, dt_bias, reset, initial_state):
 @register_backend("sequential")
 def sequential_scan(x, dt, A, B, C, D, z, dt_bias, reset, initial_state):
     """One position at a time, written straight from the recurrence (no folding): the reference."""
-    f32 = jnp.float32
+    f32 = jnp.promote_types(x.dtype, jnp.float32)   # fp32, or fp64 in float64 checks
     batch, length = x.shape[:2]
     h0 = jnp.zeros((batch,) + A.shape, f32)
     if initial_state is not None:

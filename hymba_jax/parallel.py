@@ -1,0 +1,120 @@
+"""Device mesh, logical-axis rules and sharded arrays: the one place that maps the model onto devices.
+
+Every parameter of the model carries logical axis names ('embed', 'heads', 'inner', 'mlp', ...). A rules
+table maps each logical name to mesh axes; the mesh has three axes:
+
+* `data`: pure data parallelism (parameters replicated),
+* `fsdp`: data parallelism with parameters and optimizer state sharded along 'embed' (ZeRO-3 style),
+* `tensor`: attention heads, SSM channels ('inner') and MLP columns split across devices.
+
+The batch is split over (data, fsdp). The API is four functions:
+
+    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})        # -1 takes the remaining devices
+    shardings = logical_shardings(abstract_boxed_tree, mesh, rules)  # nn.Partitioned -> NamedSharding
+    sharding = batch_sharding(mesh, rules)                           # for (batch, length) arrays
+    batch = shard_batch(host_batch, sharding)                        # process-local numpy -> global
+
+The same code runs on one CPU, on simulated CPU devices and on many hosts: every host passes only its
+own rows to `shard_batch`, and nothing copies full parameters through a host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axes). Logical names not listed are replicated.
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("inner", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", None),
+    ("length", None),
+)
+
+AxisRules = Sequence[tuple[str, Any]]
+
+
+class MeshError(ValueError):
+    """A mesh or rules table that cannot be built on the available devices (names the axis)."""
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with the single -1 replaced by whatever devices remain."""
+    unknown = sorted(set(shape) - set(MESH_AXES))
+    if unknown:
+        raise MeshError(f"mesh.{unknown[0]}: unknown mesh axis; the axes are {MESH_AXES}")
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise MeshError(f"mesh.{axis}={size}: must be a positive size or -1 (the remaining devices)")
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise MeshError(f"mesh.{fill[1]}=-1: only one mesh axis may be -1 (also {fill[0]})")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if num_devices % fixed:
+            raise MeshError(f"mesh.{fill[0]}=-1: {num_devices} devices are not divisible by the other axes' "
+                            f"product {fixed}")
+        sizes[fill[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
+                        "available; set one axis to -1 to take the rest")
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def check_rules(rules: AxisRules) -> None:
+    """Raises MeshError when a rule names a mesh axis that does not exist."""
+    for logical, mesh_axes in rules:
+        targets = mesh_axes if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
+        for axis in targets:
+            if axis is not None and axis not in MESH_AXES:
+                raise MeshError(f"axis_rules: logical axis {logical!r} maps to {axis!r}, which is not a mesh "
+                                f"axis {MESH_AXES}")
+
+
+def logical_shardings(tree: Any, mesh: Mesh, rules: AxisRules) -> Any:
+    """NamedShardings for a tree whose leaves are nn.Partitioned boxes (or ShapeDtypeStructs inside them),
+    e.g. `jax.eval_shape(model.init, ...)`. Unboxed leaves are replicated."""
+    specs = nn.get_partition_spec(tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
+
+
+def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
+    """The sharding of (batch, length) arrays: rows split over the axes the 'batch' rule names."""
+    return nn.logical_to_mesh_sharding(PartitionSpec("batch", "length"), mesh, [tuple(r) for r in rules])
+
+
+def data_parallel_size(mesh: Mesh, rules: AxisRules) -> int:
+    """How many ways the batch is split (the global batch must be a multiple of it)."""
+    spec = batch_sharding(mesh, rules).spec[0]
+    axes = spec if isinstance(spec, tuple) else (() if spec is None else (spec,))
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays (rows of all processes, in process order)."""
+    out = {}
+    for key, local in batch.items():
+        local = np.asarray(local)
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out

@@ -1,0 +1,167 @@
+"""The pretraining loop: data, sharded state, resume, jitted steps, validation, checkpoints, metrics.
+
+    train(config, workdir)
+
+Resumes from the latest restorable checkpoint in `workdir` when there is one (no flag), else starts
+from random weights or `config.init_from_hf`. SIGTERM (and SIGINT) finish the current step, save a
+checkpoint, wait for it to be written and return. Only process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from hymba_jax.data import load_tokenizer, make_dataset
+from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.parallel import batch_sharding, data_parallel_size, make_mesh, shard_batch
+from hymba_jax.train import validation
+from hymba_jax.train.checkpoint import Checkpointer
+from hymba_jax.train.config import TrainConfigError, model_config, validate_config
+from hymba_jax.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device, plot_loss_curve
+from hymba_jax.train.optimizer import make_optimizer, make_schedule
+from hymba_jax.train.state import TrainState, create_train_state, state_shardings
+from hymba_jax.train.step import make_eval_step, make_train_step
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
+    """The global batch must split evenly into microbatches on every data-parallel device."""
+    ways = data_parallel_size(mesh, config.axis_rules) * config.grad_accum_steps
+    if config.batch_size % ways:
+        raise TrainConfigError(
+            f"batch_size={config.batch_size}: must be a multiple of grad_accum_steps ({config.grad_accum_steps}) "
+            f"x data-parallel devices ({ways // config.grad_accum_steps})")
+    if config.batch_size % jax.process_count():
+        raise TrainConfigError(f"batch_size={config.batch_size}: must be a multiple of the {jax.process_count()} "
+                               "processes")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Train to `config.num_steps` (or until SIGTERM). Returns the last validation metrics and step."""
+    workdir = Path(workdir)
+    validate_config(config, jax.device_count())
+    mesh = make_mesh(dict(config.mesh))
+    check_batch_layout(config, mesh)
+    tokenizer = load_tokenizer(config.data)
+    model_cfg = model_config(config, tokenizer.vocab_size)
+    rules = config.axis_rules
+    tx, schedule = make_optimizer(config), make_schedule(config)
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
+    batch_sh = batch_sharding(mesh, rules)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    train_iter = iter(make_dataset(config.data, tokenizer, split="train", global_batch_size=config.batch_size,
+                                   seq_len=config.seq_len, seed=config.seed))
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    state = _initial_state(config, model_cfg, tx, mesh, shardings, checkpointer, train_iter)
+    start = int(jax.device_get(state.step))
+
+    train_step = make_train_step(model_cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
+                                 z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
+                                 batch_sharding=batch_sh)
+    eval_step = make_eval_step(model_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh)
+    logger = MetricsLogger(workdir, start, config.num_steps)
+    logger.message(f"model {model_cfg.num_layers} layers x {model_cfg.hidden_size}, "
+                   f"{_count(state.params) / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
+                   f"{'resumed at' if start else 'starting at'} step {start} of {config.num_steps}")
+
+    def evaluate(step: int) -> dict:
+        batches = validation.split_batches(config.data, tokenizer, "validation",
+                                           global_batch_size=config.batch_size, seq_len=config.seq_len)
+        result = validation.summary(*validation.loss_sums(eval_step, state.params, batches, batch_sh,
+                                                          max_batches=config.eval_batches))
+        logger.write("eval", step, result)
+        return result
+
+    tokens_per_step = config.batch_size * config.seq_len
+    flops = flops_per_token(model_cfg, config.seq_len)
+    peak = peak_flops_per_device(config.peak_flops_per_device)
+    pending: list[dict] = []
+    last_eval: dict = {}
+    step = start
+    with _StopRequest() as stop:
+        # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
+        batch = next(train_iter)
+        compiled = train_step.lower(state, shard_batch(batch, batch_sh)).compile()
+        logger.message("train step compiled")
+        tick, tick_step = time.perf_counter(), start
+        while step < config.num_steps and stop.signal is None:
+            batch = batch if batch is not None else next(train_iter)
+            state, metrics = compiled(state, shard_batch(batch, batch_sh))
+            batch = None
+            step += 1
+            pending.append(metrics)
+            if step % config.log_every == 0 or step == config.num_steps:
+                values = jax.device_get(pending)
+                now = time.perf_counter()
+                tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
+                record = {k: sum(float(v[k]) for v in values) / len(values) for k in values[0]}
+                record["lr"] = float(values[-1]["lr"])
+                record["tokens_per_s"] = tokens_per_s
+                record["mfu"] = flops * tokens_per_s / (peak * jax.device_count()) if peak else None
+                logger.write("train", step, record)
+                logger.progress(step, record["loss"], tokens_per_s)
+                pending, tick, tick_step = [], now, step
+            if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
+                eval_start = time.perf_counter()
+                last_eval = evaluate(step)
+                tick += time.perf_counter() - eval_start   # throughput counts training time only
+            if step % config.checkpoint_every == 0:
+                checkpointer.save(state, train_iter, config, model_cfg)
+        if stop.signal is not None:
+            logger.message(f"received signal {stop.signal}: saving step {step} and exiting")
+        else:
+            last_eval = evaluate(step)
+        checkpointer.save(state, train_iter, config, model_cfg)
+        checkpointer.wait()
+    checkpointer.close()
+    logger.close()
+    if jax.process_index() == 0 and stop.signal is None:
+        plot_loss_curve(workdir)
+    return {"step": step, "stopped_by_signal": stop.signal, **{f"val_{k}": v for k, v in last_eval.items()}}
+
+
+def _initial_state(config, model_cfg, tx, mesh, shardings: TrainState, checkpointer: Checkpointer,
+                   train_iter) -> TrainState:
+    shapes = jax.eval_shape(lambda r: create_train_state(model_cfg, tx, mesh, config.axis_rules, r)[0],
+                            jax.random.key(config.seed))
+    state = checkpointer.restore_latest(shardings, shapes, train_iter)
+    if state is not None:
+        return state
+    params = None
+    if config.init_from_hf:
+        _, params = load_hf_checkpoint(config.init_from_hf, dtype=model_cfg.param_dtype, **{
+                k: getattr(model_cfg, k) for k in ("dtype", "scan_backend", "remat")})
+        logging.info("initialised from %s", config.init_from_hf)
+    state, _ = create_train_state(model_cfg, tx, mesh, config.axis_rules, jax.random.key(config.seed), params)
+    return state
+
+
+def _count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

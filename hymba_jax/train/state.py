@@ -1,0 +1,72 @@
+"""The train state and its creation directly in its sharded layout.
+
+Shardings come from the model's logical axis names: `jax.eval_shape` of the model's init gives boxed
+(nn.Partitioned) shapes, `nn.get_partition_spec` + `nn.logical_to_mesh_sharding` turn them into
+NamedShardings, and the optimizer state mirrors the parameters' shardings through
+`optax.tree_map_params`. `jax.jit(init, out_shardings=...)` then creates every array on its devices:
+no device ever holds the whole model unless the mesh says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hymba_jax.config import HymbaConfig
+from hymba_jax.model.lm import HymbaForCausalLM, init_params
+from hymba_jax.parallel import AxisRules, logical_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: () int32, optimizer steps taken; params: fp32 master weights; opt_state: optax state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def param_shardings(model_config: HymbaConfig, mesh: Mesh, rules: AxisRules) -> Any:
+    """NamedShardings of the parameter tree, from the model's logical axes (nothing allocated)."""
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    boxed = jax.eval_shape(lambda r, i: HymbaForCausalLM(model_config).init(r, i)["params"],
+                           jax.random.key(0), ids)
+    return logical_shardings(boxed, mesh, rules)
+
+
+def state_shardings(model_config: HymbaConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: AxisRules) -> TrainState:
+    """NamedShardings of the whole TrainState: optimizer moments follow their parameters."""
+    params = param_shardings(model_config, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                   nn.meta.unbox(jax.eval_shape(
+                                       lambda r: HymbaForCausalLM(model_config).init(
+                                           r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))))
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params,
+                                transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params, opt_state=opt)
+
+
+def create_train_state(model_config: HymbaConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                       rules: AxisRules, rng: jax.Array, params: Optional[Any] = None
+                       ) -> tuple[TrainState, TrainState]:
+    """(state, its shardings). Random init from `rng`, or from `params` (e.g. a Hugging Face checkpoint),
+    which are placed on their shardings before the optimizer state is built next to them."""
+    shardings = state_shardings(model_config, tx, mesh, rules)
+
+    def from_params(p):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+
+    if params is None:
+        init = lambda r: from_params(init_params(model_config, r))
+        return jax.jit(init, out_shardings=shardings)(rng), shardings
+    params = jax.device_put(params, shardings.params)
+    return jax.jit(from_params, out_shardings=shardings)(params), shardings

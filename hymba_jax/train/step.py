@@ -1,0 +1,97 @@
+"""The training and evaluation steps: weighted next-token cross-entropy, z-loss, gradient accumulation.
+
+Batches hold already-shifted `targets` and per-token `weights` (0 on padding), so the loss of a batch
+is sum(w * CE) / sum(w) over all its tokens, whatever the number of documents per row.
+
+Gradient accumulation is a `lax.scan` over microbatches inside the one jitted step (not
+optax.MultiSteps): each optimizer step consumes one full batch and counts as one step everywhere (logs,
+schedule, checkpoints, data state); every microbatch's gradient is already divided by the whole batch's
+token weight, so the summed gradient equals the full-batch gradient exactly (only summation order
+differs); and the scan keeps one microbatch of activations live with no extra accumulator in the
+optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hymba_jax.config import HymbaConfig
+from hymba_jax.model.lm import HymbaForCausalLM
+from hymba_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "weights")
+
+
+def loss_sums(model: HymbaForCausalLM, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of w * CE, sum of w * logsumexp^2) over the batch's tokens, fp32 scalars."""
+    logits = model.apply({"params": params}, batch["inputs"], segment_ids=batch["segment_ids"])
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum((log_z - target_logit) * w), jnp.sum(jnp.square(log_z) * w)
+
+
+def make_train_step(model_config: HymbaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    *, grad_accum_steps: int, z_loss: float, mesh: Mesh, state_shardings: TrainState,
+                    batch_sharding: NamedSharding) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The jitted step (state, batch) -> (new state, metrics); the input state is donated.
+
+    batch: (B, L) arrays sharded by `batch_sharding`, B a multiple of grad_accum_steps. Metrics (fp32
+    scalars): loss (weighted mean CE), z_loss (mean logsumexp^2), grad_norm (before clipping), lr (of this
+    step), tokens (sum of weights).
+    """
+    model = HymbaForCausalLM(model_config)
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_sharding.spec))
+
+    def step(state: TrainState, batch: Batch):
+        total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+
+        def micro_loss(params, micro):
+            ce, zz = loss_sums(model, params, micro)
+            return (ce + z_loss * zz) / total_weight, (ce, zz)
+
+        grad_fn = jax.grad(micro_loss, has_aux=True)
+        # Row r of microbatch i is row r * A + i: each device keeps its own rows in every microbatch.
+        rows = batch["inputs"].shape[0] // grad_accum_steps
+        micro = {k: jnp.swapaxes(batch[k].reshape((rows, grad_accum_steps) + batch[k].shape[1:]), 0, 1)
+                 for k in BATCH_KEYS}
+        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+        def accumulate(carry, mb):
+            grads, ce, zz = carry
+            g, (ce_i, zz_i) = grad_fn(state.params, mb)
+            return (jax.tree.map(jnp.add, grads, g), ce + ce_i, zz + zz_i), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, ce, zz), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                               opt_state=opt_state)
+        metrics = {"loss": ce / total_weight, "z_loss": zz / total_weight, "grad_norm": optax.global_norm(grads),
+                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": total_weight}
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(model_config: HymbaConfig, *, mesh: Mesh, param_shardings,
+                   batch_sharding: NamedSharding) -> Callable[[object, Batch], tuple[jax.Array, jax.Array]]:
+    """The jitted (params, batch) -> (sum of w * CE, sum of w): summed over batches on the host in float64,
+    the mean is the token-weighted validation loss, independent of how the split is batched."""
+    model = HymbaForCausalLM(model_config)
+
+    def step(params, batch: Batch):
+        ce, _ = loss_sums(model, params, batch)
+        return ce, jnp.sum(batch["weights"].astype(jnp.float32))
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step, in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                   out_shardings=(replicated, replicated))

@@ -1,5 +1,8 @@
 """The data config: defaults are valid, and every invalid field is reported by its key."""
 
+import subprocess
+import sys
+
 import pytest
 
 from hymba_jax.data import DataConfigError, default_data_config, validate_data_config
@@ -44,3 +47,9 @@ def test_unknown_key_is_named():
     config.shuffle_buffer = 100
     with pytest.raises(DataConfigError, match="shuffle_buffer"):
         validate_data_config(config)
+
+
+def test_data_package_does_not_import_model_or_training():
+    script = "import sys, hymba_jax.data; print(sorted(m for m in sys.modules if m.startswith('hymba_jax.')))"
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "hymba_jax.model" not in loaded and "hymba_jax.train" not in loaded

@@ -77,3 +77,11 @@ def test_files_source_prepares_all_formats_once(tmp_path):
     )
     assert 0 < len(validation) < 40
     assert len(list((tmp_path / "cache" / "corpora").iterdir())) == 1
+
+
+def test_failed_preparation_leaves_no_corpus(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    config = data_config(tmp_path / "cache", source="files", files=[str(tmp_path / "bad.jsonl")])
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        open_documents(config, "train")
+    assert not any((tmp_path / "cache" / "corpora").iterdir())

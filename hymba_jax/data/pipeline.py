@@ -6,7 +6,9 @@ Order of operations, and why:
 3. tokenize (in Grain's reader threads), cut documents into row-length pieces, first-fit pack;
 4. batch `global_batch_size // shard_count` rows; a last partial batch is completed with
    all-padding rows (weights 0), so a finite pass drops no token.
-The iterator's `get_state()` / `set_state()` capture all of it (see `checkpointing.py`).
+The iterator's `get_state()` / `set_state()` capture all of it (see `checkpointing.py`). With
+`data.num_workers > 0` each worker process packs its own slice of the documents: the same tokens in
+another (still deterministic) order than in-process.
 """
 
 from __future__ import annotations

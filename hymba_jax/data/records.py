@@ -43,13 +43,11 @@ def ensure_prepared(directory: Path, documents: Callable[[], Iterable[str]], val
     staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    writers = {split: ArrayRecordWriter(str(_split_path(staging, split)), "group_size:1") for split in SPLITS}
     try:
-        for text in documents():
-            writers[split_of(text, val_fraction)].write(text.encode("utf-8"))
-    finally:
-        for writer in writers.values():
-            writer.close()
+        _write_splits(staging, documents(), val_fraction)
+    except BaseException:  # A bad input file: leave no half-written staging directory behind.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(directory)
     except OSError:  # Another process finished first; its corpus is identical.
@@ -71,6 +69,16 @@ def read_split(directory: Path, split: str) -> grain.MapDataset[str]:
             "or change data.val_fraction"
         )
     return grain.MapDataset.source(source).map(_decode_utf8)
+
+
+def _write_splits(directory: Path, documents: Iterable[str], val_fraction: float) -> None:
+    writers = {split: ArrayRecordWriter(str(_split_path(directory, split)), "group_size:1") for split in SPLITS}
+    try:
+        for text in documents:
+            writers[split_of(text, val_fraction)].write(text.encode("utf-8"))
+    finally:
+        for writer in writers.values():
+            writer.close()
 
 
 def _decode_utf8(record: bytes) -> str:

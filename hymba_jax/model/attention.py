@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
+from hymba_jax.ops.attention import fused_attention
 
 
 class KV(NamedTuple):
@@ -49,21 +50,29 @@ def with_prefix(mask: jax.Array, num_prefix: int) -> jax.Array:
     return jnp.concatenate([visible, mask], axis=-1)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          prefix: Optional[KV] = None) -> jax.Array:
     """Grouped-query attention, softmax in fp32.
 
-    q (B, T, H, dk); k (B, S, KV, dk); v (B, S, KV, dv); mask (B|1, T, S) bool. Query head h uses KV head
-    h // (H / KV). Returns (B, T, H, dv) in q's dtype.
+    q (B, T, H, dk); k (B, S, KV, dk); v (B, S, KV, dv); mask (B|1, T, P + S) bool over the P prefix keys
+    then the S keys. prefix: keys/values (B|1, P, KV, d) before k/v (the meta tokens, or a decode cache),
+    attended in place rather than concatenated to k/v, so a large cache is read once and never copied.
+    Query head h uses KV head h // (H / KV). Returns (B, T, H, dv) in q's dtype.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     acc = accum_dtype(q.dtype)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=acc)
+    keys = [k] if prefix is None else [prefix.k, k]
+    logits = jnp.concatenate([jnp.einsum("btkgd,bskd->bkgts", q, block, preferred_element_type=acc)
+                              for block in keys], axis=-1)
     logits = logits * (1.0 / head_dim ** 0.5)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    splits = jnp.split(probs, [prefix.k.shape[1]], axis=-1) if prefix is not None else [probs]
+    out = jnp.einsum("bkgts,bskd->btkgd", splits[-1], v)
+    if prefix is not None:
+        out = out + jnp.einsum("bkgts,bskd->btkgd", splits[0], prefix.v)
     return out.reshape(batch, length, heads, v.shape[-1])
 
 
@@ -79,7 +88,8 @@ class AttentionBranch(nn.Module):
     @nn.compact
     def __call__(self, u: jax.Array, positions: jax.Array, mask: jax.Array, prefix_kv: Optional[KV],
                  shared_kv: Optional[KV]) -> tuple[jax.Array, KV]:
-        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T).
+        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T); prefix_kv
+        (B|1, S_prefix, ...) or None.
 
         Returns the attention output (B, T, heads * v_head_dim) and this pass's K/V (own or shared).
         """
@@ -95,11 +105,8 @@ class AttentionBranch(nn.Module):
             kv = KV(apply_rope(k, positions, base), v)
         else:
             kv = shared_kv
-        keys, values = kv
-        if prefix_kv is not None:
-            batch = u.shape[0]
-            expand = lambda t: jnp.broadcast_to(t, (batch,) + t.shape[1:]).astype(t.dtype)
-            keys = jnp.concatenate([expand(prefix_kv.k), keys], axis=1)
-            values = jnp.concatenate([expand(prefix_kv.v), values], axis=1)
-        out = dot_product_attention(q, keys, values, mask)
+        if cfg.attention_backend == "xla":
+            out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
+        else:
+            out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=cfg.attention_backend)
         return out.reshape(out.shape[:2] + (-1,)), kv

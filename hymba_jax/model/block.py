@@ -43,11 +43,13 @@ class HymbaLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, doc_pos: Optional[jax.Array],
-                 prefix: Optional[LayerState], shared_kv: Optional[KV]) -> tuple[jax.Array, LayerState]:
+                 prefix: Optional[LayerState], shared_kv: Optional[KV], lengths: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, LayerState]:
         """x (B, T, d). positions (B|1, T) RoPE positions; mask (B|1, T, S_prefix + T) the attention mask
         for this layer's kind; doc_pos (B, T) or None, positions inside packed documents (SSM and conv
         restart where it is 0); prefix: the state of the positions before x (the meta tokens), or None;
-        shared_kv: the producer's K/V for x when this layer is a KV consumer.
+        shared_kv: the producer's K/V for x when this layer is a KV consumer; lengths (B,) or None: the
+        number of real positions in each row of x (the rest is padding that leaves the SSM state unchanged).
 
         Returns the layer output (B, T, d) and the state it leaves (its K/V if it owns them).
         """
@@ -63,7 +65,8 @@ class HymbaLayer(nn.Module):
             branches.append(norm("inner", "attn_out_norm")(attn))
             kv = kv if owns else None
         if cfg.has_ssm:
-            ssm, ssm_state = SSMBranch(cfg, name="ssm")(u, prefix.ssm if prefix is not None else None, doc_pos)
+            ssm, ssm_state = SSMBranch(cfg, name="ssm")(u, prefix.ssm if prefix is not None else None, doc_pos,
+                                                  lengths)
             branches.append(norm("inner", "ssm_out_norm")(ssm))
         mix = sum(branches) / len(branches) if len(branches) > 1 else branches[0]
         x = x + Dense((cfg.hidden_size,), ("inner", "embed"), cfg.param_dtype, cfg.initializer_range,

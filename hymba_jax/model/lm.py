@@ -9,7 +9,7 @@ document restarts its positions, attention, conv and SSM from the meta tokens' s
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -42,27 +42,36 @@ class HymbaForCausalLM(nn.Module):
     the id changes); each document is computed exactly as if it were alone. With return_hidden_states,
     also returns the input of every layer and the final-norm output, each (B, M + T, d) with the M meta
     positions in front (the fixtures' definition).
+
+    The parts are methods so that inference can run them separately (`apply(..., method=...)`):
+    `embed`, `meta_pass` (the meta tokens' per-layer state), `run_layers` (the layer stack from given
+    per-layer prefix states) and `logits`.
     """
 
     config: HymbaConfig
 
-    def _layer_class(self):
-        if self.config.remat == "none":
-            return HymbaLayer
-        return nn.remat(HymbaLayer, policy=REMAT_POLICIES[self.config.remat], prevent_cse=True)
+    def setup(self):
+        cfg = self.config
+        self.embedding = logical_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
+                                       (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        if cfg.num_meta_tokens:
+            self.meta_tokens = logical_param(self, "meta_tokens", nn.initializers.normal(1.0),
+                                             (cfg.num_meta_tokens, cfg.hidden_size), ("meta", "embed"),
+                                             cfg.param_dtype)
+        layer_cls = HymbaLayer if cfg.remat == "none" else nn.remat(
+            HymbaLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
+        self.layers = [layer_cls(cfg, i) for i in range(cfg.num_layers)]    # named layers_0, layers_1, ...
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed", cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = logical_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
+                                         (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-    @nn.compact
     def __call__(self, input_ids: jax.Array, segment_ids: Optional[jax.Array] = None, *,
                  return_hidden_states: bool = False):
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        batch, length = input_ids.shape
         meta_len = cfg.num_meta_tokens
-        embedding = logical_param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
-                                  (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        x = jnp.take(embedding, input_ids, axis=0).astype(dtype)
-
-        text_index = jnp.arange(length)[None]
+        x = self.embed(input_ids)
+        text_index = jnp.arange(input_ids.shape[1])[None]
         if segment_ids is None:
             doc_pos, query_segment = None, None
             positions = meta_len + text_index
@@ -76,55 +85,78 @@ class HymbaForCausalLM(nn.Module):
                                    meta_len)
             for is_global in (True, False)
         }
-
+        xm = meta_states = meta_hidden = None
         if meta_len:
-            meta = logical_param(self, "meta_tokens", nn.initializers.normal(1.0), (meta_len, cfg.hidden_size),
-                                 ("meta", "embed"), cfg.param_dtype)
-            xm = meta[None].astype(dtype)
-            meta_index = jnp.arange(meta_len)[None]
-            meta_mask = attention_mask(meta_index, meta_index, window=None)  # all meta keys are visible
-        hidden_states = []
-        meta_kv: dict[int, KV] = {}
-        text_kv: dict[int, KV] = {}
-        layer_cls = self._layer_class()
-        for i in range(cfg.num_layers):
-            layer = layer_cls(cfg, i, name=f"layers_{i}")
-            producer = cfg.kv_producer(i)
-            if return_hidden_states:
-                hidden_states.append(self._with_meta(xm if meta_len else None, x))
-            prefix = None
-            if meta_len:
-                xm, meta_state = layer(xm, meta_index, meta_mask, None, None, meta_kv.get(producer))
-                prefix = LayerState(meta_kv.setdefault(producer, meta_state.kv), meta_state.ssm)
-            x, state = layer(x, positions, text_masks[cfg.is_global(i)], doc_pos, prefix, text_kv.get(producer))
-            if state.kv is not None:
-                text_kv[i] = state.kv
+            xm, meta_states, meta_hidden = self.meta_pass(collect_hidden=return_hidden_states)
+        x, _, hidden = self.run_layers(x, positions, text_masks, doc_pos, meta_states,
+                                       collect_hidden=return_hidden_states)
+        x = self.final_norm(x)
+        logits = self.logits(x)
+        if not return_hidden_states:
+            return logits
+        hidden.append(x)
+        if meta_len:
+            meta_hidden.append(self.final_norm(xm))
+            hidden = [self._with_meta(m, h) for m, h in zip(meta_hidden, hidden)]
+        return logits, hidden
 
-        final_norm = RMSNorm(cfg.rms_norm_eps, "embed", cfg.param_dtype, name="final_norm")
-        x = final_norm(x)
-        if return_hidden_states:
-            hidden_states.append(self._with_meta(final_norm(xm) if meta_len else None, x))
-        if cfg.tie_word_embeddings:
-            head = embedding.T
-        else:
-            head = logical_param(self, "lm_head", nn.initializers.normal(cfg.initializer_range),
-                                 (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=accum_dtype(dtype))
-        if return_hidden_states:
-            return logits, hidden_states
-        return logits
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """(B, T) ids -> (B, T, d) in the compute dtype."""
+        return jnp.take(self.embedding, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+
+    def meta_pass(self, collect_hidden: bool = False
+                  ) -> tuple[jax.Array, tuple[LayerState, ...], list[jax.Array]]:
+        """The meta tokens alone (batch 1, positions 0..M-1): their last hidden state (1, M, d), the
+        per-layer state they leave (the prefix of every sequence) and, if asked, every layer's input."""
+        meta_len = self.config.num_meta_tokens
+        meta_index = jnp.arange(meta_len)[None]
+        mask = attention_mask(meta_index, meta_index, window=None)  # M <= any window: both kinds see all
+        xm = self.meta_tokens[None].astype(jnp.dtype(self.config.dtype))
+        return self.run_layers(xm, meta_index, {True: mask, False: mask}, collect_hidden=collect_hidden)
+
+    def run_layers(self, x: jax.Array, positions: jax.Array, masks: dict[bool, jax.Array],
+                   doc_pos: Optional[jax.Array] = None, prefix: Optional[Sequence[LayerState]] = None,
+                   lengths: Optional[jax.Array] = None, collect_hidden: bool = False
+                   ) -> tuple[jax.Array, tuple[LayerState, ...], list[jax.Array]]:
+        """The layer stack on x (B, T, d) (before the final norm).
+
+        positions (B|1, T) RoPE positions; masks[is_global] (B|1, T, P + T) the attention mask of each layer
+        kind over the P prefix keys and the T keys of x; doc_pos (B, T) or None (see HymbaLayer); prefix:
+        per-layer state of the positions before x, K/V held by their owner layers (consumers read their
+        producer's), or None; lengths (B,) or None: positions at or after lengths[b] are padding and leave
+        the SSM state unchanged. Returns (x, the per-layer state after x: K/V of this pass for owners,
+        None for consumers; the inputs of every layer if collect_hidden).
+        """
+        cfg = self.config
+        states: list[LayerState] = []
+        hidden: list[jax.Array] = []
+        pass_kv: dict[int, KV] = {}
+        for i, layer in enumerate(self.layers):
+            producer = cfg.kv_producer(i)
+            if collect_hidden:
+                hidden.append(x)
+            layer_prefix = None if prefix is None else LayerState(prefix[producer].kv, prefix[i].ssm)
+            x, state = layer(x, positions, masks[cfg.is_global(i)], doc_pos, layer_prefix, pass_kv.get(producer),
+                             lengths)
+            if state.kv is not None:
+                pass_kv[i] = state.kv
+            states.append(state)
+        return x, tuple(states), hidden
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final-normed hidden states (..., d) -> logits (..., vocab) in fp32 (fp64 when computing in fp64) through the (tied) head."""
+        head = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
+        return jnp.einsum("...d,dv->...v", x, head.astype(x.dtype), preferred_element_type=accum_dtype(x.dtype))
 
     @staticmethod
-    def _with_meta(xm: Optional[jax.Array], x: jax.Array) -> jax.Array:
-        if xm is None:
-            return x
+    def _with_meta(xm: jax.Array, x: jax.Array) -> jax.Array:
         return jnp.concatenate([jnp.broadcast_to(xm, (x.shape[0],) + xm.shape[1:]), x], axis=1)
 
 
 def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8) -> dict:
     """Randomly initialised parameters (plain arrays, logical-axis boxes removed)."""
     ids = jnp.zeros((1, length), jnp.int32)
-    return nn.meta.unbox(HymbaForCausalLM(config).init(rng, ids)["params"])
+    return nn.meta.unbox(jax.jit(HymbaForCausalLM(config).init)(rng, ids)["params"])
 
 
 def param_shapes(config: HymbaConfig) -> dict:

@@ -75,12 +75,13 @@ class SSMBranch(nn.Module):
     config: HymbaConfig
 
     @nn.compact
-    def __call__(self, u: jax.Array, prefix: Optional[SSMState], doc_pos: Optional[jax.Array]
-                 ) -> tuple[jax.Array, SSMState]:
+    def __call__(self, u: jax.Array, prefix: Optional[SSMState], doc_pos: Optional[jax.Array],
+                 lengths: Optional[jax.Array] = None) -> tuple[jax.Array, SSMState]:
         """u (B, T, d) normalised input; prefix: the state before the first position (None: zeros);
-        doc_pos (B, T) position in the packed document, or None for one document per row.
+        doc_pos (B, T) position in the packed document, or None for one document per row; lengths (B,) or
+        None: row b holds lengths[b] real positions followed by padding (ragged batches in inference).
 
-        Returns the gated SSM output (B, T, d_inner) and the state after the last position.
+        Returns the gated SSM output (B, T, d_inner) and the state after the last real position.
         """
         cfg = self.config
         width, n = cfg.d_inner, cfg.d_state
@@ -106,6 +107,11 @@ class SSMBranch(nn.Module):
             B = RMSNorm(cfg.rms_norm_eps, "state", cfg.param_dtype, name="B_norm")(B)
             C = RMSNorm(cfg.rms_norm_eps, "state", cfg.param_dtype, name="C_norm")(C)
         dt = Dense((width,), ("dt_rank", "inner"), cfg.param_dtype, cfg.dt_rank ** -0.5, name="dt_proj")(dt)
+        if lengths is not None:
+            # A padding step gets delta = softplus(-1e4 + bias) = 0: exp(0 * A) = 1 and delta * B * x = 0, so
+            # it is the identity in any scan backend and the last state is the one after the real positions.
+            real = jnp.arange(u.shape[1]) < lengths[:, None]
+            dt = jnp.where(real[..., None], dt, jnp.asarray(-1e4, dt.dtype))
         dt_bias = logical_param(self, "dt_bias", _dt_bias_init, (width,), ("inner",), cfg.param_dtype)
         a_log = logical_param(self, "A_log", _a_log_init, (width, n), ("inner", "state"),
                               accum_dtype(cfg.param_dtype).name)   # A_log is kept in fp32 at least
@@ -119,4 +125,9 @@ class SSMBranch(nn.Module):
             initial_state=None if prefix is None else prefix.ssm,
             backend=cfg.scan_backend)
         tail = jnp.concatenate([jnp.broadcast_to(context, xs.shape[:1] + context.shape[1:]), xs], axis=1)
-        return y, SSMState(conv=tail[:, tail.shape[1] - (cfg.d_conv - 1):], ssm=last)
+        if lengths is None:
+            conv = tail[:, tail.shape[1] - (cfg.d_conv - 1):]
+        else:   # the d_conv - 1 inputs before position lengths[b]: tail[b, lengths[b] : lengths[b] + K - 1]
+            index = lengths[:, None] + jnp.arange(cfg.d_conv - 1)
+            conv = jnp.take_along_axis(tail, index[..., None], axis=1)
+        return y, SSMState(conv=conv, ssm=last)

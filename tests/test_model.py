@@ -1,0 +1,118 @@
+"""The model beyond the fixture: float64 gradients, ablation configurations, masks, config errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hymba_jax import HymbaConfig, HymbaForCausalLM
+from hymba_jax.config import ConfigError, hymba_125m, hymba_350m, hymba_tiny, llama_style
+from hymba_jax.model import param_shapes
+from hymba_jax.model.attention import attention_mask, with_prefix
+from hymba_jax.model.lm import document_positions
+from conftest import random_params
+
+
+def test_gradients_match_finite_differences_in_float64(tiny_a, tiny_a_expected):
+    """Reverse-mode gradients against central differences, in float64, along a random direction in each
+    parameter tensor separately (a single direction over all of them would hide small-gradient tensors
+    such as A_log or the meta tokens). Central differences with eps 1e-6 are exact to ~1e-9 here."""
+    config, params = tiny_a
+    # The first four fixture layers keep a global layer, a KV-sharing pair and a sliding window (8) that
+    # the 20 tokens run past.
+    config = config.replace(num_layers=4, global_layers=(0, 3), kv_reuse_groups=((1, 2),))
+    params = {k: v for k, v in params.items() if not k.startswith("layers_") or int(k[7:]) < 4}
+    ids = tiny_a_expected["input_ids"][:1, :20]
+    with jax.enable_x64(True):
+        config64 = config.replace(dtype="float64", param_dtype="float64")
+        params64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        model = HymbaForCausalLM(config64)
+
+        @jax.jit
+        def loss(p):
+            logits = model.apply({"params": p}, ids)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+
+        grads = jax.jit(jax.grad(loss))(params64)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params64)
+        grad_leaves = jax.tree_util.tree_leaves(grads)
+        assert all(bool(jnp.isfinite(g).all()) for g in grad_leaves)
+        rng = np.random.default_rng(0)
+        eps = 1e-6
+        for k, ((path, leaf), grad) in enumerate(zip(leaves, grad_leaves)):
+            direction = rng.normal(size=leaf.shape)
+            shifted = lambda sign: jax.tree_util.tree_unflatten(
+                treedef, [l + sign * eps * direction if j == k else l for j, (_, l) in enumerate(leaves)])
+            numeric = (loss(shifted(1)) - loss(shifted(-1))) / (2 * eps)
+            analytic = float(jnp.sum(grad * direction))
+            assert abs(numeric - analytic) <= 1e-6 + 1e-5 * abs(analytic), (jax.tree_util.keystr(path),
+                                                                            numeric, analytic)
+
+
+@pytest.mark.parametrize("kind", ["attention", "ssm"])
+def test_ablations_are_configurations(kind):
+    config = hymba_tiny(layer_kind=kind, num_layers=3, global_layers=(0,), kv_reuse_groups=((1, 2),))
+    shapes = param_shapes(config)
+    layer = shapes["layers_1"]
+    assert ("attention" in layer) == (kind == "attention")
+    assert ("ssm" in layer) == (kind == "ssm")
+    ids = jnp.arange(12, dtype=jnp.int32)[None] % config.vocab_size
+    logits = jax.jit(HymbaForCausalLM(config).apply)({"params": random_params(config)}, ids)
+    assert logits.shape == (1, 12, config.vocab_size) and bool(jnp.isfinite(logits).all())
+
+
+def test_llama_style_baseline_has_no_meta_tokens_or_ssm():
+    config = llama_style(64, 2, 4, 2, 128)
+    shapes = param_shapes(config)
+    assert "meta_tokens" not in shapes and "ssm" not in shapes["layers_0"]
+    assert set(shapes["layers_1"]["attention"]) == {"q_proj", "k_proj", "v_proj"}
+
+
+def test_paper_sizes():
+    count = lambda c: sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(param_shapes(c)))
+    small, medium = hymba_125m(), hymba_350m()
+    assert small.global_layers == (0, 11, 23) and medium.global_layers == (0, 15, 31)
+    assert 100e6 < count(small) < 170e6 and 300e6 < count(medium) < 450e6
+
+
+def test_sliding_window_mask_keeps_meta_tokens_visible():
+    index = jnp.arange(12)[None]
+    mask = with_prefix(attention_mask(index, index, window=3), 2)[0]
+    assert mask.shape == (12, 14)
+    assert bool(mask[:, :2].all())                        # meta tokens: always
+    row = np.asarray(mask[10, 2:])
+    assert row.tolist() == [False] * 7 + [True] * 4 + [False]   # q - k <= 3: keys 7..10 (W + 1 with itself)
+    assert not bool(attention_mask(index, index, window=None)[0, 3, 4])
+
+
+def test_document_positions_restart_at_each_document():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]])
+    assert document_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(num_heads=5), "num_kv_heads"),
+    (dict(kv_reuse_groups=((0, 1),)), "kv_reuse_groups"),
+    (dict(kv_reuse_groups=((2, 1),)), "kv_reuse_groups"),
+    (dict(global_layers=(9,)), "global_layers"),
+    (dict(v_head_dim=16), "v_head_dim"),
+    (dict(qk_head_dim=15), "qk_head_dim"),
+    (dict(layer_kind="mamba"), "layer_kind"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(remat="sometimes"), "remat"),
+])
+def test_bad_configs_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=rf"HymbaConfig\.{field}"):
+        hymba_tiny(**changes)
+
+
+def test_bad_hf_config_fields_are_named():
+    base = hymba_tiny().to_hf_dict()
+    with pytest.raises(ConfigError, match="required field 'hidden_size'"):
+        HymbaConfig.from_hf_dict({k: v for k, v in base.items() if k != "hidden_size"})
+    with pytest.raises(ConfigError, match="layer_type"):
+        HymbaConfig.from_hf_dict({**base, "layer_type": ["a"] * 7})
+    assert HymbaConfig.from_hf_dict({**base, "conv_dim": {"0": "128"}}) == hymba_tiny()

@@ -67,6 +67,7 @@ class HymbaConfig:
     dtype: str = "float32"          # compute dtype: activations and matmul inputs
     param_dtype: str = "float32"    # parameter storage
     scan_backend: str = "associative"
+    attention_backend: str = "xla"  # "xla" (reference) | "cudnn" (hymba_jax.ops.attention)
     remat: str = "none"             # "none" | "full" | "dots": rematerialisation of each layer
 
     def __post_init__(self):
@@ -169,6 +170,8 @@ class HymbaConfig:
              f"must be one of float32, bfloat16, float16, float64, got {self.dtype!r}")
         need(self.param_dtype in ("float32", "bfloat16", "float64"), "param_dtype",
              f"must be one of float32, bfloat16, float64, got {self.param_dtype!r}")
+        need(self.attention_backend in ("xla", "cudnn"), "attention_backend",
+             f"must be 'xla' or 'cudnn', got {self.attention_backend!r}")
         need(self.remat in ("none", "full", "dots"), "remat",
              f"must be 'none', 'full' or 'dots', got {self.remat!r}")
 

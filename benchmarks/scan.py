@@ -1,0 +1,212 @@
+"""Selective-scan backends at the Hymba-1.5B layer shape: correctness against 'sequential', then time and
+memory of forward and forward+backward against the byte/exp floor measured on the same device.
+
+    PYTHONPATH=. python benchmarks/scan.py                      # on the H200 (device tool)
+    PYTHONPATH=. python benchmarks/scan.py --batch 1 --length 64 --width 64 --backends chunked  # smoke
+
+Shape: batch 8 x 2048 tokens, d_inner 3200, d_state 16, bf16 inputs (x, dt, z, B, C), fp32 parameters,
+with resets and an initial state. Time: median over samples of `reps` back-to-back calls after warm-up,
+ended by block_until_ready. Memory: compiled temp + output bytes (memory_analysis). Floors: bytes that
+must move (inputs read once, outputs written once) at the measured copy bandwidth; exponentials
+(B L D N per pass; the backward recomputes them) at the measured exp rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from hymba_jax.ops import scan_pallas_gpu
+from hymba_jax.ops.scan import available_backends, selective_scan
+
+
+def timeit(fn, *args, reps: int = 5, samples: int = 7) -> float:
+    """Median seconds per call."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / reps)
+    return statistics.median(times)
+
+
+def hardware_rates() -> dict:
+    """Copy bandwidth (bytes read + written), bf16 matmul rate and a fused-exp rate, measured here."""
+    a = jax.random.normal(jax.random.key(0), (2 ** 29,), jnp.float32)          # 2 GiB
+    copy = jax.jit(lambda t: t + 1.0)
+    bandwidth = 2 * a.nbytes / timeit(copy, a, reps=3, samples=5)
+    del a
+    n = 8192
+    m1 = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    m2 = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda p, q: p @ q)
+    flops = 2 * n ** 3 / timeit(matmul, m1, m2, reps=10, samples=5)
+    e = jax.random.uniform(jax.random.key(3), (2 ** 24,), jnp.float32)
+    depth = 64
+
+    def exps(t):
+        for _ in range(depth):
+            t = jnp.exp(-t)
+        return t
+
+    exp_rate = depth * e.size / timeit(jax.jit(exps), e, reps=3, samples=5)
+    return dict(copy_bytes_per_s=bandwidth, bf16_flops=flops, xla_exp_per_s=exp_rate)
+
+
+def make_inputs(key, batch, length, width, state, dtype):
+    ks = jax.random.split(key, 10)
+    normal = lambda k, shape, dt=dtype: jax.random.normal(k, shape, jnp.float32).astype(dt)
+    x = normal(ks[0], (batch, length, width))
+    dt = normal(ks[1], (batch, length, width)) - 2.0
+    A = -jnp.exp(normal(ks[2], (width, state), jnp.float32))
+    B, C = normal(ks[3], (batch, length, state)), normal(ks[4], (batch, length, state))
+    D = normal(ks[5], (width,), jnp.float32)
+    z = normal(ks[6], (batch, length, width))
+    bias = normal(ks[7], (width,), jnp.float32) * 0.5
+    reset = jax.random.uniform(ks[8], (batch, length)) < 1 / 512
+    h0 = normal(ks[9], (1, width, state), jnp.float32)
+    return x, dt, A, B, C, D, z, bias, reset, h0
+
+
+def scan_fn(backend):
+    impl = backend if callable(backend) else None
+
+    def forward(x, dt, A, B, C, D, z, bias, reset, h0):
+        if impl is not None:
+            return impl(x, dt, A, B, C, D, z, bias, reset, h0)
+        return selective_scan(x, dt, A, B, C, D, z, bias, reset=reset, initial_state=h0, backend=backend)
+
+    def loss(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl):
+        y, last = forward(x, dt, A, B, C, D, z, bias, reset, h0)
+        return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(last * wl)
+
+    grad = jax.grad(loss, argnums=tuple(range(9)))
+    return jax.jit(forward), jax.jit(grad)
+
+
+def rel(a, b) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+def check(backends, batch, length, width, state, dtype) -> dict:
+    """Relative norm error of y, last state and the 9 input gradients against 'sequential'."""
+    args = make_inputs(jax.random.key(7), batch, length, width, state, dtype)
+    x, dt, A, B, C, D, z, bias, reset, h0 = args
+    wy = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)
+    wl = jax.random.normal(jax.random.key(9), (batch, width, state), jnp.float32)
+    ref_f, ref_g = scan_fn("sequential")
+    ref_out = ref_f(*args)
+    ref_grads = ref_g(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl)
+    result = {}
+    for name, backend in backends.items():
+        f, g = scan_fn(backend)
+        out = f(*args)
+        grads = g(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl)
+        errors = [rel(a, b) for a, b in zip(out, ref_out)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
+        result[name] = dict(zip(["y", "last", "dx", "ddt", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"],
+                                errors))
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--width", type=int, default=3200)
+    parser.add_argument("--state", type=int, default=16)
+    parser.add_argument("--backends", default="associative,chunked,pallas_gpu")
+    parser.add_argument("--variants", default="16:32:4,16:64:4,16:32:2,32:32:4,8:32:2",
+                        help="pallas_gpu chunk:block_d:num_warps variants to time")
+    parser.add_argument("--check", action="store_true", help="compare with 'sequential' first")
+    parser.add_argument("--json", default=None, help="write all results here")
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    results = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=vars(args))
+
+    backends = {name: name for name in args.backends.split(",") if name}
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu:
+        for variant in filter(None, args.variants.split(",")):
+            chunk, block, warps = map(int, variant.split(":"))
+            backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(
+                chunk=chunk, block_d=block, num_warps=warps)
+    else:
+        backends.pop("pallas_gpu", None)
+    unknown = [b for b in backends.values() if isinstance(b, str) and b not in available_backends()]
+    if unknown:
+        raise SystemExit(f"unknown backends {unknown}; available: {available_backends()}")
+
+    if args.check:
+        checked = {k: v for k, v in backends.items() if k != "associative"}
+        small = check(checked, 2, 1000, 320, args.state, jnp.float32)
+        full = check(checked, args.batch, args.length, args.width, args.state, jnp.bfloat16)
+        results["check_fp32_2x1000x320"] = small
+        results["check_bf16_full"] = full
+        for title, table in (("fp32 2x1000x320", small), ("bf16 full shape", full)):
+            print(f"max relative error vs sequential, {title}:")
+            for name, errs in table.items():
+                worst = max(errs, key=errs.get)
+                print(f"  {name:24s} max {errs[worst]:.2e} ({worst})  y {errs['y']:.2e}  dx {errs['dx']:.2e}")
+
+    rates = hardware_rates()
+    results["rates"] = rates
+    print(f"copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {rates['bf16_flops'] / 1e12:.0f} "
+          f"TFLOP/s, XLA exp {rates['xla_exp_per_s'] / 1e12:.2f} T/s")
+
+    b, l, d, n = args.batch, args.length, args.width, args.state
+    x, dt, A, B, C, D, z, bias, reset, h0 = make_inputs(jax.random.key(0), b, l, d, n, jnp.bfloat16)
+    wy = jax.random.normal(jax.random.key(1), x.shape, jnp.float32).astype(jnp.float32)
+    wl = jnp.ones((b, d, n), jnp.float32)
+    big = b * l * d * 2                       # one bf16 (B, L, D) tensor
+    fwd_bytes = 4 * big                       # x, dt, z in; y out
+    bwd_bytes = 4 * big + 3 * big             # x, dt, z, dy in; dx, ddt, dz out (B, C, states: small)
+    exps = b * l * d * n
+    floors = dict(forward=max(fwd_bytes / rates["copy_bytes_per_s"], exps / rates["xla_exp_per_s"]),
+                  forward_backward=max((fwd_bytes + bwd_bytes) / rates["copy_bytes_per_s"],
+                                       2 * exps / rates["xla_exp_per_s"]))
+    results["floors_s"] = floors
+    rows = []
+    for name, backend in backends.items():
+        f, g = scan_fn(backend)
+        row = dict(backend=name)
+        for kind, fn, fargs in (("forward", f, (x, dt, A, B, C, D, z, bias, reset, h0)),
+                                ("forward_backward", g, (x, dt, A, B, C, D, z, bias, h0, reset, wy, wl))):
+            try:
+                compiled = fn.lower(*fargs).compile()
+                mem = compiled.memory_analysis()
+                row[kind + "_temp_bytes"] = mem.temp_size_in_bytes
+                row[kind + "_s"] = timeit(compiled, *fargs, reps=3 if name == "sequential" else 10)
+            except Exception as e:  # noqa: BLE001 - a failing backend is reported, the others still run
+                row[kind + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row))
+    results["timings"] = rows
+
+    print(f"\nfloor: forward {floors['forward'] * 1e3:.3f} ms, forward+backward "
+          f"{floors['forward_backward'] * 1e3:.3f} ms (bytes {fwd_bytes / 1e9:.2f} + {bwd_bytes / 1e9:.2f} GB, "
+          f"exps {exps / 1e9:.2f} G per pass)")
+    print(f"{'backend':28s} {'fwd ms':>8s} {'fwd temp':>9s} {'f+b ms':>8s} {'f+b temp':>9s} {'f+b/floor':>9s}")
+    for row in rows:
+        fwd, fb = row.get("forward_s"), row.get("forward_backward_s")
+        fmt = lambda v: f"{v * 1e3:8.3f}" if v else "     err"
+        mib = lambda k: f"{row[k] / 2**30:7.2f}Gi" if k in row else "       -"
+        ratio = f"{fb / floors['forward_backward']:9.1f}" if fb else "        -"
+        print(f"{row['backend']:28s} {fmt(fwd)} {mib('forward_temp_bytes')} {fmt(fb)} "
+              f"{mib('forward_backward_temp_bytes')} {ratio}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""What the fused (Pallas) scan kernels share: the canonical layout, the custom VJP, and the math of one
+chunk of time steps, forward and backward.
+
+A kernel program owns one batch row and a block of `bD` channels and keeps the state as an (N, bD) fp32
+tile (channels on the fast axis). It walks the sequence chunk by chunk; a chunk is `T` time steps unrolled
+in Python, so all of a chunk's loads are issued before its sequential arithmetic and the backward pass can
+keep the chunk's recomputed states as plain values. The forward pass writes y and the state at each chunk
+start; the backward pass runs the chunks in reverse, recomputes each chunk's states from its start state,
+then walks the chunk backwards. softplus(dt + bias), the D skip and the silu(z) gate are fused in, so y
+and the input gradients are the only (B, L, D) tensors that move.
+
+The platform modules (`scan_pallas_gpu`, `scan_pallas_tpu`) only say how a program reads a row (1, bD),
+a column (N, 1) and a reset flag (1, 1) of step i of its chunk, and how it writes them back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
+
+Array = jax.Array
+
+
+class Canon(NamedTuple):
+    """The kernels' inputs. x, dt, z (B, Lp, D) in their dtypes (z may be None); B, C (B, Lp, N);
+    reset (B, Lp, 1) fp32 (1 where a document starts); A (N, D), D and bias (1, D), h0 (B, N, D): fp32.
+    Lp is the length padded to a multiple of the chunk (padding steps leave the state unchanged)."""
+
+    x: Array
+    dt: Array
+    z: Optional[Array]
+    B: Array
+    C: Array
+    reset: Array
+    A: Array
+    D: Array
+    bias: Array
+    h0: Array
+
+
+class Kernels(NamedTuple):
+    """A platform's kernels. forward(c) -> (y (B, Lp, D), starts (B, Lp / chunk, N, D), last (B, N, D));
+    backward(c, starts, dy, dlast) -> Canon of gradients (reset's is None)."""
+
+    chunk: int
+    forward: Callable
+    backward: Callable
+
+
+def fused_scan(kernels: Kernels, x, dt, A, B, C, D, z, dt_bias, reset, initial_state):
+    """The `selective_scan` interface over a platform's kernels (see hymba_jax.ops.scan)."""
+    f32 = jnp.float32
+    batch, length, width = x.shape
+    n = A.shape[1]
+    h0 = jnp.zeros((batch, n, width), f32)
+    if initial_state is not None:
+        h0 = jnp.broadcast_to(jnp.swapaxes(initial_state.astype(f32), 1, 2), h0.shape)
+    reset = jnp.zeros((batch, length), f32) if reset is None else reset.astype(f32)
+    bias = jnp.zeros((width,), f32) if dt_bias is None else dt_bias.astype(f32)
+    x, dt, z, B, C, reset = pad_time(length, kernels.chunk, (x, 0), (dt, PAD_DT), (z, 0), (B, 0), (C, 0),
+                                     (reset, 0))
+    canon = Canon(x, dt, z, B, C, reset[..., None], A.astype(f32).T, D.astype(f32)[None],
+                  bias[None], h0)
+    y, last = _fused(kernels, canon)
+    return y[:, :length], jnp.swapaxes(last, 1, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(kernels: Kernels, c: Canon):
+    y, _, last = kernels.forward(c)
+    return y, last
+
+
+def _fused_fwd(kernels: Kernels, c: Canon):
+    y, starts, last = kernels.forward(c)
+    return (y, last), (c, starts)
+
+
+def _fused_bwd(kernels: Kernels, res, cotangents):
+    c, starts = res
+    dy, dlast = cotangents
+    return (kernels.backward(c, starts, dy.astype(c.x.dtype), dlast.astype(jnp.float32)),)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# The math of one chunk, on values. Rows are (1, bD), columns (N, 1), flags (1, 1), all fp32.
+
+class ChunkIO(Protocol):
+    has_z: bool
+
+    def row(self, name: str, i: int) -> Array: ...      # x, dt, z, dy
+    def col(self, name: str, i: int) -> Array: ...      # B, C
+    def flag(self, i: int) -> Array: ...                # reset
+    def put_row(self, name: str, i: int, value: Array) -> None: ...   # y, dx, ddt, dz
+    def put_col(self, name: str, i: int, value: Array) -> None: ...   # dB, dC
+
+
+class Params(NamedTuple):
+    """A program's share of the parameters: A (N, bD), D and bias (1, bD), h0 (N, bD), fp32."""
+
+    A: Array
+    D: Array
+    bias: Array
+    h0: Array
+
+
+def softplus(v):
+    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + jnp.exp(-v))
+
+
+def _load_steps(io: ChunkIO, steps: int, names: tuple[str, ...]):
+    """All loads of a chunk first: they do not depend on the state, so their latency overlaps."""
+    rows = [{k: io.row(k, i) for k in names} for i in range(steps)]
+    for i in range(steps):
+        rows[i]["B"], rows[i]["C"], rows[i]["reset"] = io.col("B", i), io.col("C", i), io.flag(i)
+    return rows
+
+
+def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int) -> Array:
+    """Advance the (N, bD) state over `steps` positions, writing y; returns the state after them."""
+    names = ("x", "dt", "z") if io.has_z else ("x", "dt")
+    for i, s in enumerate(_load_steps(io, steps, names)):
+        h = jnp.where(s["reset"] > 0, p.h0, h)
+        delta = softplus(s["dt"] + p.bias)
+        h = jnp.exp(delta * p.A) * h + (delta * s["x"]) * s["B"]
+        y = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * s["x"]
+        if io.has_z:
+            y = y * (s["z"] * sigmoid(s["z"]))
+        io.put_row("y", i, y)
+    return h
+
+
+class Accum(NamedTuple):
+    """Gradients a program sums over its positions: dA, dh0 (N, bD); dD, dbias (1, bD)."""
+
+    dA: Array
+    dD: Array
+    dbias: Array
+    dh0: Array
+
+
+def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int
+                   ) -> tuple[Array, Accum]:
+    """Gradients of one chunk. h_start: the state before it; dh: d loss / d (state after it).
+    Writes dx, ddt, dz rows and dB, dC columns (this program's channels only); returns
+    d loss / d h_start and the updated sums."""
+    names = ("x", "dt", "z", "dy") if io.has_z else ("x", "dt", "dy")
+    steps_in = _load_steps(io, steps, names)
+    saved = []
+    h = h_start
+    for s in steps_in:                                       # recompute the chunk's states
+        hp = jnp.where(s["reset"] > 0, p.h0, h)
+        delta = softplus(s["dt"] + p.bias)
+        a = jnp.exp(delta * p.A)
+        h = a * hp + (delta * s["x"]) * s["B"]
+        saved.append((hp, a, h, delta))
+    dA, dD, dbias, dh0 = acc
+    for i in reversed(range(steps)):
+        s = steps_in[i]
+        hp, a, h, delta = saved[i]
+        x, dy = s["x"], s["dy"]
+        if io.has_z:
+            zs = sigmoid(s["z"])
+            y_pre = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * x
+            io.put_row("dz", i, dy * y_pre * (zs * (1.0 + s["z"] * (1.0 - zs))))
+            g = dy * (s["z"] * zs)
+        else:
+            g = dy
+        dD = dD + g * x
+        io.put_col("dC", i, jnp.sum(h * g, axis=1, keepdims=True))
+        dh = dh + s["C"] * g
+        u = delta * x
+        io.put_col("dB", i, jnp.sum(dh * u, axis=1, keepdims=True))
+        du = jnp.sum(dh * s["B"], axis=0, keepdims=True)
+        q = dh * a * hp
+        dA = dA + q * delta
+        dv = (jnp.sum(q * p.A, axis=0, keepdims=True) + du * x) * sigmoid(s["dt"] + p.bias)
+        dbias = dbias + dv
+        io.put_row("ddt", i, dv)
+        io.put_row("dx", i, du * delta + g * p.D)
+        dhp = dh * a
+        restart = s["reset"] > 0
+        dh0 = dh0 + jnp.where(restart, dhp, 0.0)
+        dh = jnp.where(restart, 0.0, dhp)
+    return dh, Accum(dA, dD, dbias, dh0)
+
+
+def channel_block(width: int, largest: int) -> int:
+    """The largest power of two <= `largest` dividing `width` (kernels tile channels by it)."""
+    block = largest
+    while block > 1 and width % block:
+        block //= 2
+    return block

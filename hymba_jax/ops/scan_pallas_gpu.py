@@ -1,0 +1,210 @@
+"""The 'pallas_gpu' scan backend: the fused scan (see scan_fused) as Pallas kernels lowered through Triton.
+
+Grid (batch, channel blocks); each program keeps its (N, bD) state in registers and runs a `fori_loop`
+over chunks of `chunk` time steps. Rows are read straight from global memory at (t, channel block), so
+nothing but y (forward) and the input gradients (backward) crosses memory at (B, L, D) size; the state is
+written once per chunk for the backward pass. dB and dC are summed over channel blocks outside the kernel
+(one (B, L, N) partial per block). `interpret=True` runs the same kernels on the CPU (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from hymba_jax.ops.scan import register_backend
+from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
+    forward_chunk, fused_scan
+
+try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+CHUNK = 16
+BLOCK_D = 32
+NUM_WARPS = 4
+
+
+class _IO:
+    """Row/column access of one program at chunk offset t0. Refs: rows (Lp, bD), columns (Lp, N, 1),
+    flags (Lp, 1)."""
+
+    def __init__(self, refs: dict, t0, has_z: bool):
+        self.refs, self.t0, self.has_z = refs, t0, has_z
+
+    def row(self, name, i):
+        return self.refs[name][pl.ds(self.t0 + i, 1), :].astype(jnp.float32)
+
+    def col(self, name, i):
+        return self.refs[name][self.t0 + i].astype(jnp.float32)
+
+    def flag(self, i):
+        return self.refs["reset"][pl.ds(self.t0 + i, 1), :]
+
+    def put_row(self, name, i, value):
+        ref = self.refs[name]
+        ref[pl.ds(self.t0 + i, 1), :] = value.astype(ref.dtype)
+
+    def put_col(self, name, i, value):
+        ref = self.refs[name]
+        ref[self.t0 + i] = value.astype(ref.dtype)
+
+
+def _specs(length: int, n: int, block: int):
+    row = pl.BlockSpec((None, length, block), lambda b, j: (b, 0, j))
+    col = pl.BlockSpec((None, length, n, 1), lambda b, j: (b, 0, 0, 0))
+    flag = pl.BlockSpec((None, length, 1), lambda b, j: (b, 0, 0))
+    param = pl.BlockSpec((n, block), lambda b, j: (0, j))
+    vec = pl.BlockSpec((1, block), lambda b, j: (0, j))
+    state = pl.BlockSpec((None, n, block), lambda b, j: (b, 0, j))
+    return row, col, flag, param, vec, state
+
+
+def _params(refs) -> Params:
+    return Params(refs["A"][...], refs["D"][...], refs["bias"][...], refs["h0"][...])
+
+
+def _call(kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
+    def body(*refs):
+        kernel(dict(zip(names_in + names_out, refs)))
+
+    params = None
+    if plgpu is not None and not cfg["interpret"]:
+        params = plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=1)
+    return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          compiler_params=params, interpret=cfg["interpret"])
+
+
+def _inputs(c: Canon):
+    """Kernel operands: columns get a trailing unit axis so one step's column loads as (N, 1)."""
+    names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias", "h0"]
+    values = dict(c._asdict(), B=c.B[..., None], C=c.C[..., None])
+    return names, [values[k] for k in names]
+
+
+def _in_specs(names, length, n, block):
+    row, col, flag, param, vec, state = _specs(length, n, block)
+    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, A=param, D=vec, bias=vec,
+                 h0=state, dlast=state)
+    return [kinds[k] for k in names]
+
+
+def _forward(c: Canon, cfg):
+    batch, length, width = c.x.shape
+    n = c.A.shape[0]
+    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    n_chunks = length // chunk
+    has_z = c.z is not None
+    names_in, operands = _inputs(c)
+    row, _, _, _, _, state = _specs(length, n, block)
+    starts_spec = pl.BlockSpec((None, n_chunks, n, block), lambda b, j: (b, 0, 0, j))
+    out_shape = (jax.ShapeDtypeStruct(c.x.shape, c.x.dtype),
+                 jax.ShapeDtypeStruct((batch, n_chunks, n, width), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, n, width), jnp.float32))
+
+    def kernel(refs):
+        p = _params(refs)
+
+        def body(k, h):
+            refs["starts"][k] = h
+            return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk)
+
+        refs["last"][...] = jax.lax.fori_loop(0, n_chunks, body, p.h0)
+
+    return _call(kernel, names_in, ["y", "starts", "last"], out_shape, _in_specs(names_in, length, n, block),
+                 (row, starts_spec, state), (batch, width // block), cfg)(*operands)
+
+
+def _backward(c: Canon, starts, dy, dlast, cfg):
+    batch, length, width = c.x.shape
+    n = c.A.shape[0]
+    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    n_chunks, n_blocks = length // chunk, width // block
+    has_z = c.z is not None
+    names_in, operands = _inputs(c)
+    names_in = names_in + ["starts", "dy", "dlast"]
+    operands = operands + [starts, dy, dlast]
+    row, _, _, _, _, state = _specs(length, n, block)
+    in_specs = _in_specs(names_in[:-3], length, n, block) + [
+        pl.BlockSpec((None, n_chunks, n, block), lambda b, j: (b, 0, 0, j)), row, state]
+    partial_col = pl.BlockSpec((None, None, length, n, 1), lambda b, j: (b, j, 0, 0, 0))
+    partial_vec = pl.BlockSpec((None, 1, block), lambda b, j: (b, 0, j))
+    f32 = jnp.float32
+    names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + ["dB", "dC", "dA", "dD", "dbias", "dh0"]
+    shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
+                  dz=(c.x.shape, c.z.dtype if has_z else None),
+                  dB=((batch, n_blocks, length, n, 1), f32), dC=((batch, n_blocks, length, n, 1), f32),
+                  dA=((batch, n, width), f32), dD=((batch, 1, width), f32), dbias=((batch, 1, width), f32),
+                  dh0=((batch, n, width), f32))
+    specs = dict(dx=row, ddt=row, dz=row, dB=partial_col, dC=partial_col, dA=state, dD=partial_vec,
+                 dbias=partial_vec, dh0=state)
+    out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
+
+    def kernel(refs):
+        p = _params(refs)
+
+        def body(k, carry):
+            chunk_index = n_chunks - 1 - k
+            dh, acc = carry
+            io = _IO(refs, chunk_index * chunk, has_z)
+            return backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
+
+        zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
+        acc = Accum(zeros_state, zeros_vec, zeros_vec, zeros_state)
+        dh, acc = jax.lax.fori_loop(0, n_chunks, body, (refs["dlast"][...], acc))
+        refs["dA"][...] = acc.dA
+        refs["dD"][...] = acc.dD
+        refs["dbias"][...] = acc.dbias
+        refs["dh0"][...] = acc.dh0 + dh
+
+    outs = dict(zip(names_out, _call(kernel, names_in, names_out, out_shape, in_specs,
+                                     [specs[k] for k in names_out], (batch, n_blocks), cfg)(*operands)))
+    return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
+                 outs["dB"].sum(1)[..., 0].astype(c.B.dtype), outs["dC"].sum(1)[..., 0].astype(c.C.dtype),
+                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"])
+
+
+def _grow(t, axis: int, size: int):
+    return jnp.pad(t, [(0, size - t.shape[axis]) if a == axis else (0, 0) for a in range(t.ndim)])
+
+
+def _pow2_state(c: Canon) -> Canon:
+    """Triton loads need power-of-two sizes: pad the state axis (A = B = C = h0 = 0 keeps the padded
+    states at zero and y unchanged)."""
+    n = pl.next_power_of_2(c.A.shape[0])
+    return c._replace(B=_grow(c.B, 2, n), C=_grow(c.C, 2, n), A=_grow(c.A, 0, n), h0=_grow(c.h0, 1, n))
+
+
+def _forward_any_state(c: Canon, cfg):
+    n = c.A.shape[0]
+    y, starts, last = _forward(_pow2_state(c), cfg)
+    return y, starts[:, :, :n], last[:, :n]
+
+
+def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
+    n = c.A.shape[0]
+    m = pl.next_power_of_2(n)
+    g = _backward(_pow2_state(c), _grow(starts, 2, m), dy, _grow(dlast, 1, m), cfg)
+    return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(chunk: int = CHUNK, block_d: int = BLOCK_D, num_warps: int = NUM_WARPS,
+            interpret: bool = False) -> Kernels:
+    cfg = dict(chunk=chunk, block_d=block_d, num_warps=num_warps, interpret=interpret)
+    return Kernels(chunk, functools.partial(_forward_any_state, cfg=cfg),
+                   functools.partial(_backward_any_state, cfg=cfg))
+
+
+@register_backend("pallas_gpu")
+def pallas_gpu_scan(x, dt, A, B, C, D, z, dt_bias, reset, initial_state):
+    return fused_scan(kernels(), x, dt, A, B, C, D, z, dt_bias, reset, initial_state)
+
+
+def with_kernels(**options):
+    """The backend with other tile sizes, or in interpret mode (`interpret=True`, for CPU tests)."""
+    return functools.partial(fused_scan, kernels(**options))

@@ -110,6 +110,7 @@ def format_table(results: Mapping) -> str:
     for name, row in results["results"].items():
         for m in [k for k in row if k in ("acc", "acc_norm", "perplexity", "contains")]:
             err = row.get(f"{m}_stderr")
-            lines.append(f"{name:<18} {m:<11} {row[m]:>10.4f} {'' if err is None else f'{err:.4f}':>8} "
+            value = f"{row[m]:>10.4f}" if abs(row[m]) < 1e5 else f"{row[m]:>10.3e}"
+            lines.append(f"{name:<18} {m:<11} {value} {'' if err is None else f'{err:.4f}':>8} "
                          f"{row['num_docs']:>6} {row['num_fewshot']:>5} {row['requests_per_s']:>8.1f}")
     return "\n".join(lines)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from typing import Protocol, Sequence
 
-from hymba_jax.data.tokenizer import Tokenizer as SentencePieceTokenizer
-
 
 class Tokenizer(Protocol):
     """encode(text) -> ids without BOS/EOS; decode(ids) -> text; bos_id / eos_id are ints."""
@@ -58,6 +56,8 @@ def load_tokenizer(spec: str, checkpoint: str | os.PathLike | None = None) -> To
         return AsciiTokenizer()
     path = spec or (os.path.join(checkpoint, "tokenizer.model") if checkpoint is not None else "")
     if path and os.path.isfile(path):
+        from hymba_jax.data.tokenizer import Tokenizer as SentencePieceTokenizer  # needs ml_collections
+
         return SentencePieceTokenizer.from_file(path)
     if spec:
         raise FileNotFoundError(f"tokenizer {spec!r}: no such file; pass a SentencePiece .model path or 'ascii'")

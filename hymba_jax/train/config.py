@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.keep_checkpoints = 3
     c.init_from_hf = ""           # a Hugging Face checkpoint directory to start from (config.json inside)
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))      # inside a slice (ICI)
+    c.dcn_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))   # across slices (docs/sharding.md)
     c.axis_rules = DEFAULT_AXIS_RULES
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look the device up in train.metrics.PEAK_FLOPS
     return c
@@ -102,7 +103,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     unknown = sorted(set(config.keys()) - set(expected.keys()))
     if unknown:
         raise TrainConfigError(f"{unknown[0]}: unknown config key; the keys are {sorted(expected.keys())}")
-    for group in ("optimizer", "mesh"):
+    for group in ("optimizer", "mesh", "dcn_mesh"):
         extra = sorted(set(config[group].keys()) - set(expected[group].keys()))
         if extra:
             raise TrainConfigError(f"{group}.{extra[0]}: unknown key; expected {sorted(expected[group].keys())}")
@@ -145,8 +146,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     need(config.peak_flops_per_device >= 0, "peak_flops_per_device", "must be >= 0 (0: look up the device)")
     try:
         check_rules(config.axis_rules)
-        if num_devices is not None:
-            resolve_mesh_shape(dict(config.mesh), num_devices)
+        if num_devices is not None and all(v == 1 for v in config.dcn_mesh.values()):
+            resolve_mesh_shape(dict(config.mesh), num_devices)   # multi-slice meshes: checked by make_mesh
     except MeshError as e:
         raise TrainConfigError(str(e)) from None
     try:

@@ -66,7 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     """Train to `config.num_steps` (or until SIGTERM). Returns the last validation metrics and step."""
     workdir = Path(workdir)
     validate_config(config, jax.device_count())
-    mesh = make_mesh(dict(config.mesh))
+    mesh = make_mesh(dict(config.mesh), dcn_shape=dict(config.dcn_mesh))
     check_batch_layout(config, mesh)
     tokenizer = load_tokenizer(config.data)
     model_cfg = model_config(config, tokenizer.vocab_size)
@@ -84,8 +84,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
     train_step = make_train_step(model_cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
                                  z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
-                                 batch_sharding=batch_sh)
-    eval_step = make_eval_step(model_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh)
+                                 batch_sharding=batch_sh, rules=rules)
+    eval_step = make_eval_step(model_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh,
+                               rules=rules)
     logger = MetricsLogger(workdir, start, config.num_steps)
     logger.message(f"model {model_cfg.num_layers} layers x {model_cfg.hidden_size}, "
                    f"{_count(state.params) / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "

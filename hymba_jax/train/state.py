@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.lm import HymbaForCausalLM, init_params
-from hymba_jax.parallel import AxisRules, logical_shardings
+from hymba_jax.parallel import AxisRules, check_divisible, logical_shardings
 
 
 @flax.struct.dataclass
@@ -49,6 +49,7 @@ def state_shardings(model_config: HymbaConfig, tx: optax.GradientTransformation,
                                    nn.meta.unbox(jax.eval_shape(
                                        lambda r: HymbaForCausalLM(model_config).init(
                                            r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))))
+    check_divisible(abstract_params, params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params,
                                 transform_non_params=lambda _: replicated)

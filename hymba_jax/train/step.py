@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.lm import HymbaForCausalLM
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules, sharding_context
 from hymba_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -39,7 +40,8 @@ def loss_sums(model: HymbaForCausalLM, params, batch: Batch) -> tuple[jax.Array,
 
 def make_train_step(model_config: HymbaConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     *, grad_accum_steps: int, z_loss: float, mesh: Mesh, state_shardings: TrainState,
-                    batch_sharding: NamedSharding) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    batch_sharding: NamedSharding, rules: AxisRules = DEFAULT_AXIS_RULES
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The jitted step (state, batch) -> (new state, metrics); the input state is donated.
 
     batch: (B, L) arrays sharded by `batch_sharding`, B a multiple of grad_accum_steps. Metrics (fp32
@@ -73,17 +75,19 @@ def make_train_step(model_config: HymbaConfig, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state)
-        metrics = {"loss": ce / total_weight, "z_loss": zz / total_weight, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": ce / total_weight, "z_loss": zz / total_weight, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": total_weight}
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+    return jax.jit(sharding_context(mesh, rules)(step),
+                   in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def make_eval_step(model_config: HymbaConfig, *, mesh: Mesh, param_shardings,
-                   batch_sharding: NamedSharding) -> Callable[[object, Batch], tuple[jax.Array, jax.Array]]:
+                   batch_sharding: NamedSharding, rules: AxisRules = DEFAULT_AXIS_RULES
+                   ) -> Callable[[object, Batch], tuple[jax.Array, jax.Array]]:
     """The jitted (params, batch) -> (sum of w * CE, sum of w): summed over batches on the host in float64,
     the mean is the token-weighted validation loss, independent of how the split is batched."""
     model = HymbaForCausalLM(model_config)
@@ -93,5 +97,6 @@ def make_eval_step(model_config: HymbaConfig, *, mesh: Mesh, param_shardings,
         return ce, jnp.sum(batch["weights"].astype(jnp.float32))
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(step, in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+    return jax.jit(sharding_context(mesh, rules)(step),
+                   in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS}),
                    out_shardings=(replicated, replicated))

@@ -1,0 +1,130 @@
+"""Evaluate a trained Hymba: an Orbax training workdir or a Hugging Face checkpoint.
+
+    python eval.py --config.workdir=/tmp/hymba-tiny                       # held-out split perplexity
+    python eval.py --config.workdir=/tmp/hymba-tiny --config.files='("a.txt","b.jsonl")'
+    python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model
+
+Tasks are registered in TASKS (name -> function(config, model) -> result dict); `--config.task` picks
+one. 'perplexity' computes the token-weighted cross-entropy exactly as the training loop's validation
+(same packing, batches and code), so on a workdir it reproduces the final validation loss. The result
+is printed as JSON and written to `--config.output` (default: <workdir>/eval_<task>.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import jax
+import ml_collections
+from absl import app
+from ml_collections import config_flags
+
+from hymba_jax.config import HymbaConfig
+from hymba_jax.data import default_data_config, load_tokenizer
+from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
+from hymba_jax.train import validation
+from hymba_jax.train.checkpoint import read_workdir_config, restore_params
+from hymba_jax.train.state import param_shardings
+from hymba_jax.train.step import make_eval_step
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "perplexity"
+    c.workdir = ""            # an Orbax training workdir (train.py --workdir)
+    c.hf_checkpoint = ""      # or a Hugging Face checkpoint directory
+    c.split = "validation"    # 'validation', 'train' or 'all' (both) of the data source
+    c.files = ()              # the user's .txt/.jsonl/.parquet files: evaluated whole (split 'all')
+    c.batch_size = 0          # 0: the training config's (workdir) or 8
+    c.seq_len = 0             # 0: the training config's (workdir) or 2048
+    c.max_batches = 0         # 0: the training config's eval_batches (workdir) or -1; -1: all batches
+    c.dtype = ""              # compute dtype; '': as trained (workdir) or float32
+    c.output = ""             # JSON result path; '': <workdir>/eval_<task>.json (nothing for HF)
+    c.data = default_data_config()   # the data settings for an HF checkpoint (a workdir brings its own)
+    return c
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: HymbaConfig
+    params: Any
+    mesh: jax.sharding.Mesh
+    data: ml_collections.ConfigDict   # data settings (tokenizer, source) to evaluate with
+    batch_size: int
+    seq_len: int
+    max_batches: int
+
+
+def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
+    """The model named by --config.workdir or --config.hf_checkpoint, placed on all devices."""
+    if bool(config.workdir) == bool(config.hf_checkpoint):
+        raise SystemExit("config error: give exactly one of --config.workdir and --config.hf_checkpoint")
+    mesh = make_mesh({"data": -1})
+    if config.workdir:
+        trained = read_workdir_config(config.workdir)
+        model_cfg, params = restore_params(config.workdir, mesh=mesh)
+        data, batch, seq, max_batches = trained.data, trained.batch_size, trained.seq_len, trained.eval_batches
+    else:
+        model_cfg, params = load_hf_checkpoint(config.hf_checkpoint)
+        params = jax.device_put(params, param_shardings(model_cfg, mesh, DEFAULT_AXIS_RULES))
+        data, batch, seq, max_batches = config.data, 8, 2048, -1
+    if config.dtype:
+        model_cfg = model_cfg.replace(dtype=config.dtype)
+    data = ml_collections.ConfigDict(data.to_dict())
+    if config.files:
+        data.source, data.files = "files", list(config.files)
+    return LoadedModel(model_cfg, params, mesh, data, config.batch_size or batch, config.seq_len or seq,
+                       config.max_batches or max_batches)
+
+
+def perplexity(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
+    """Token-weighted cross-entropy and perplexity of `split` (or the user's files, whole)."""
+    splits = {"validation": ["validation"], "train": ["train"], "all": ["train", "validation"]}
+    if config.split not in splits:
+        raise SystemExit(f"config error: split={config.split!r}: expected one of {sorted(splits)}")
+    tokenizer = load_tokenizer(model.data)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"config error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
+                         f"{model.config.vocab_size}; set --config.data.tokenizer to the model's tokenizer")
+    sharding = batch_sharding(model.mesh, DEFAULT_AXIS_RULES)
+    eval_step = make_eval_step(model.config, mesh=model.mesh,
+                               param_shardings=jax.tree.map(lambda x: x.sharding, model.params),
+                               batch_sharding=sharding)
+    ce = weight = 0.0
+    for split in splits["all" if config.files else config.split]:
+        batches = validation.split_batches(model.data, tokenizer, split, global_batch_size=model.batch_size,
+                                           seq_len=model.seq_len)
+        c, w = validation.loss_sums(eval_step, model.params, batches, sharding, max_batches=model.max_batches,
+                                    desc=f"perplexity ({split})")
+        ce, weight = ce + c, weight + w
+    return {**validation.summary(ce, weight), "split": "all" if config.files else config.split}
+
+
+TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {"perplexity": perplexity}
+
+_CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation settings", lock_config=True)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    config = _CONFIG.value
+    if config.task not in TASKS:
+        raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
+    model = load_model(config)
+    result = {"task": config.task, "source": config.workdir or config.hf_checkpoint,
+              **TASKS[config.task](config, model)}
+    output: Optional[str] = config.output or (
+        str(Path(config.workdir) / f"eval_{config.task}.json") if config.workdir else None)
+    if jax.process_index() == 0:
+        print(json.dumps(result))
+        if output:
+            Path(output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

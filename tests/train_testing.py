@@ -58,7 +58,7 @@ def apply_overrides(config, overrides: dict):
         node = config
         for p in parents:
             node = node[p]
-        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) and value is not None else value
     return config
 
 

@@ -1,0 +1,139 @@
+"""train.py as users run it, in subprocesses: interrupt with SIGKILL and SIGTERM, resume, and compare
+with an uninterrupted run bit for bit; start from a Hugging Face checkpoint.
+
+The runs share a persistent compilation cache, so only the first one compiles (the executables, and so
+the numerics, are the same in every process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from hymba_jax.train.checkpoint import Checkpointer, restore_params
+from hymba_jax.train.metrics import METRICS_FILE, read_metrics
+
+from train_testing import REPO, SMALL_MODEL, config_file, small_overrides, write_small_corpus
+
+NUM_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    text, model = write_small_corpus(root / "corpus")
+    overrides = small_overrides(text, model, root / "cache")
+    overrides.update({"num_steps": NUM_STEPS, "eval_batches": 1})
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return config_file(root, overrides), env
+
+
+def _launch(setup, workdir: Path, *flags: str) -> subprocess.Popen:
+    config, env = setup
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config), "--workdir",
+                             str(workdir), *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: float = 300) -> int:
+    """Polls the run's metrics log until it has logged `step` (returns the last logged step)."""
+    deadline = time.time() + timeout
+    path = workdir / METRICS_FILE
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()[-3000:]}")
+        if path.exists():
+            steps = [r["step"] for r in read_metrics(path) if r["kind"] == "train"]
+            if steps and steps[-1] >= step:
+                return steps[-1]
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _losses(workdir: Path) -> dict:
+    return {(r["kind"], r["step"]): r["loss"] for r in read_metrics(workdir / METRICS_FILE)}
+
+
+def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(setup, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    _finish(_launch(setup, reference))
+    expected = _losses(reference)
+    assert sorted(s for k, s in expected if k == "train") == list(range(1, NUM_STEPS + 1))
+
+    run = tmp_path / "interrupted"
+    proc = _launch(setup, run)
+    _wait_for_step(proc, run, 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    proc = _launch(setup, run)                    # resumes from its latest checkpoint, no flag
+    _wait_for_step(proc, run, 8)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    assert "resumed at step" in out
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["stopped_by_signal"] == signal.SIGTERM
+    last_logged = max(s for k, s in _losses(run) if k == "train")
+    checkpointer = Checkpointer(run, read_only=True)
+    assert checkpointer.manager.latest_step() == stopped["step"] == last_logged
+    checkpointer.close()
+    # The SIGTERM checkpoint is complete: every item is there and the parameters load.
+    items = {p.name for p in (run / "checkpoints" / str(stopped["step"])).iterdir()}
+    assert {"params", "opt_state", "data", "config", "model"} <= items
+    restore_params(run)
+
+    _finish(_launch(setup, run))
+    assert _losses(run) == expected               # every training loss and the final validation loss
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    got, want = (jax.tree.leaves(jax.device_get(restore_params(d)[1])) for d in (run, reference))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_init_from_hf_trains(setup, tmp_path, tiny_a_dir, tiny_a):
+    """Start from the hymba-tiny-a fixture (vocab 101: a 100-piece character tokenizer) and train 2 steps
+    with a small learning rate: the result is the fixture's weights moved by about lr per step."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "abc.txt"
+    words = ["the", "state", "space", "model", "attention", "head", "token", "meta", "layer", "window"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 30)) for _ in range(200)))
+    prefix = tmp_path / "char"
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=40, model_type="char",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, hard_vocab_limit=False)
+    root, env = setup[0].parent, setup[1]
+    overrides = {k: v for k, v in small_overrides(corpus, Path(f"{prefix}.model"), root / "cache").items()
+                 if not k.startswith("model.")}
+    overrides.update({f"model.{k}": None for k in SMALL_MODEL})   # the shape comes from config.json
+    overrides.update({"model.max_position_embeddings": None, "model.rope_type": None, "init_from_hf": str(tiny_a_dir),
+                      "num_steps": 2, "optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-4,
+                      "optimizer.weight_decay": 0.0, "eval_batches": 1})
+    workdir = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(config_file(tmp_path, overrides)),
+                           "--workdir", str(workdir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    losses = [r["loss"] for r in read_metrics(workdir / METRICS_FILE) if r["kind"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    model_cfg, params = restore_params(workdir)
+    fixture_cfg, fixture_params = tiny_a
+    assert model_cfg.replace(dtype="float32") == fixture_cfg
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
+             for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(fixture_params))]
+    assert 0 < max(moved) <= 2.5e-4          # Adam moves each weight by at most ~lr per step

@@ -6,6 +6,10 @@ Any config key can be overridden on the command line (`--config.model.hidden_siz
 `--config.data.source=tfds --config.data.tfds_name=lm1b`, `--config.init_from_hf=PATH`); unknown keys and
 invalid values stop the program before any work, naming the key. Running again with the same workdir
 resumes from its latest checkpoint. See docs/training.md.
+
+Multi-host: every process runs the same command. On a Cloud TPU pod slice or under SLURM the processes
+find each other from the environment; elsewhere pass --coordinator_address=HOST:PORT (process 0's),
+--num_processes and --process_id. See docs/launch.md.
 """
 
 from __future__ import annotations
@@ -22,18 +26,32 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
                                           "training config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/hymba-tiny", "directory for checkpoints, logs and plots")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes in all")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's id in [0, num_processes)")
+_JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes to join")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    import jax
+
+    from hymba_jax import distributed
+    from hymba_jax.parallel import MeshError
     from hymba_jax.train.loop import train
 
     try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               timeout_s=_JOIN_TIMEOUT.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    try:
         result = train(_CONFIG.value, _WORKDIR.value)
-    except TrainConfigError as e:
+    except (TrainConfigError, MeshError) as e:
         raise SystemExit(f"config error: {e}") from None
-    print(json.dumps(result))
+    if jax.process_index() == 0:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

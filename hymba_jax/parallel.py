@@ -7,12 +7,14 @@ table maps each logical name to mesh axes; the mesh has three axes:
 * `fsdp`: data parallelism with parameters and optimizer state sharded along 'embed' (ZeRO-3 style),
 * `tensor`: attention heads, SSM channels ('inner') and MLP columns split across devices.
 
-The batch is split over (data, fsdp). The API is four functions:
+The batch is split over (data, fsdp). The API:
 
     mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})        # -1 takes the remaining devices
+    mesh = make_mesh({"fsdp": -1}, dcn_shape={"data": -1})          # multi-slice: ICI shape x DCN shape
     shardings = logical_shardings(abstract_boxed_tree, mesh, rules)  # nn.Partitioned -> NamedSharding
     sharding = batch_sharding(mesh, rules)                           # for (batch, length) arrays
     batch = shard_batch(host_batch, sharding)                        # process-local numpy -> global
+    with sharding_context(mesh, rules): ...                          # activation constraints apply
 
 The same code runs on one CPU, on simulated CPU devices and on many hosts: every host passes only its
 own rows to `shard_batch`, and nothing copies full parameters through a host.
@@ -20,12 +22,14 @@ own rows to `shard_batch`, and nothing copies full parameters through a host.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -73,12 +77,27 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, 
     return sizes
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn_shape: Optional[Mapping[str, int]] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    `shape` is the mesh inside one slice (ICI: the devices joined by the fast interconnect). `dcn_shape`
+    (default all 1) is the mesh across slices (DCN); the mesh axis sizes are the products. A slice is a
+    TPU slice where devices report `slice_index`, otherwise a process (a GPU node). Put only `data` (or
+    `fsdp`) across DCN: they communicate once per step, `tensor` every layer.
+    """
     devices = jax.devices() if devices is None else list(devices)
-    sizes = resolve_mesh_shape(shape, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
+    if not dcn_shape or all(int(v) == 1 for v in dcn_shape.values()):
+        sizes = resolve_mesh_shape(shape, len(devices))
+        return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
+    by_slice = hasattr(devices[0], "slice_index")
+    granules = len({(d.slice_index if by_slice else d.process_index) for d in devices})
+    dcn = resolve_mesh_shape(dcn_shape, granules)
+    ici = resolve_mesh_shape(shape, len(devices) // granules)
+    array = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES],
+                                                 devices, process_is_granule=not by_slice)
+    return Mesh(array, MESH_AXES, axis_types=auto)
 
 
 def check_rules(rules: AxisRules) -> None:
@@ -101,6 +120,30 @@ def logical_shardings(tree: Any, mesh: Mesh, rules: AxisRules) -> Any:
 def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
     """The sharding of (batch, length) arrays: rows split over the axes the 'batch' rule names."""
     return nn.logical_to_mesh_sharding(PartitionSpec("batch", "length"), mesh, [tuple(r) for r in rules])
+
+
+def check_divisible(shapes: Any, shardings: Any) -> None:
+    """Raises MeshError naming the first array whose sharded dimension does not split evenly.
+
+    shapes: a tree of arrays / ShapeDtypeStructs; shardings: the matching tree of NamedShardings.
+    """
+    for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(shardings)):
+        for dim, (size, axes) in enumerate(zip(shape.shape, sharding.spec)):
+            axes = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+            ways = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % ways:
+                raise MeshError(
+                    f"{jax.tree_util.keystr(path)}: dimension {dim} of shape {tuple(shape.shape)} does not split "
+                    f"{ways} ways over mesh axes {axes}; change the mesh sizes or map its logical axis to None "
+                    "in axis_rules")
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: AxisRules) -> Iterator[None]:
+    """Inside it (also while tracing under jit) the model's `nn.with_logical_constraint` calls on
+    activations become sharding constraints on `mesh`; outside they are no-ops."""
+    with nn.logical_axis_rules([tuple(r) for r in rules]), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
 
 
 def data_parallel_size(mesh: Mesh, rules: AxisRules) -> int:

@@ -11,7 +11,7 @@ import jax
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.attention import KV, AttentionBranch
 from hymba_jax.model.norms import RMSNorm
-from hymba_jax.model.params import Dense
+from hymba_jax.model.params import Dense, constrain
 from hymba_jax.model.ssm import SSMBranch, SSMState
 
 
@@ -34,7 +34,8 @@ class MLP(nn.Module):
                                                   name=name)
         gate = dense((cfg.intermediate_size,), ("embed", "mlp"), "gate_proj")(x)
         up = dense((cfg.intermediate_size,), ("embed", "mlp"), "up_proj")(x)
-        return dense((cfg.hidden_size,), ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense((cfg.hidden_size,), ("mlp", "embed"), "down_proj")(hidden)
 
 
 class HymbaLayer(nn.Module):
@@ -55,6 +56,7 @@ class HymbaLayer(nn.Module):
         """
         cfg = self.config
         norm = lambda axis, name: RMSNorm(cfg.rms_norm_eps, axis, cfg.param_dtype, name=name)
+        x = constrain(x, ("batch", "length", "embed"))
         u = norm("embed", "input_norm")(x)
         branches = []
         kv = ssm_state = None
@@ -68,8 +70,9 @@ class HymbaLayer(nn.Module):
             ssm, ssm_state = SSMBranch(cfg, name="ssm")(u, prefix.ssm if prefix is not None else None, doc_pos,
                                                   lengths)
             branches.append(norm("inner", "ssm_out_norm")(ssm))
-        mix = sum(branches) / len(branches) if len(branches) > 1 else branches[0]
+        mix = constrain(sum(branches) / len(branches) if len(branches) > 1 else branches[0],
+                        ("batch", "length", "inner"))
         x = x + Dense((cfg.hidden_size,), ("inner", "embed"), cfg.param_dtype, cfg.initializer_range,
                       name="out_proj")(mix)
         x = x + MLP(cfg, name="mlp")(norm("embed", "mlp_norm")(x))
-        return x, LayerState(kv, ssm_state)
+        return constrain(x, ("batch", "length", "embed")), LayerState(kv, ssm_state)

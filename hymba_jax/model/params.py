@@ -22,6 +22,17 @@ def logical_param(module: nn.Module, name: str, init: Initializer, shape: Sequen
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.dtype(dtype))
 
 
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Shard an activation by logical axis names (a no-op outside `parallel.sharding_context`).
+
+    A batch of one (the meta tokens' pass, shared by every row) is left unconstrained: it cannot be split
+    over the data-parallel devices and is cheapest computed whole on each.
+    """
+    if x.shape[0] == 1:
+        return x
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
 class Dense(nn.Module):
     """`x @ kernel` over the last axis of x, kernel of shape (in, *features) with logical axes.
 

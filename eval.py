@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app
 from ml_collections import config_flags
 
@@ -104,7 +105,28 @@ def perplexity(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
     return {**validation.summary(ce, weight), "split": "all" if config.files else config.split}
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {"perplexity": perplexity}
+def unigram(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
+    """The baseline a language model must beat: the unigram entropy of the training split's tokens and the
+    cross-entropy on `split` of that unigram model (add-one smoothed), both in nats per token, counted
+    over the same target positions (weights > 0) as the perplexity."""
+    tokenizer = load_tokenizer(model.data)
+    counts = np.zeros(tokenizer.vocab_size, np.float64)
+    for batch in validation.split_batches(model.data, tokenizer, "train", global_batch_size=model.batch_size,
+                                          seq_len=model.seq_len):
+        np.add.at(counts, batch["targets"][batch["weights"] > 0], 1)
+    p = counts[counts > 0] / counts.sum()
+    log_q = np.log((counts + 1) / (counts.sum() + len(counts)))
+    ce = weight = 0.0
+    for batch in validation.split_batches(model.data, tokenizer, config.split if config.split != "all" else "train",
+                                          global_batch_size=model.batch_size, seq_len=model.seq_len):
+        ce -= float((log_q[batch["targets"]] * batch["weights"]).sum())
+        weight += float(batch["weights"].sum())
+    return {"unigram_entropy_train": float(-(p * np.log(p)).sum()), "unigram_cross_entropy": ce / weight,
+            "train_tokens": int(counts.sum()), "split": config.split}
+
+
+TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {
+    "perplexity": perplexity, "unigram": unigram}
 
 _CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation settings", lock_config=True)
 

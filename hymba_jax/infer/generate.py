@@ -1,0 +1,136 @@
+"""Generate text (or token ids) from a Hugging Face checkpoint directory or a training workdir.
+
+    python -m hymba_jax.infer.generate --checkpoint DIR --prompt "The capital of France is" --max_new_tokens 32
+    python -m hymba_jax.infer.generate --checkpoint DIR --prompt_ids 1,5,7 --prompt_ids 1,9 --temperature 0.8
+
+A single prompt streams its tokens as they are generated; several prompts run as one ragged batch and are
+printed at the end. Text prompts need a SentencePiece model (`--tokenizer`, default
+DIR/tokenizer.model); `--prompt_ids` needs none and prints ids. See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from hymba_jax.config import HymbaConfig
+from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.infer.engine import Generator
+from hymba_jax.infer.sampling import Sampling
+
+
+def load_model(checkpoint: str, dtype: str) -> tuple[HymbaConfig, dict]:
+    """(config, params) of a Hugging Face checkpoint directory (it has config.json) or of the latest
+    checkpoint of a training workdir, with parameters and compute in `dtype`."""
+    path = Path(checkpoint)
+    if (path / "config.json").is_file():
+        config, params = load_hf_checkpoint(path, jnp.dtype(dtype))
+    elif path.is_dir():
+        from hymba_jax.train.checkpoint import restore_params
+
+        config, params = restore_params(path)
+        keep = lambda path, x: x if "A_log" in jax.tree_util.keystr(path) else x.astype(dtype)  # fp32, as in hf.py
+        params = jax.tree_util.tree_map_with_path(keep, params)
+    else:
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a directory; pass a Hugging Face checkpoint "
+                                "directory (with config.json) or a training workdir")
+    # Generation never differentiates: no rematerialisation.
+    return config.replace(dtype=dtype, param_dtype=dtype, remat="none"), params
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,5,7, got {text!r}") from None
+
+
+def _tokenizer(path: Optional[str], checkpoint: str):
+    from hymba_jax.data.tokenizer import Tokenizer
+
+    path = path or os.path.join(checkpoint, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise SystemExit(f"text prompts need a SentencePiece model: {path} does not exist; pass --tokenizer "
+                         "PATH, or give token ids with --prompt_ids")
+    return Tokenizer.from_file(path)
+
+
+class _Streamer:
+    """Prints row 0's tokens as they arrive: ids, or the text they add (decoding the whole continuation
+    each time, so pieces that only make sense together, such as byte-fallback UTF-8, print correctly)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, step, tokens, emitted) -> None:
+        if not emitted[0]:
+            return
+        self.ids.append(int(tokens[0]))
+        if self.tokenizer is None:
+            print(("" if len(self.ids) == 1 else " ") + str(self.ids[-1]), end="", flush=True)
+            return
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):                 # wait for the rest of a multi-byte character
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
+    p = argparse.ArgumentParser(prog="python -m hymba_jax.infer.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint dir or training workdir")
+    p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
+    p.add_argument("--prompt_ids", action="append", default=[], type=_parse_ids,
+                   help="comma-separated token ids, e.g. 1,5,7 (repeat for a batch); no tokenizer needed")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--no_bos", action="store_true", help="do not start text prompts with the BOS id")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0: off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1: off")
+    p.add_argument("--seed", type=int, default=0, help="row b samples with seed + b")
+    p.add_argument("--stop_ids", type=_parse_ids, default=None,
+                   help="comma-separated ids that end a row (default: the config's eos id; '' for none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and compute")
+    p.add_argument("--max_len", type=int, default=None, help="cache length (default: prompt + new, rounded up)")
+    p.add_argument("--prefill_chunk", type=int, default=512, help="prompt positions per prefill call")
+    args = p.parse_args(argv)
+    if bool(args.prompt) == bool(args.prompt_ids):
+        p.error("give text prompts (--prompt) or token ids (--prompt_ids), not both and not neither")
+
+    config, params = load_model(args.checkpoint, args.dtype)
+    tokenizer = _tokenizer(args.tokenizer, args.checkpoint) if args.prompt else None
+    if tokenizer is not None:
+        bos = [] if args.no_bos else [tokenizer.bos_id]
+        prompts = [bos + tokenizer.encode(text) for text in args.prompt]
+    else:
+        prompts = args.prompt_ids
+    stop_ids = [config.eos_token_id] if args.stop_ids is None else args.stop_ids
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    generator = Generator(config, params, prefill_chunk=args.prefill_chunk)
+
+    streamer = _Streamer(tokenizer) if len(prompts) == 1 else None
+    start = time.perf_counter()
+    outputs = generator.generate(prompts, args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,
+                                 seed=args.seed, max_len=args.max_len, on_token=streamer)
+    seconds = time.perf_counter() - start
+    if streamer is not None:
+        print()
+    else:
+        for b, out in enumerate(outputs):
+            shown = tokenizer.decode(out) if tokenizer is not None else " ".join(map(str, out))
+            print(f"[{b}] {shown}")
+    total = sum(map(len, outputs))
+    print(f"{total} tokens for {len(prompts)} prompt(s) in {seconds:.2f} s (compilation included)", file=sys.stderr)
+    return outputs
+
+
+if __name__ == "__main__":
+    main()

@@ -53,26 +53,27 @@ class MeshError(ValueError):
     """A mesh or rules table that cannot be built on the available devices (names the axis)."""
 
 
-def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Mesh axis sizes with the single -1 replaced by whatever devices remain."""
+def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int, key: str = "mesh") -> dict[str, int]:
+    """Mesh axis sizes with the single -1 replaced by whatever devices remain (`key` names the config
+    group in errors)."""
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
-        raise MeshError(f"mesh.{unknown[0]}: unknown mesh axis; the axes are {MESH_AXES}")
+        raise MeshError(f"{key}.{unknown[0]}: unknown mesh axis; the axes are {MESH_AXES}")
     sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
     for axis, size in sizes.items():
         if size == 0 or size < -1:
-            raise MeshError(f"mesh.{axis}={size}: must be a positive size or -1 (the remaining devices)")
+            raise MeshError(f"{key}.{axis}={size}: must be a positive size or -1 (the remaining devices)")
     fill = [axis for axis, size in sizes.items() if size == -1]
     if len(fill) > 1:
-        raise MeshError(f"mesh.{fill[1]}=-1: only one mesh axis may be -1 (also {fill[0]})")
+        raise MeshError(f"{key}.{fill[1]}=-1: only one mesh axis may be -1 (also {fill[0]})")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if fill:
         if num_devices % fixed:
-            raise MeshError(f"mesh.{fill[0]}=-1: {num_devices} devices are not divisible by the other axes' "
+            raise MeshError(f"{key}.{fill[0]}=-1: {num_devices} devices are not divisible by the other axes' "
                             f"product {fixed}")
         sizes[fill[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise MeshError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
+        raise MeshError(f"{key} {sizes} needs {math.prod(sizes.values())} devices but {num_devices} are "
                         "available; set one axis to -1 to take the rest")
     return sizes
 
@@ -83,7 +84,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
     `shape` is the mesh inside one slice (ICI: the devices joined by the fast interconnect). `dcn_shape`
     (default all 1) is the mesh across slices (DCN); the mesh axis sizes are the products. A slice is a
-    TPU slice where devices report `slice_index`, otherwise a process (a GPU node). Put only `data` (or
+    TPU slice on TPUs (`device.slice_index`), otherwise a process (e.g. a GPU node). Put only `data` (or
     `fsdp`) across DCN: they communicate once per step, `tensor` every layer.
     """
     devices = jax.devices() if devices is None else list(devices)
@@ -91,9 +92,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if not dcn_shape or all(int(v) == 1 for v in dcn_shape.values()):
         sizes = resolve_mesh_shape(shape, len(devices))
         return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
-    by_slice = hasattr(devices[0], "slice_index")
+    by_slice = devices[0].platform == "tpu"
     granules = len({(d.slice_index if by_slice else d.process_index) for d in devices})
-    dcn = resolve_mesh_shape(dcn_shape, granules)
+    dcn = resolve_mesh_shape(dcn_shape, granules, "dcn_mesh")
     ici = resolve_mesh_shape(shape, len(devices) // granules)
     array = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES],
                                                  devices, process_is_granule=not by_slice)

@@ -114,6 +114,7 @@ def _donating(fn: Callable, **jit_kwargs) -> Callable:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
             return jitted(*args, **kwargs)
+    call.lower = jitted.lower
     return call
 
 

@@ -3,6 +3,8 @@
     python eval.py --config.workdir=/tmp/hymba-tiny                       # held-out split perplexity
     python eval.py --config.workdir=/tmp/hymba-tiny --config.files='("a.txt","b.jsonl")'
     python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model
+    python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model \
+        --config.task=benchmarks --config.tasks=arc_easy,piqa --config.task_data_dir=DIR --config.limit=100
 
 Tasks are registered in TASKS (name -> function(config, model) -> result dict); `--config.task` picks
 one. 'perplexity' computes the token-weighted cross-entropy exactly as the training loop's validation
@@ -45,6 +47,9 @@ def eval_config() -> ml_collections.ConfigDict:
     c.max_batches = 0         # 0: the training config's eval_batches (workdir) or -1; -1: all batches
     c.dtype = ""              # compute dtype; '': as trained (workdir) or float32
     c.output = ""             # JSON result path; '': <workdir>/eval_<task>.json (nothing for HF)
+    c.tasks = ""              # task=benchmarks: comma-separated harness-format tasks ('' = the paper's suite)
+    c.task_data_dir = ""      # task=benchmarks: folder of <task>.jsonl ('' = Hugging Face datasets cache)
+    c.limit = 0               # task=benchmarks: first N documents per task (0 = all)
     c.data = default_data_config()   # the data settings for an HF checkpoint (a workdir brings its own)
     return c
 
@@ -125,8 +130,22 @@ def unigram(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
             "train_tokens": int(counts.sum()), "split": config.split}
 
 
+def benchmarks(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
+    """The paper's benchmarks in lm-evaluation-harness formats (hymba_jax.eval, docs/evaluation.md);
+    prompts longer than seq_len keep their last tokens. Prints a table; the result holds every metric."""
+    from hymba_jax.eval import PAPER_SUITE, Scorer, evaluate, format_table
+
+    tasks = [t for t in config.tasks.split(",") if t] or list(PAPER_SUITE)
+    scorer = Scorer(model.config, model.params, max_length=model.seq_len, progress=jax.process_index() == 0)
+    result = evaluate(scorer, load_tokenizer(model.data), tasks, data_dir=config.task_data_dir or None,
+                      limit=config.limit or None)
+    if jax.process_index() == 0:
+        print(format_table(result))
+    return result
+
+
 TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {
-    "perplexity": perplexity, "unigram": unigram}
+    "perplexity": perplexity, "unigram": unigram, "benchmarks": benchmarks}
 
 _CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation settings", lock_config=True)
 

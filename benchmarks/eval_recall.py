@@ -23,10 +23,11 @@ from hymba_jax.eval.recall import RecallVocab, make_accuracy_fn, mqar_batch, nee
 from hymba_jax.model.lm import HymbaForCausalLM, init_params
 
 
-def tiny_config(kind: str, window: int):
-    return hymba_tiny(vocab_size=128, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+def tiny_config(kind: str, window: int, layers: int, vocab_size: int):
+    """hidden 64, the last layer global, the others sliding-window (Hymba's layout at tiny scale)."""
+    return hymba_tiny(vocab_size=vocab_size, hidden_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
                       qk_head_dim=16, v_head_dim=32, intermediate_size=128, d_inner=128, d_state=8, dt_rank=8,
-                      num_meta_tokens=4, sliding_window=window, global_layers=(0, 3), kv_reuse_groups=((1, 2),),
+                      num_meta_tokens=4, sliding_window=window, global_layers=(layers - 1,), kv_reuse_groups=(),
                       max_position_embeddings=1024, orig_max_position_embeddings=1024, rope_type="default",
                       layer_kind=kind)
 
@@ -51,29 +52,34 @@ def train(config, vocab, args) -> tuple[dict, list[float]]:
 
     rng = np.random.default_rng(args.seed)
     losses = []
-    for _ in range(args.steps):
+    for i in range(args.steps):
         b = mqar_batch(rng, vocab, args.batch, args.length, args.pairs, args.pairs)
         params, opt_state, loss = step(params, opt_state, b.inputs, b.targets, b.weights)
         losses.append(float(loss))
+        if (i + 1) % max(1, args.steps // 10) == 0:
+            print(f"  {config.layer_kind} step {i + 1}: loss {np.mean(losses[-50:]):.3f}", flush=True)
     return params, losses
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--pairs", type=int, default=16)
-    p.add_argument("--window", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--keys", type=int, default=16)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--kinds", default="hybrid,attention,ssm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_batch", type=int, default=256)
     p.add_argument("--output", default="")
     args = p.parse_args()
-    vocab = RecallVocab(128, num_keys=32, num_values=32)
+    vocab = RecallVocab(2 * args.keys + 16, num_keys=args.keys, num_values=args.keys)
     report = {"device": str(jax.devices()[0].device_kind), "args": vars(args), "models": {}}
-    for kind in ("hybrid", "attention", "ssm"):
-        config = tiny_config(kind, args.window)
+    for kind in args.kinds.split(","):
+        config = tiny_config(kind, args.window, args.layers, vocab.vocab_size)
         start = time.perf_counter()
         params, losses = train(config, vocab, args)
         train_s = time.perf_counter() - start

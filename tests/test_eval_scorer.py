@@ -12,7 +12,10 @@ from hymba_jax.model.lm import HymbaForCausalLM
 
 from _eval_common import tiny_scorer
 
-LENGTHS = [(5, 3), (20, 4), (3, 1), (40, 12), (10, 2), (60, 10)]  # the last one is truncated to 65 tokens
+# (context, continuation) lengths: inputs of 24 tokens (bucket 32) with different splits, and inputs of
+# 64 (bucket 64): one exactly max_length + 1 tokens long, two truncated to their last 65 tokens. Two
+# distinct shapes keep the eager reference forwards cheap.
+LENGTHS = [(20, 5), (10, 15), (24, 1), (50, 15), (60, 10), (40, 30)]
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +70,14 @@ def test_padding_is_exact(scorer, requests):
     assert float(padded[0][0]) == pytest.approx(short.logprob, abs=1e-5)
 
 
-def test_greedy_generation_matches_stepwise_argmax(scorer, requests):
-    prompts = [requests[0][0], requests[2][0]]
+def test_greedy_generation_matches_full_forward_argmax(scorer, requests):
+    """Each generated token is the argmax of an unpadded forward over the prompt and the tokens before it."""
+    prompts = [requests[0][0][:21], requests[1][0] + requests[0][0][:11]]  # 21 + 3 generated: shape 24
     out = greedy_generate(scorer, prompts, 3)
     model = HymbaForCausalLM(scorer.config)
     for prompt, generated in zip(prompts, out):
-        ids = list(prompt)
-        for _ in range(3):
-            ids.append(int(np.argmax(model.apply({"params": scorer.params}, np.array([ids]))[0, -1])))
-        assert generated == ids[len(prompt):]
+        logits = model.apply({"params": scorer.params}, np.array([prompt + generated]))[0]
+        assert generated == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
     stopped = greedy_generate(scorer, prompts[:1], 3, stop_ids=(out[0][1],))
     assert stopped == [out[0][:1]]
 

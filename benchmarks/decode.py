@@ -201,17 +201,21 @@ def main() -> None:
                "hymba_tiny": hymba_tiny, "llama_tiny": lambda **kw: llama_style(64, 2, 4, 2, 96, **kw)}
     results = {"copy_bandwidth": bw, "context": args.context, "device": str(jax.devices()[0].device_kind),
                "jax": jax.__version__}
-    for name in args.models.split(","):
+    models = {}
+    for name in args.models.split(","):   # decode for every model first: it is the table's main column
         config = presets[name](dtype="bfloat16", param_dtype="bfloat16")
         params = random_params(config)
         meta = meta_state(config, params)
+        models[name] = (config, params, meta)
         log(f"{name}: weights {tree_bytes(params) / 1e9:.2f} GB, cache at {args.context}: "
             f"{cache_bytes(config, args.context) / MB:.1f} MB")
         results[name] = dict(weights_bytes=tree_bytes(params), cache_mb=cache_bytes(config, args.context) / MB,
                              decode=bench_decode(config, params, meta, args.context, args.steps, bw))
-        if not args.skip_prefill:
-            results[name]["prefill"] = bench_prefill(config, params, meta, args.context, args.chunk)
-        del params, meta
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    for name, (config, params, meta) in models.items() if not args.skip_prefill else ():
+        results[name]["prefill"] = bench_prefill(config, params, meta, args.context, args.chunk)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)

@@ -89,99 +89,102 @@ def is_oom(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
 
 
-def bench_decode(config, params, meta, context: int, steps: int, bw: float) -> dict:
+def _decode_once(config, params, meta, batch: int, context: int, steps: int, bw: float) -> dict | None:
+    """One batch size; its buffers die with this frame (also when it raises), before the next is tried."""
     max_len = context + 2 * steps
-    per_seq = cache_bytes(config, max_len)
+    sampling, stop = Sampling().arrays(), jnp.full((8,), -1, jnp.int32)
+    cache = init_cache(config, meta, batch, max_len)
+    cache = cache._replace(lengths=jnp.full((batch,), context, jnp.int32))
+    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+    keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
+    jax.block_until_ready((cache, logits, keys))
+    compiled = decode_loop.lower(config, params, cache, logits, keys, stop, sampling, jnp.int32(steps),
+                                 max_out=steps).compile()
+    mem = compiled.memory_analysis()
+    need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    log(f"decode batch {batch}: compiled; temp {mem.temp_size_in_bytes / 1e9:.2f} GB, "
+        f"extra output {need / 1e9:.2f} GB, free {free_bytes() / 1e9:.1f} GB")
+    if need > free_bytes():
+        return None
+    out, count, cache = compiled(params, cache, logits, keys, stop, sampling, jnp.int32(steps))
+    out.block_until_ready()
+    start = time.perf_counter()
+    out, count, cache = compiled(params, cache, logits, keys, stop, sampling, jnp.int32(steps))
+    out.block_until_ready()
+    seconds = time.perf_counter() - start
+    assert int(count.min()) == steps
+    step_bytes = tree_bytes(params) + cache_bytes(config, max_len, batch)
+    tokens_per_s = batch * steps / seconds
+    roofline = batch / (step_bytes / bw)
+    return dict(batch=batch, step_ms=1e3 * seconds / steps, tokens_per_s=tokens_per_s, bytes_per_step=step_bytes,
+                roofline_tokens_per_s=roofline, roofline_fraction=tokens_per_s / roofline,
+                temp_bytes=mem.temp_size_in_bytes)
+
+
+def bench_decode(config, params, meta, context: int, steps: int, bw: float) -> dict:
+    per_seq = cache_bytes(config, context + 2 * steps)
     estimate = int(0.93 * free_bytes() / (per_seq + 4e6))
     log(f"decode: cache {per_seq / MB:.1f} MB per sequence, batch estimate {estimate}")
-    sampling, stop = Sampling().arrays(), jnp.full((8,), -1, jnp.int32)
     for batch in candidates(estimate):
-        cache = None
         try:
-            cache = init_cache(config, meta, batch, max_len)
-            cache = cache._replace(lengths=jnp.full((batch,), context, jnp.int32))
-            logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
-            keys = jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32))
-            args = (config, params, cache, logits, keys, stop, sampling, jnp.int32(steps))
-            compiled = decode_loop.lower(*args, max_out=steps).compile()
-            mem = compiled.memory_analysis()
-            need = mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-            log(f"decode batch {batch}: compiled; temp {mem.temp_size_in_bytes / 1e9:.2f} GB, "
-                f"extra output {need / 1e9:.2f} GB, free {free_bytes() / 1e9:.1f} GB")
-            if need > free_bytes():
-                log(f"decode batch {batch}: does not fit, next")
-                del cache
-                continue
-            out, count, cache = compiled(params, cache, logits, keys, stop, sampling, jnp.int32(steps))
-            out.block_until_ready()
-            start = time.perf_counter()
-            out, count, cache = compiled(params, cache, logits, keys, stop, sampling, jnp.int32(steps))
-            out.block_until_ready()
-            seconds = time.perf_counter() - start
+            result = _decode_once(config, params, meta, batch, context, steps, bw)
         except Exception as e:  # noqa: BLE001 - out of memory shows up as several error types
             if not is_oom(e):
                 raise
-            log(f"decode batch {batch}: out of memory, next")
-            del cache
-            continue
-        assert int(count.min()) == steps
-        step_bytes = tree_bytes(params) + cache_bytes(config, max_len, batch)
-        tokens_per_s = batch * steps / seconds
-        roofline = batch / (step_bytes / bw)
-        del cache
-        result = dict(batch=batch, step_ms=1e3 * seconds / steps, tokens_per_s=tokens_per_s,
-                      bytes_per_step=step_bytes, roofline_tokens_per_s=roofline, roofline_fraction=tokens_per_s / roofline,
-                      temp_bytes=mem.temp_size_in_bytes)
-        log(f"decode batch {batch}: {result}")
-        return result
+            result = None
+        if result:
+            log(f"decode batch {batch}: {result}")
+            return result
+        log(f"decode batch {batch}: does not fit, next")
     return {}
+
+
+def _prefill_once(config, params, meta, batch: int, context: int, chunk: int) -> dict | None:
+    cache = init_cache(config, meta, batch, context)
+    # Pending K/V of a whole chunk (none real): the shape of every chunk step after the first.
+    cache = cache._replace(pending=jax.tree.map(lambda x: jnp.zeros((batch, chunk) + x.shape[2:], x.dtype),
+                                                cache.pending))
+    tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, chunk), dtype=np.int32)
+    num = np.full((batch,), chunk, np.int32)
+    last = jnp.zeros((batch, config.hidden_size), jnp.dtype(config.dtype))
+    jax.block_until_ready((cache, last))
+    start = time.perf_counter()
+    compiled = _prefill_chunk.lower(config, params, cache, tokens, num, last).compile()
+    mem = compiled.memory_analysis()
+    log(f"prefill batch {batch}: compiled in {time.perf_counter() - start:.1f} s; temp "
+        f"{mem.temp_size_in_bytes / 1e9:.2f} GB, free {free_bytes() / 1e9:.1f} GB")
+    if mem.temp_size_in_bytes > free_bytes():
+        return None
+    cache, last = compiled(params, cache, tokens, num, last)
+    last.block_until_ready()
+    start = time.perf_counter()
+    for _ in range(context // chunk - 1):
+        cache, last = compiled(params, cache, tokens, num, last)
+    last.block_until_ready()
+    seconds = time.perf_counter() - start
+    return dict(batch=batch, chunk=chunk, tokens_per_s=batch * (context - chunk) / seconds)
 
 
 def bench_prefill(config, params, meta, context: int, chunk: int) -> dict:
     per_seq = cache_bytes(config, context)
-    # Transients of one chunk: fp32 attention logits and probabilities over the whole buffer, the scan's
-    # fp32 (chunk, d_inner, d_state) terms (a few of them), the vocab projection of the last token.
+    # Transients of one chunk: fp32 attention logits and probabilities over the whole buffer and the scan's
+    # fp32 (chunk, d_inner, d_state) terms (a few of them).
     act = 2 * 4 * config.num_heads * chunk * (config.num_meta_tokens + context + chunk)
     if config.has_ssm:
         act += 6 * 4 * chunk * config.d_inner * config.d_state
     estimate = int(0.9 * free_bytes() / (per_seq + 1.5 * act))
     log(f"prefill: cache {per_seq / MB:.1f} MB + ~{act / 1e9:.2f} GB transient per sequence, estimate {estimate}")
     for batch in candidates(min(estimate, 256)):
-        cache = None
         try:
-            cache = init_cache(config, meta, batch, context)
-            # Pending K/V of a whole chunk (none real), the shape of every chunk step after the first.
-            cache = cache._replace(pending=jax.tree.map(lambda x: jnp.zeros((batch, chunk) + x.shape[2:], x.dtype),
-                                                        cache.pending))
-            tokens = np.random.default_rng(0).integers(3, config.vocab_size, (batch, chunk), dtype=np.int32)
-            num = np.full((batch,), chunk, np.int32)
-            last = jnp.zeros((batch, config.hidden_size), jnp.dtype(config.dtype))
-            start = time.perf_counter()
-            compiled = _prefill_chunk.lower(config, params, cache, tokens, num, last).compile()
-            mem = compiled.memory_analysis()
-            log(f"prefill batch {batch}: compiled in {time.perf_counter() - start:.1f} s; temp "
-                f"{mem.temp_size_in_bytes / 1e9:.2f} GB, free {free_bytes() / 1e9:.1f} GB")
-            if mem.temp_size_in_bytes > free_bytes():
-                log(f"prefill batch {batch}: does not fit, next")
-                del cache
-                continue
-            cache, last = compiled(params, cache, tokens, num, last)
-            last.block_until_ready()
-            start = time.perf_counter()
-            for _ in range(context // chunk - 1):
-                cache, last = compiled(params, cache, tokens, num, last)
-            last.block_until_ready()
-            seconds = time.perf_counter() - start
-        except Exception as e:  # noqa: BLE001
+            result = _prefill_once(config, params, meta, batch, context, chunk)
+        except Exception as e:  # noqa: BLE001 - out of memory shows up as several error types
             if not is_oom(e):
                 raise
-            log(f"prefill batch {batch}: out of memory, next")
-            del cache
-            continue
-        del cache
-        result = dict(batch=batch, chunk=chunk, tokens_per_s=batch * (context - chunk) / seconds)
-        log(f"prefill batch {batch}: {result}")
-        return result
+            result = None
+        if result:
+            log(f"prefill batch {batch}: {result}")
+            return result
+        log(f"prefill batch {batch}: does not fit, next")
     return {}
 
 

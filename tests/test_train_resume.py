@@ -133,7 +133,7 @@ def test_init_from_hf_trains(setup, tmp_path, tiny_a_dir, tiny_a):
     assert len(losses) == 2 and all(np.isfinite(losses))
     model_cfg, params = restore_params(workdir)
     fixture_cfg, fixture_params = tiny_a
-    assert model_cfg.replace(dtype="float32") == fixture_cfg
+    assert model_cfg.replace(dtype="float32", scan_backend=fixture_cfg.scan_backend) == fixture_cfg
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max()
              for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(fixture_params))]
     assert 0 < max(moved) <= 2.5e-4          # Adam moves each weight by at most ~lr per step

@@ -34,7 +34,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     # The text feature of TFDS examples, the field of JSONL lines and the column of Parquet files.
     config.text_key = "text"
     # Local files (paths or glob patterns) of .txt, .jsonl or .parquet documents.
-    config.files = []
+    config.files = ()   # a tuple, so that --config.data.files='("a.txt",)' works on the command line
     # Fraction of documents (chosen by a hash of their text) held out for validation ('default', 'files').
     config.val_fraction = 0.02
     # '' trains a SentencePiece model of `vocab_size` pieces on the default corpus; else a .model path.

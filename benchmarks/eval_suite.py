@@ -18,7 +18,8 @@ import time
 
 import jax
 
-from hymba_jax.eval import AsciiTokenizer, PAPER_SUITE, Scorer, evaluate, format_table, load_model
+from hymba_jax.eval import AsciiTokenizer, PAPER_SUITE, Scorer, evaluate, format_table
+from hymba_jax.loading import load_model
 
 LEXICON_SEED = 7
 

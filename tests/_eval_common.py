@@ -8,7 +8,8 @@ from pathlib import Path
 import jax
 
 from hymba_jax.config import hymba_tiny
-from hymba_jax.eval import Scorer, load_model
+from hymba_jax.eval import Scorer
+from hymba_jax.loading import load_model
 from hymba_jax.model.lm import init_params
 
 REPO = Path(__file__).resolve().parents[1]

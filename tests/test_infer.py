@@ -12,7 +12,7 @@ import pytest
 
 from hymba_jax.config import hymba_1p5b, hymba_tiny, llama_3p2_3b_shape, llama_style
 from hymba_jax.infer import (Generator, Sampling, cache_bytes, cache_size, extend, filter_logits, init_cache,
-                             logits_of, meta_state, prefill, sample, tree_bytes)
+                             logits_of, meta_state, sample, tree_bytes)
 from hymba_jax.infer.engine import flush
 from hymba_jax.model import HymbaForCausalLM, param_shapes
 
@@ -151,7 +151,8 @@ def test_generate_refuses_bad_requests(generator):
 def test_cli_generates_from_the_fixture(tiny_a_dir, tiny_a_expected, capsys):
     """Greedy generation through the CLI from the released-layout fixture: the first token is the released
     model's argmax after the prompt, the rest are what the library generates, and all are printed."""
-    from hymba_jax.infer.generate import load_model, main
+    from hymba_jax.infer.generate import main
+    from hymba_jax.loading import load_model
 
     prompt = tiny_a_expected["input_ids"][0, :12].tolist()
     outputs = main(["--checkpoint", str(tiny_a_dir), "--prompt_ids", ",".join(map(str, prompt)),

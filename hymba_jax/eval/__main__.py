@@ -7,7 +7,8 @@ import argparse
 import json
 import os
 
-from hymba_jax.eval import PAPER_SUITE, Scorer, evaluate, format_table, load_model, load_tokenizer
+from hymba_jax.eval import PAPER_SUITE, Scorer, evaluate, format_table, load_tokenizer
+from hymba_jax.loading import load_model
 
 
 def main(argv=None) -> None:

@@ -20,7 +20,7 @@ from typing import Optional
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from hymba_jax.eval.checkpoint import load_model
+from hymba_jax.loading import load_model
 from hymba_jax.eval.evaluator import generate_texts
 from hymba_jax.eval.scorer import Scorer
 from hymba_jax.eval.tasks import Request

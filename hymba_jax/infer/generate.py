@@ -14,35 +14,11 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-
-from hymba_jax.config import HymbaConfig
-from hymba_jax.hf import load_hf_checkpoint
 from hymba_jax.infer.engine import Generator
 from hymba_jax.infer.sampling import Sampling
-
-
-def load_model(checkpoint: str, dtype: str) -> tuple[HymbaConfig, dict]:
-    """(config, params) of a Hugging Face checkpoint directory (it has config.json) or of the latest
-    checkpoint of a training workdir, with parameters and compute in `dtype`."""
-    path = Path(checkpoint)
-    if (path / "config.json").is_file():
-        config, params = load_hf_checkpoint(path, jnp.dtype(dtype))
-    elif path.is_dir():
-        from hymba_jax.train.checkpoint import restore_params
-
-        config, params = restore_params(path)
-        keep = lambda path, x: x if "A_log" in jax.tree_util.keystr(path) else x.astype(dtype)  # fp32, as in hf.py
-        params = jax.tree_util.tree_map_with_path(keep, params)
-    else:
-        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a directory; pass a Hugging Face checkpoint "
-                                "directory (with config.json) or a training workdir")
-    # Generation never differentiates: no rematerialisation.
-    return config.replace(dtype=dtype, param_dtype=dtype, remat="none"), params
+from hymba_jax.loading import load_model
 
 
 def _parse_ids(text: str) -> list[int]:

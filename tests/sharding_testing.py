@@ -12,7 +12,6 @@ Writes the results as JSON for tests/test_sharding.py to assert on.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from hymba_jax.aot import collective_operands
 from hymba_jax.data import Tokenizer, make_dataset
 from hymba_jax.parallel import batch_sharding, make_mesh, shard_batch
 from hymba_jax.train.checkpoint import Checkpointer
@@ -56,19 +56,6 @@ CHECKED = {
     "layers_0/mlp/down_proj/kernel": ("mlp", "embed"),
     "layers_0/input_norm/scale": ("embed",),
 }
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def collective_operands(hlo: str) -> dict[str, list[str]]:
-    """The operand shapes of every collective in a compiled HLO module, by op ('f32[8,32,32]', ...).
-
-    Counting operands, not ops, keeps the numbers independent of XLA combining several all-reduces into
-    one tuple-shaped op."""
-    out = {}
-    for op in COLLECTIVES:
-        results = re.findall(rf"= (\([^)]*\)|\S+) {op}(?:-start)?\(", hlo)
-        out[op] = [shape for r in results for shape in re.findall(r"\w+\[[\d,]*\]", r)]
-    return out
 
 
 def flat(tree) -> dict:

@@ -1,6 +1,6 @@
 """Two `train.py` processes on this machine joined through jax.distributed (gloo CPU collectives): they
-train, checkpoint, lose their last checkpoint (as a crash would), resume on a multi-slice mesh, and log
-the losses of one process doing the same training.
+train, checkpoint and log the losses of one process doing the same training; (@slow) they lose their
+last checkpoint, as a crash would, and resume on a multi-slice mesh with the same losses.
 
 Each process reads only its half of the documents (the data pipeline shards by JAX process) and the
 global batch is the rows of process 0 then process 1. The one-process reference builds exactly that
@@ -106,27 +106,33 @@ def _train_losses(workdir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(workdir / METRICS_FILE) if r["kind"] == "train"]
 
 
-def test_two_processes_train_checkpoint_resume_like_one(setup, tmp_path):
-    workdir = tmp_path / "run"
-    outs = run_two_processes(setup, workdir)
-    first = _train_losses(workdir)
-    assert [s for s, _ in first] == list(range(1, NUM_STEPS + 1))     # one record per step: process 0 only
+@pytest.fixture(scope="module")
+def two_process_run(setup, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two_processes") / "run"
+    return workdir, run_two_processes(setup, workdir), _train_losses(workdir)
+
+
+def test_two_processes_train_and_checkpoint_like_one(setup, two_process_run):
+    workdir, outs, losses = two_process_run
+    assert [s for s, _ in losses] == list(range(1, NUM_STEPS + 1))     # one record per step: process 0 only
     assert '"step": 6' in outs[0] and '"step": 6' not in outs[1]      # the result is printed once
     assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6"]
     data_files = set(os.listdir(workdir / "checkpoints" / "6" / "data"))
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files       # each host's data position
+    np.testing.assert_allclose([l for _, l in losses], one_process_losses(setup[0]), rtol=1e-5)
 
-    # Lose the last checkpoint, as a crash right after step 4's would; resume on a mesh built from ICI
-    # x DCN shapes (each process a granule), which must read the checkpoint written under the first mesh.
+
+@pytest.mark.slow
+def test_two_processes_resume_on_a_multislice_mesh(setup, two_process_run):
+    """Lose the last checkpoint, as a crash right after step 4's would; resume on a mesh built from ICI
+    x DCN shapes (each process a granule), which must read the checkpoint written under the first mesh."""
+    workdir, _, first = two_process_run
     shutil.rmtree(workdir / "checkpoints" / "6")
     outs = run_two_processes(setup, workdir, "--config.mesh.data=1", "--config.dcn_mesh.data=2")
     assert "resumed at step 4" in outs[0]
     resumed = _train_losses(workdir)
     assert [s for s, _ in resumed] == list(range(1, NUM_STEPS + 1))
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in first], rtol=1e-5)
-
-    expected = one_process_losses(setup[0])
-    np.testing.assert_allclose([l for _, l in first], expected, rtol=1e-5)
 
 
 def test_missing_process_is_named(tmp_path):

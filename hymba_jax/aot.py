@@ -1,0 +1,178 @@
+"""Compile the real train step for a TPU topology ahead of time, on a machine without TPUs, and report
+per-chip memory and FLOPs: whether a config fits before a pod is reserved.
+
+    python -m hymba_jax.aot --config configs/hymba_1p5b.py --topology v5p:4x4x4 [--config.mesh.fsdp=-1 ...]
+
+Needs libtpu matching the installed jax (kept out of the project's environment, see docs/sharding.md):
+
+    pip install --no-deps --target .tpu_site "libtpu==0.0.42.*"        # jax 0.10.2
+    PYTHONPATH=.tpu_site python -m hymba_jax.aot --config configs/hymba_1p5b.py --topology v5p:4x4x4
+
+The train state, batch and step are exactly train.py's (`make_train_step` with the config's mesh, rules,
+remat, dtypes and gradient accumulation); nothing is allocated or run. The memory is what XLA's
+compiled module needs on each chip: arguments (this chip's shard of the train state and batch),
+outputs (the new state; donated, so they alias the arguments), temporaries (activations, gradients,
+collectives' buffers) and code. FLOPs are XLA's count for one chip's program of one step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hymba_jax.parallel import batch_sharding, make_mesh
+from hymba_jax.train.config import model_config, validate_config
+from hymba_jax.train.metrics import flops_per_token
+from hymba_jax.train.optimizer import make_optimizer, make_schedule
+from hymba_jax.train.state import create_train_state, state_shardings
+from hymba_jax.train.step import BATCH_KEYS, make_train_step
+
+# HBM per chip (bytes), by the topology name's generation prefix.
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DEFAULT_VOCAB = 32001   # the paper's Llama-2 tokenizer (+1), used when the config leaves model.vocab_size unset
+
+
+@dataclasses.dataclass
+class AotReport:
+    """Per-chip numbers of one compiled train step (bytes and FLOPs)."""
+
+    topology: str
+    chips: int
+    mesh: dict
+    params: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: Optional[int]
+    flops: float            # XLA's count for this chip's program
+    model_flops: float      # the 6N + attention formula (train.metrics) for this chip's share of the batch
+    collectives: dict       # op -> number of operands in the compiled module
+    compile_s: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak-resident estimate: inputs + outputs not aliased to inputs + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    def summary(self) -> str:
+        gib = lambda b: f"{b / 2**30:8.2f} GiB"
+        fits = "" if self.hbm_bytes is None else (
+            f" of {self.hbm_bytes / 2**30:.0f} GiB HBM ({100 * self.total_bytes / self.hbm_bytes:.0f}%): "
+            + ("fits" if self.total_bytes <= self.hbm_bytes else "DOES NOT FIT"))
+        return "\n".join([
+            f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}, {self.params / 1e9:.3f}B parameters, "
+            f"compiled in {self.compile_s:.0f} s",
+            "per chip:",
+            f"  arguments    {gib(self.argument_bytes)}   (train state shard + batch shard)",
+            f"  outputs      {gib(self.output_bytes)}   ({gib(self.alias_bytes).strip()} aliased to donated arguments)",
+            f"  temporaries  {gib(self.temp_bytes)}",
+            f"  code         {gib(self.code_bytes)}",
+            f"  total        {gib(self.total_bytes)}{fits}",
+            f"  FLOPs/step   {self.flops:.3e} (XLA), {self.model_flops:.3e} (model formula)",
+            "  collectives  " + ", ".join(f"{k} {v}" for k, v in self.collectives.items() if v),
+        ])
+
+
+def collective_operands(hlo: str) -> dict[str, list[str]]:
+    """The operand shapes of every collective in a compiled HLO module, by op ('f32[8,32,32]', ...).
+
+    Counting operands, not ops, keeps the numbers independent of XLA combining several collectives into
+    one tuple-shaped op."""
+    out = {}
+    for op in COLLECTIVES:
+        results = re.findall(rf"= (\([^)]*\)|\S+) {op}(?:-start)?\(", hlo)
+        out[op] = [shape for r in results for shape in re.findall(r"\w+\[[\d,]*\]", r)]
+    return out
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> list:
+    """The devices of a TPU topology such as 'v5p:4x4x4' (needs libtpu; no TPU)."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                 num_slices=num_slices).devices)
+    except Exception as e:   # no libtpu, or a name libtpu does not know
+        raise RuntimeError(f"--topology={topology}: cannot describe it ({type(e).__name__}: {str(e)[:300]}). "
+                           "It needs libtpu matching jax (docs/sharding.md) and a name like v5p:2x2x1, "
+                           "v4:2x2x2, v5e:2x2 or v6e:4x4") from None
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list, topology: str = "",
+                       vocab_size: int = DEFAULT_VOCAB) -> AotReport:
+    """Lower and compile train.py's step for `devices` (e.g. `tpu_devices(...)`); returns its report."""
+    import time
+
+    validate_config(config)
+    mesh = make_mesh(dict(config.mesh), devices=devices, dcn_shape=dict(config.dcn_mesh))
+    cfg = model_config(config, config.model.vocab_size or vocab_size)
+    rules = config.axis_rules
+    tx = make_optimizer(config)
+    shardings = state_shardings(cfg, tx, mesh, rules)
+    shapes = jax.eval_shape(lambda r: create_train_state(cfg, tx, mesh, rules, r)[0], jax.random.key(0))
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    bsh = batch_sharding(mesh, rules)
+    batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
+                                     jnp.float32 if k == "weights" else jnp.int32, sharding=bsh)
+             for k in BATCH_KEYS}
+    step = make_train_step(cfg, tx, make_schedule(config), grad_accum_steps=config.grad_accum_steps,
+                           z_loss=config.z_loss, mesh=mesh, state_shardings=shardings, batch_sharding=bsh,
+                           rules=rules)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    generation = topology.split(":")[0]
+    tokens_per_chip = config.batch_size * config.seq_len / len(devices)
+    return AotReport(
+        topology=topology, chips=len(devices), mesh=dict(mesh.shape),
+        params=sum(x.size for x in jax.tree.leaves(shapes.params)),
+        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+        code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=HBM_BYTES.get(generation),
+        flops=float(cost.get("flops", 0.0)), model_flops=flops_per_token(cfg, config.seq_len) * tokens_per_chip,
+        collectives={k: len(v) for k, v in collective_operands(compiled.as_text()).items()}, compile_s=seconds)
+
+
+def main(argv):
+    from absl import flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"unexpected arguments {argv[1:]}")
+    FLAGS = flags.FLAGS
+    devices = tpu_devices(FLAGS.topology, FLAGS.num_slices)
+    report = compile_train_step(FLAGS.config, devices, FLAGS.topology, FLAGS.vocab_size)
+    print(report.summary())
+    if FLAGS.json:
+        print(json.dumps({**dataclasses.asdict(report), "total_bytes": report.total_bytes}))
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+    flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:4x4")
+    flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (set config.dcn_mesh to use them)")
+    flags.DEFINE_integer("vocab_size", DEFAULT_VOCAB, "vocabulary when the config leaves model.vocab_size unset")
+    flags.DEFINE_bool("json", False, "also print the report as one JSON line")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main, argv=sys.argv)

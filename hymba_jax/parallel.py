@@ -93,7 +93,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         sizes = resolve_mesh_shape(shape, len(devices))
         return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=auto, devices=devices)
     by_slice = devices[0].platform == "tpu"
-    granules = len({(d.slice_index if by_slice else d.process_index) for d in devices})
+    granules = len({(getattr(d, "slice_index", 0) if by_slice else d.process_index) for d in devices})
     dcn = resolve_mesh_shape(dcn_shape, granules, "dcn_mesh")
     ici = resolve_mesh_shape(shape, len(devices) // granules)
     array = mesh_utils.create_hybrid_device_mesh([ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES],

@@ -1,7 +1,7 @@
 """Joining the processes of a multi-host run (`jax.distributed`), with timeouts that name who is missing.
 
     initialize(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=0)   # explicit
-    initialize()                          # from the cluster: Cloud TPU pod slice, SLURM, Open MPI; else 1 process
+    initialize()                          # from the cluster (Cloud TPU, SLURM, Open MPI, ...); else 1 process
     barrier("checkpoint-restored", timeout_s=600)
 
 Every process runs the same program; afterwards `jax.devices()` lists the devices of all processes and
@@ -22,24 +22,23 @@ from typing import Optional
 
 import jax
 
-# Environment variables whose presence means "this process is one of several launched by a cluster
-# manager" and jax.distributed.initialize() can find the coordinator itself.
-_CLUSTER_HINTS = {
-    "SLURM": lambda env: int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) > 1,
-    "Cloud TPU pod slice": lambda env: "," in env.get("TPU_WORKER_HOSTNAMES", ""),
-    "multi-slice TPU": lambda env: bool(env.get("MEGASCALE_COORDINATOR_ADDRESS")),
-    "Open MPI": lambda env: int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1,
-}
-
-
 class DistributedTimeout(RuntimeError):
     """A process did not connect or did not reach a barrier in time (the message names it)."""
 
 
-def detect_cluster(env: Optional[dict] = None) -> Optional[str]:
-    """The name of the multi-process cluster environment this process runs in, or None."""
-    env = os.environ if env is None else env
-    return next((name for name, present in _CLUSTER_HINTS.items() if present(env)), None)
+def detect_cluster() -> Optional[str]:
+    """The multi-process cluster JAX detects around this process (e.g. 'SlurmCluster', 'GceTpuCluster',
+    'OmpiCluster', 'K8sCluster'), or None: JAX's own auto-detection, which then supplies the coordinator,
+    process count and id to `jax.distributed.initialize()`."""
+    try:
+        from jax._src.clusters import ClusterEnv  # JAX exposes detection only inside initialize()
+
+        types = ClusterEnv._cluster_types
+    except (ImportError, AttributeError):
+        logging.warning("cannot query JAX's cluster detection; pass --coordinator_address, --num_processes and "
+                        "--process_id for a multi-process run")
+        return None
+    return next((env.__name__ for env in types if not env.opt_in_only_method and env.is_env_present()), None)
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -47,8 +46,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     """Join the other processes; returns whether this is a multi-process run.
 
     With `coordinator_address` ("host:port" of process 0), `num_processes` and `process_id` given, uses
-    them; with none given, lets JAX read them from the cluster environment when one is detected (SLURM,
-    a Cloud TPU pod slice, Open MPI) and otherwise stays a single process. Must run before anything
+    them; with none given, lets JAX read them from the cluster environment when it detects one (SLURM, a
+    Cloud TPU VM or GKE TPU pod, Open MPI, Kubernetes) and otherwise stays a single process. Must run before anything
     touches the devices. Raises DistributedTimeout when the processes do not all connect in `timeout_s`.
     """
     explicit = (coordinator_address, num_processes, process_id)

@@ -168,13 +168,17 @@ def test_barrier_names_the_late_process(tmp_path):
     assert "TIMEOUT barrier 'late': process(es) [1] of 2 did not arrive within 2 s" in outs[0], outs[0][-2000:]
 
 
-def test_explicit_flags_go_together():
+def test_explicit_flags_go_together(monkeypatch):
     from hymba_jax import distributed
 
     with pytest.raises(ValueError, match="give all three"):
         distributed.initialize("127.0.0.1:1", None, None)
     with pytest.raises(ValueError, match=r"process_id=2: must lie in \[0, num_processes=2\)"):
         distributed.initialize("127.0.0.1:1", 2, 2)
-    assert distributed.detect_cluster({"SLURM_NTASKS": "4"}) == "SLURM"
-    assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "Cloud TPU pod slice"
-    assert distributed.detect_cluster({"SLURM_NTASKS": "1"}) is None
+    for name in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detect_cluster() is None                         # this machine: one process
+    for name, value in {"SLURM_JOB_ID": "1234", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+                        "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():   # what srun sets for each task
+        monkeypatch.setenv(name, value)
+    assert distributed.detect_cluster() == "SlurmCluster"

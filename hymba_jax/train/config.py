@@ -71,6 +71,34 @@ def base_config() -> ml_collections.ConfigDict:
 NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "remat")
 
 
+def paper_recipe(preset: str, *, remat: str, batch_size: int, num_steps: int,
+                 learning_rate: float) -> ml_collections.ConfigDict:
+    """The paper's recipe for a paper-size preset: 2k-token sequences, a warmup-stable-decay schedule,
+    bf16 compute with fp32 weights, FSDP over all devices. Batch, learning rate and step count are our
+    defaults (the paper does not publish them); scale num_steps to your token budget (the WSD decay is
+    always the last decay_fraction of the steps)."""
+    c = base_config()
+    c.model = model_config_dict(preset, dtype="bfloat16", param_dtype="float32", remat=remat)
+    c.seq_len = 2048
+    c.batch_size = batch_size
+    c.grad_accum_steps = 1
+    c.num_steps = num_steps
+    c.optimizer.schedule = "wsd"
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.warmup_steps = 2000
+    c.optimizer.decay_fraction = 0.2
+    c.optimizer.min_lr_ratio = 0.01
+    c.optimizer.weight_decay = 0.1
+    c.z_loss = 1e-4
+    c.log_every = 20
+    c.eval_every = 1000
+    c.eval_batches = 50
+    c.checkpoint_every = 1000
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    return c
+
+
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> HymbaConfig:
     """The HymbaConfig of a training config. `vocab_size` is the tokenizer's: it is the model's unless
     `model.vocab_size` is set (which must then hold every token id)."""

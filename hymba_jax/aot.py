@@ -36,6 +36,8 @@ from hymba_jax.train.step import BATCH_KEYS, make_train_step
 
 # HBM per chip (bytes), by the topology name's generation prefix.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+# Collective ops as XLA names them in the compiled module. The TPU compiler turns some into fused
+# computations (reduce-scatters, and gathers it overlaps with matmuls), which are not counted.
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DEFAULT_VOCAB = 32001   # the paper's Llama-2 tokenizer (+1), used when the config leaves model.vocab_size unset
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
-from absl import app
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hymba_jax.config import HymbaConfig
@@ -153,6 +153,8 @@ _CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation s
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs each restore at INFO; `-v 0` shows them
     config = _CONFIG.value
     if config.task not in TASKS:
         raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hymba_jax.train.config import TrainConfigError
@@ -35,6 +35,8 @@ _JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "seconds to wai
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs each checkpoint at INFO; `-v 0` shows them
     import jax
 
     from hymba_jax import distributed

@@ -121,22 +121,28 @@ def _decode_once(config, params, meta, batch: int, context: int, steps: int, bw:
                 temp_bytes=mem.temp_size_in_bytes)
 
 
-def bench_decode(config, params, meta, context: int, steps: int, bw: float) -> dict:
-    per_seq = cache_bytes(config, context + 2 * steps)
-    estimate = int(0.93 * free_bytes() / (per_seq + 4e6))
-    log(f"decode: cache {per_seq / MB:.1f} MB per sequence, batch estimate {estimate}")
-    for batch in candidates(estimate):
+def largest_batch(name: str, batches, run) -> dict:
+    """The result of `run(batch)` for the first of `batches` (descending) that fits in memory, or {}."""
+    for batch in batches:
         try:
-            result = _decode_once(config, params, meta, batch, context, steps, bw)
+            result = run(batch)
         except Exception as e:  # noqa: BLE001 - out of memory shows up as several error types
             if not is_oom(e):
                 raise
             result = None
         if result:
-            log(f"decode batch {batch}: {result}")
+            log(f"{name} batch {batch}: {result}")
             return result
-        log(f"decode batch {batch}: does not fit, next")
+        log(f"{name} batch {batch}: does not fit, next")
     return {}
+
+
+def bench_decode(config, params, meta, context: int, steps: int, bw: float) -> dict:
+    per_seq = cache_bytes(config, context + 2 * steps)
+    estimate = int(0.93 * free_bytes() / (per_seq + 4e6))
+    log(f"decode: cache {per_seq / MB:.1f} MB per sequence, batch estimate {estimate}")
+    return largest_batch("decode", candidates(estimate),
+                         lambda batch: _decode_once(config, params, meta, batch, context, steps, bw))
 
 
 def _prefill_once(config, params, meta, batch: int, context: int, chunk: int) -> dict | None:
@@ -174,18 +180,8 @@ def bench_prefill(config, params, meta, context: int, chunk: int) -> dict:
         act += 6 * 4 * chunk * config.d_inner * config.d_state
     estimate = int(0.9 * free_bytes() / (per_seq + 1.5 * act))
     log(f"prefill: cache {per_seq / MB:.1f} MB + ~{act / 1e9:.2f} GB transient per sequence, estimate {estimate}")
-    for batch in candidates(min(estimate, 256)):
-        try:
-            result = _prefill_once(config, params, meta, batch, context, chunk)
-        except Exception as e:  # noqa: BLE001 - out of memory shows up as several error types
-            if not is_oom(e):
-                raise
-            result = None
-        if result:
-            log(f"prefill batch {batch}: {result}")
-            return result
-        log(f"prefill batch {batch}: does not fit, next")
-    return {}
+    return largest_batch("prefill", candidates(min(estimate, 256)),
+                         lambda batch: _prefill_once(config, params, meta, batch, context, chunk))
 
 
 def main() -> None:

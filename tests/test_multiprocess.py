@@ -10,7 +10,6 @@ rounding (rtol 1e-5: the mean over 2 x 2 rows is reduced across processes instea
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,7 +30,7 @@ from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import create_train_state
 from hymba_jax.train.step import make_train_step
 
-from train_testing import REPO, apply_overrides, config_file, small_overrides, write_small_corpus
+from train_testing import REPO, apply_overrides, config_file, small_overrides, subprocess_env, write_small_corpus
 
 NUM_STEPS = 6
 
@@ -42,10 +41,7 @@ def setup(tmp_path_factory):
     text, model = write_small_corpus(root / "corpus")
     overrides = small_overrides(text, model, root / "cache")
     overrides.update({"num_steps": NUM_STEPS, "eval_batches": 1})
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    env.pop("XLA_FLAGS", None)
-    return overrides, config_file(root, overrides), env
+    return overrides, config_file(root, overrides), subprocess_env(root, JAX_PLATFORMS="cpu")
 
 
 def _free_port() -> int:

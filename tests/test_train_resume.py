@@ -8,7 +8,6 @@ the numerics, are the same in every process).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 from hymba_jax.train.checkpoint import Checkpointer, restore_params
 from hymba_jax.train.metrics import METRICS_FILE, read_metrics
 
-from train_testing import REPO, SMALL_MODEL, config_file, small_overrides, write_small_corpus
+from train_testing import REPO, SMALL_MODEL, config_file, small_overrides, subprocess_env, write_small_corpus
 
 NUM_STEPS = 12
 
@@ -33,9 +32,7 @@ def setup(tmp_path_factory):
     text, model = write_small_corpus(root / "corpus")
     overrides = small_overrides(text, model, root / "cache")
     overrides.update({"num_steps": NUM_STEPS, "eval_batches": 1})
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return config_file(root, overrides), env
+    return config_file(root, overrides), subprocess_env(root)
 
 
 def _launch(setup, workdir: Path, *flags: str) -> subprocess.Popen:

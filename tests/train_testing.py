@@ -18,6 +18,18 @@ from hymba_jax.data import train_sentencepiece
 REPO = Path(__file__).resolve().parents[1]
 
 
+def subprocess_env(root: Path, **extra: str) -> dict:
+    """The environment of train.py subprocesses: JAX's persistent compilation cache under `root`, shared
+    by every subprocess of a test module so each program compiles once."""
+    import os
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               **extra)
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
 def write_small_corpus(directory: Path) -> tuple[Path, Path]:
     """(text file of blank-line separated documents, SentencePiece model of 512 pieces)."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import create_train_state
 from hymba_jax.train.step import make_train_step
 
-from train_testing import REPO, apply_overrides, config_file, small_overrides, subprocess_env, write_small_corpus
+from train_testing import REPO, apply_overrides, config_file, small_run, subprocess_env
 
 NUM_STEPS = 6
 
@@ -38,9 +38,7 @@ NUM_STEPS = 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
-    text, model = write_small_corpus(root / "corpus")
-    overrides = small_overrides(text, model, root / "cache")
-    overrides.update({"num_steps": NUM_STEPS, "eval_batches": 1})
+    overrides = small_run(root, NUM_STEPS)
     return overrides, config_file(root, overrides), subprocess_env(root, JAX_PLATFORMS="cpu")
 
 

@@ -21,7 +21,7 @@ import pytest
 from hymba_jax.train.checkpoint import Checkpointer, restore_params
 from hymba_jax.train.metrics import METRICS_FILE, read_metrics
 
-from train_testing import REPO, SMALL_MODEL, config_file, small_overrides, subprocess_env, write_small_corpus
+from train_testing import REPO, SMALL_MODEL, config_file, small_overrides, small_run, subprocess_env
 
 NUM_STEPS = 12
 
@@ -29,9 +29,7 @@ NUM_STEPS = 12
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    text, model = write_small_corpus(root / "corpus")
-    overrides = small_overrides(text, model, root / "cache")
-    overrides.update({"num_steps": NUM_STEPS, "eval_batches": 1})
+    overrides = small_run(root, NUM_STEPS)
     return config_file(root, overrides), subprocess_env(root)
 
 

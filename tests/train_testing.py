@@ -64,6 +64,15 @@ def small_overrides(corpus: Path, tokenizer: Path, cache: Path) -> dict:
     return overrides
 
 
+def small_run(root: Path, num_steps: int) -> dict:
+    """Overrides of a small run whose corpus, tokenizer and data cache live under `root`, validated on one
+    batch (the subprocess tests compare losses, not validation quality)."""
+    corpus, tokenizer = write_small_corpus(root / "corpus")
+    overrides = small_overrides(corpus, tokenizer, root / "cache")
+    overrides.update({"num_steps": num_steps, "eval_batches": 1})
+    return overrides
+
+
 def apply_overrides(config, overrides: dict):
     for key, value in overrides.items():
         *parents, leaf = key.split(".")

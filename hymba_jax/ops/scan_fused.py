@@ -1,16 +1,16 @@
-"""What the fused (Pallas) scan kernels share: the canonical layout, the custom VJP, and the math of one
-chunk of time steps, forward and backward.
+"""What the fused (Pallas) scan kernels share: the canonical layout and the custom VJP; and the tile
+form of one chunk's math, which the TPU kernel uses.
 
-A kernel program owns one batch row and a block of `bD` channels and keeps the state as an (N, bD) fp32
-tile (channels on the fast axis). It walks the sequence chunk by chunk; a chunk is `T` time steps unrolled
-in Python, so all of a chunk's loads are issued before its sequential arithmetic and the backward pass can
-keep the chunk's recomputed states as plain values. The forward pass writes y and the state at each chunk
-start; the backward pass runs the chunks in reverse, recomputes each chunk's states from its start state,
-then walks the chunk backwards. softplus(dt + bias), the D skip and the silu(z) gate are fused in, so y
-and the input gradients are the only (B, L, D) tensors that move.
+Every fused kernel walks the sequence chunk by chunk (a chunk is `T` time steps unrolled in Python, so a
+chunk's loads are issued before its sequential arithmetic). The forward pass writes y and, when a backward
+pass follows, the state at each chunk start; the backward pass runs the chunks in reverse, recomputes each
+chunk's states from its start state, then walks the chunk backwards. softplus(dt + bias), the D skip and
+the silu(z) gate are fused in, so y and the input gradients are the only (B, L, D) tensors that move.
 
-The platform modules (`scan_pallas_gpu`, `scan_pallas_tpu`) only say how a program reads a row (1, bD),
-a column (N, 1) and a reset flag (1, 1) of step i of its chunk, and how it writes them back.
+Tile form (`forward_chunk`, `backward_chunk`; TPU): a program keeps its state as one (N, bD) fp32 tile,
+channels on the lanes, and reads a row (1, bD), a column (N, 1) and a reset flag (1, 1) of step i through
+a `ChunkIO`. The GPU kernel keeps one channel per thread instead, with its N states as separate rows
+(`scan_pallas_gpu`), because sums over a tile's state axis cross threads on a GPU.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class Canon(NamedTuple):
 
 
 class Kernels(NamedTuple):
-    """A platform's kernels. forward(c) -> (y (B, Lp, D), starts (B, Lp / chunk, N, D), last (B, N, D));
+    """A platform's kernels. forward(c, keep_starts) -> (y (B, Lp, D), starts, last (B, N, D)), where
+    starts are the states at the chunk starts in the platform's layout (what its backward reads; a kernel
+    may skip them, returning None, when keep_starts is False: no backward follows);
     backward(c, starts, dy, dlast) -> Canon of gradients (reset's is None)."""
 
     chunk: int
@@ -72,12 +74,12 @@ def fused_scan(kernels: Kernels, x, dt, A, B, C, D, z, dt_bias, reset, initial_s
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(kernels: Kernels, c: Canon):
-    y, _, last = kernels.forward(c)
+    y, _, last = kernels.forward(c, False)
     return y, last
 
 
 def _fused_fwd(kernels: Kernels, c: Canon):
-    y, starts, last = kernels.forward(c)
+    y, starts, last = kernels.forward(c, True)
     return (y, last), (c, starts)
 
 

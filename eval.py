@@ -46,6 +46,8 @@ def eval_config() -> ml_collections.ConfigDict:
     c.seq_len = 0             # 0: the training config's (workdir) or 2048
     c.max_batches = 0         # 0: the training config's eval_batches (workdir) or -1; -1: all batches
     c.dtype = ""              # compute dtype; '': as trained (workdir) or float32
+    c.scan_backend = ""       # '': as trained / the checkpoint's; e.g. pallas_gpu on a GPU (docs/performance.md)
+    c.attention_backend = ""  # '': as trained; 'cudnn' for the fused GPU kernel
     c.output = ""             # JSON result path; '': <workdir>/eval_<task>.json (nothing for HF)
     c.tasks = ""              # task=benchmarks: comma-separated harness-format tasks ('' = the paper's suite)
     c.task_data_dir = ""      # task=benchmarks: folder of <task>.jsonl ('' = Hugging Face datasets cache)
@@ -78,8 +80,8 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
         model_cfg, params = load_hf_checkpoint(config.hf_checkpoint)
         params = jax.device_put(params, param_shardings(model_cfg, mesh, DEFAULT_AXIS_RULES))
         data, batch, seq, max_batches = config.data, 8, 2048, -1
-    if config.dtype:
-        model_cfg = model_cfg.replace(dtype=config.dtype)
+    overrides = {k: config[k] for k in ("dtype", "scan_backend", "attention_backend") if config[k]}
+    model_cfg = model_cfg.replace(**overrides)
     data = ml_collections.ConfigDict(data.to_dict())
     if config.files:
         data.source, data.files = "files", list(config.files)

@@ -68,6 +68,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="preset:hymba_1p5b")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--scan_backend", default="", help="model scan_backend ('' = the checkpoint's)")
+    p.add_argument("--attention_backend", default="", help="model attention_backend ('' = the checkpoint's)")
     p.add_argument("--docs", type=int, default=32)
     p.add_argument("--tasks", default=",".join(PAPER_SUITE))
     p.add_argument("--max_length", type=int, default=2048)
@@ -77,6 +79,8 @@ def main():
     args = p.parse_args()
     start = time.perf_counter()
     config, params = load_model(args.checkpoint, dtype=args.dtype)
+    backends = dict(scan_backend=args.scan_backend, attention_backend=args.attention_backend)
+    config = config.replace(**{k: v for k, v in backends.items() if v})
     jax.block_until_ready(params)
     load_s = time.perf_counter() - start
     scorer = Scorer(config, params, max_length=args.max_length, tokens_per_batch=args.tokens_per_batch,
@@ -95,6 +99,7 @@ def main():
     n_requests = sum(r["num_requests"] for r in results["results"].values())
     results["benchmark"] = {
         "device": jax.devices()[0].device_kind, "checkpoint": args.checkpoint, "dtype": args.dtype,
+        "scan_backend": config.scan_backend, "attention_backend": config.attention_backend,
         "docs_per_task": args.docs, "load_seconds": round(load_s, 1), "compile_seconds": compile_s,
         "suite_seconds": round(total_s, 1), "requests": n_requests, "requests_per_s": n_requests / total_s,
         "num_params": sum(x.size for x in jax.tree.leaves(params)),

@@ -122,12 +122,15 @@ def sigmoid(v):
     return 1.0 / (1.0 + jnp.exp(-v))
 
 
-def _load_steps(io: ChunkIO, steps: int, names: tuple[str, ...]):
+def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...] = ("B", "C")) -> dict:
+    step = {k: io.row(k, i) for k in names}
+    step.update({k: io.col(k, i) for k in cols}, reset=io.flag(i))
+    return step
+
+
+def _load_steps(io: ChunkIO, steps: int, names: tuple[str, ...]) -> list[dict]:
     """All loads of a chunk first: they do not depend on the state, so their latency overlaps."""
-    rows = [{k: io.row(k, i) for k in names} for i in range(steps)]
-    for i in range(steps):
-        rows[i]["B"], rows[i]["C"], rows[i]["reset"] = io.col("B", i), io.col("C", i), io.flag(i)
-    return rows
+    return [_load_step(io, i, names) for i in range(steps)]
 
 
 def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int) -> Array:
@@ -158,21 +161,24 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     """Gradients of one chunk. h_start: the state before it; dh: d loss / d (state after it).
     Writes dx, ddt, dz rows and dB, dC columns (this program's channels only); returns
     d loss / d h_start and the updated sums."""
-    names = ("x", "dt", "z", "dy") if io.has_z else ("x", "dt", "dy")
-    steps_in = _load_steps(io, steps, names)
     saved = []
     h = h_start
-    for s in steps_in:                                       # recompute the chunk's states
+    for i in range(steps):                                   # recompute the chunk's states
+        s = _load_step(io, i, ("x", "dt"), cols=("B",))
         hp = jnp.where(s["reset"] > 0, p.h0, h)
         delta = softplus(s["dt"] + p.bias)
         a = jnp.exp(delta * p.A)
         h = a * hp + (delta * s["x"]) * s["B"]
-        saved.append((hp, a, h, delta))
+        saved.append((hp, a, delta))     # h is recomputed on the way back: an FMA costs less than its registers
+    # The walk back loads each step's inputs again rather than keeping them: on a GPU the loaded values
+    # of a whole chunk would not fit in registers next to the saved states.
+    names = ("x", "dt", "z", "dy") if io.has_z else ("x", "dt", "dy")
     dA, dD, dbias, dh0 = acc
     for i in reversed(range(steps)):
-        s = steps_in[i]
-        hp, a, h, delta = saved[i]
+        s = _load_step(io, i, names)
+        hp, a, delta = saved[i]
         x, dy = s["x"], s["dy"]
+        h = a * hp + (delta * x) * s["B"]
         if io.has_z:
             zs = sigmoid(s["z"])
             y_pre = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * x

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "remat")
+NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "attention_backend", "remat")
 
 
 def paper_recipe(preset: str, *, remat: str, batch_size: int, num_steps: int,

@@ -77,8 +77,8 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
         model_cfg, params = restore_params(config.workdir, mesh=mesh)
         data, batch, seq, max_batches = trained.data, trained.batch_size, trained.seq_len, trained.eval_batches
     else:
-        model_cfg, params = load_hf_checkpoint(config.hf_checkpoint)
-        params = jax.device_put(params, param_shardings(model_cfg, mesh, DEFAULT_AXIS_RULES))
+        model_cfg, params = load_hf_checkpoint(
+            config.hf_checkpoint, shardings=lambda c: param_shardings(c, mesh, DEFAULT_AXIS_RULES))
         data, batch, seq, max_batches = config.data, 8, 2048, -1
     overrides = {k: config[k] for k in ("dtype", "scan_backend", "attention_backend") if config[k]}
     model_cfg = model_cfg.replace(**overrides)

@@ -147,22 +147,23 @@ def hf_tensor_shapes(config: HymbaConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in to_hf_tensors(config, zeros)}
 
 
-def _from_hf_tensors(config: HymbaConfig, read: Callable[[str], np.ndarray]) -> dict:
+def _iter_from_hf_tensors(config: HymbaConfig, read: Callable[[str], np.ndarray]
+                          ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(path in our tree, array) for every parameter, reading one released tensor at a time."""
     shapes = param_shapes(config)
-    params: dict = {}
     for name, (path, _, from_hf) in _global_map(config).items():
-        _set(params, path, from_hf(read(name), _get(shapes, path).shape))
+        yield path, from_hf(read(name), _get(shapes, path).shape)
     for i in range(config.num_layers):
         fused = read(f"model.layers.{i}.mamba.in_proj.weight")
         offset = 0
         for path in _in_proj_parts(config, i):
             shape = _get(shapes, path).shape
             rows = int(np.prod(shape[1:]))
-            _set(params, path, fused[offset:offset + rows].T.reshape(shape))
+            yield path, fused[offset:offset + rows].T.reshape(shape)
             offset += rows
+        del fused
         for name, (path, _, from_hf) in _layer_map(config, i).items():
-            _set(params, path, from_hf(read(name), _get(shapes, path).shape))
-    return params
+            yield path, from_hf(read(name), _get(shapes, path).shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +190,8 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_overrides
+def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *,
+                       shardings: Callable[[HymbaConfig], Mapping] | None = None, **config_overrides
                        ) -> tuple[HymbaConfig, dict]:
     """Load a Hugging Face Hymba checkpoint directory into (config, params).
 
@@ -197,6 +199,12 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
     be present or absent when embeddings are tied (present, it must equal the embedding). A checkpoint that
     does not match its config (missing or extra tensor, wrong shape) raises CheckpointError naming it.
     `config_overrides` set non-layout fields such as `dtype` (compute) or `scan_backend`.
+
+    `shardings(config)` -> a tree of `jax.sharding.Sharding` like the parameters (e.g.
+    `lambda c: hymba_jax.train.state.param_shardings(c, mesh, rules)`): each parameter is then built with
+    `jax.make_array_from_callback` as soon as its released tensor is read, and every process keeps only
+    the pieces its own devices hold. The host holds one released tensor at a time (the largest is the
+    embedding), never the whole model. Without it, the parameters land on the default device.
     """
     path = Path(path)
     if not path.is_dir():
@@ -233,22 +241,27 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, **config_over
             handles[file] = safe_open(file, "numpy").__enter__()
         return handles[file].get_tensor(name).astype(np.float32)
 
+    targets = None if shardings is None else shardings(config)
+
+    def place(tree_path: tuple[str, ...], array: np.ndarray) -> jax.Array:
+        array = array.astype(jnp.dtype(jnp.float32 if tree_path[-1] in FP32_TENSORS else dtype))
+        if targets is None:
+            return jnp.asarray(array)
+        return jax.make_array_from_callback(array.shape, _get(targets, tree_path), lambda index: array[index])
+
+    params: dict = {}
     try:
-        params = _from_hf_tensors(config, read)
+        for tree_path, array in _iter_from_hf_tensors(config, read):
+            _set(params, tree_path, place(tree_path, array))
         if config.tie_word_embeddings and "lm_head.weight" in files:
-            if not np.array_equal(read("lm_head.weight"), params["embedding"]):
+            embedding = np.asarray(read("model.embed_tokens.weight"))
+            if not np.array_equal(read("lm_head.weight"), embedding):
                 raise CheckpointError(f"{path}: lm_head.weight differs from model.embed_tokens.weight but "
                                       "config.json ties them (tie_word_embeddings: true)")
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, a: jnp.asarray(a, jnp.float32 if _is_fp32_tensor(p) else dtype), params)
     return config, params
-
-
-def _is_fp32_tensor(path) -> bool:
-    return any(getattr(k, "key", None) in FP32_TENSORS for k in path)
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: HymbaConfig, params: Mapping, dtype=jnp.bfloat16,

@@ -65,9 +65,16 @@ def _losses(workdir: Path) -> dict:
     return {(r["kind"], r["step"]): r["loss"] for r in read_metrics(workdir / METRICS_FILE)}
 
 
-def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(setup, tmp_path):
-    reference = tmp_path / "uninterrupted"
-    _finish(_launch(setup, reference))
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory) -> Path:
+    """The workdir of a run of NUM_STEPS steps that nothing interrupted."""
+    workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _finish(_launch(setup, workdir))
+    return workdir
+
+
+def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(setup, uninterrupted, tmp_path):
+    reference = uninterrupted
     expected = _losses(reference)
     assert sorted(s for k, s in expected if k == "train") == list(range(1, NUM_STEPS + 1))
 
@@ -99,6 +106,18 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(setup, tmp_path):
     got, want = (jax.tree.leaves(jax.device_get(restore_params(d)[1])) for d in (run, reference))
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_eval_program_reproduces_the_final_validation_loss(setup, uninterrupted):
+    """`eval.py --config.workdir` restores the latest checkpoint and the run's own validation split and
+    batch settings: its loss is the training run's final validation loss."""
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), f"--config.workdir={uninterrupted}"], cwd=REPO,
+                          env=setup[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads((uninterrupted / "eval_perplexity.json").read_text())
+    final = _losses(uninterrupted)[("eval", NUM_STEPS)]
+    assert result["task"] == "perplexity" and result["tokens"] > 0
+    np.testing.assert_allclose(result["loss"], final, rtol=1e-6)
 
 
 def test_init_from_hf_trains(setup, tmp_path, tiny_a_dir, tiny_a):

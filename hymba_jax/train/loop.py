@@ -157,7 +157,8 @@ def _initial_state(config, model_cfg, tx, mesh, shardings: TrainState, checkpoin
         return state
     params = None
     if config.init_from_hf:
-        _, params = load_hf_checkpoint(config.init_from_hf, dtype=model_cfg.param_dtype)
+        _, params = load_hf_checkpoint(config.init_from_hf, dtype=model_cfg.param_dtype,
+                                       shardings=lambda _: shardings.params)
         logging.info("initialised from %s", config.init_from_hf)
     state, _ = create_train_state(model_cfg, tx, mesh, config.axis_rules, jax.random.key(config.seed), params)
     return state

@@ -306,3 +306,41 @@ def test_command_line_errors_before_compiling(tmp_path):
         assert result.returncode != 0
         assert expected in result.stderr + result.stdout
         assert not (tmp_path / "checkpoints").exists()
+
+
+def test_validation_pads_a_process_that_runs_out_of_batches(monkeypatch):
+    """Processes may hold different numbers of held-out batches: this one has 3, another (simulated) 5.
+    All processes run 5 steps (every collective entered by all); this one's last 2 carry weight 0, so its
+    sums are those of its 3 real batches, and with equal counts nothing is padded."""
+    from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
+    from hymba_jax.train import validation
+
+    rng = np.random.default_rng(0)
+    batches = [{"inputs": rng.integers(0, 9, (2, 4)).astype(np.int32), "targets": np.ones((2, 4), np.int32),
+                "segment_ids": np.ones((2, 4), np.int32), "weights": rng.random((2, 4)).astype(np.float32)}
+               for _ in range(3)]
+    calls = []
+
+    def eval_step(params, batch):
+        calls.append(batch)
+        w = batch["weights"]
+        return jnp.stack([jnp.sum(w * batch["inputs"]), jnp.sum(w)])
+
+    step = iter(range(100))
+
+    def other_process_has_5(has_batch):
+        other_has_batch = next(step) < 5          # every process asks once per step
+        return has_batch or other_has_batch
+
+    monkeypatch.setattr(validation, "hosts_still_reading", other_process_has_5)
+    sharding = batch_sharding(make_mesh({"data": 1}), DEFAULT_AXIS_RULES)
+    ce, weight = validation.loss_sums(eval_step, None, batches, sharding, progress=False)
+    assert len(calls) == 5 and all(float(jnp.sum(c["weights"])) == 0 for c in calls[3:])
+    np.testing.assert_allclose(ce, sum(float(np.sum(b["weights"] * b["inputs"])) for b in batches), rtol=1e-6)
+    np.testing.assert_allclose(weight, sum(float(np.sum(b["weights"])) for b in batches), rtol=1e-6)
+
+    monkeypatch.setattr(validation, "hosts_still_reading", lambda has_batch: has_batch)
+    calls.clear()
+    assert validation.loss_sums(eval_step, None, batches, sharding, max_batches=2, progress=False)[1] == \
+        pytest.approx(sum(float(np.sum(b["weights"])) for b in batches[:2]))
+    assert len(calls) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
@@ -66,20 +65,55 @@ def test_padding_is_exact(scorer, requests):
     targets[0, :len(whole) - 1] = whole[1:]
     weights = np.zeros(tokens.shape, bool)
     weights[0, len(whole) - 1 - len(continuation):len(whole) - 1] = True
-    padded = scorer._forward(scorer.params, tokens, targets, weights, np.zeros(len(tokens), np.int32))
+    padded = scorer._forward(scorer.params, tokens, targets, weights)
     assert float(padded[0][0]) == pytest.approx(short.logprob, abs=1e-5)
 
 
-def test_greedy_generation_matches_full_forward_argmax(scorer, requests):
-    """Each generated token is the argmax of an unpadded forward over the prompt and the tokens before it."""
-    prompts = [requests[0][0][:21], requests[1][0] + requests[0][0][:11]]  # 21 + 3 generated: shape 24
-    out = greedy_generate(scorer, prompts, 3)
-    model = HymbaForCausalLM(scorer.config)
-    for prompt, generated in zip(prompts, out):
-        logits = model.apply({"params": scorer.params}, np.array([prompt + generated]))[0]
-        assert generated == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
-    stopped = greedy_generate(scorer, prompts[:1], 3, stop_ids=(out[0][1],))
-    assert stopped == [out[0][:1]]
+def check_greedy(scorer, prompts, outputs, max_new_tokens, stop_id=None, stop=None) -> list[str]:
+    """Assert that the outputs are step-by-step greedy decoding with the full forward; return why each
+    row ended ('length', 'stop id' or 'stop').
+
+    That is: every output token is the full forward's argmax after the (truncated) prompt and the tokens
+    before it (the scorer's is_greedy, itself checked against an unpadded forward above), no proper
+    prefix makes `stop` true, and a row shorter than max_new_tokens ends where `stop` becomes true or
+    where the argmax is the stop id."""
+    keep = scorer.max_length - max_new_tokens
+    prompts = [p[-keep:] for p in prompts]
+    reasons = []
+    for out in outputs:
+        assert not any(stop is not None and stop(out[:n]) for n in range(1, len(out))), out
+        assert len(out) <= max_new_tokens and stop_id not in out
+        reasons.append("stop" if stop is not None and out and stop(out) else
+                       "length" if len(out) == max_new_tokens else "stop id")
+    requests = [(p, out) for p, out in zip(prompts, outputs) if out]
+    requests += [(p + out, [stop_id]) for p, out, why in zip(prompts, outputs, reasons) if why == "stop id"]
+    assert all(r.is_greedy for r in scorer.loglikelihood(requests))
+    return reasons
+
+
+def test_greedy_generation_matches_step_by_step_full_forward(scorer):
+    """Ragged prompts (one truncated to its last max_length - max_new_tokens tokens) in two batches of
+    four rows (the second with a repeated padding row), plain and with a stop id and a stop callback;
+    then some of them again in a batch with other prompts: the same outputs. Every batch's longest
+    prompt is over 32 tokens, so all use one cache length and prefill chunk (one compile)."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 100, n).tolist() for n in (70, 50, 45, 40, 35, 12, 5)]
+    max_new = 6
+    out = greedy_generate(scorer, prompts, max_new)
+    assert check_greedy(scorer, prompts, out, max_new) == ["length"] * len(prompts)
+
+    stop_id = out[5][2]                        # ends row 5 after at most 2 tokens
+    stop_string = out[6][3:5]                  # a two-token "stop string", kept in the output
+    stop = lambda ids: ids[-2:] == stop_string
+    stopped = greedy_generate(scorer, prompts, max_new, stop_ids=(stop_id,), stop=stop)
+    reasons = check_greedy(scorer, prompts, stopped, max_new, stop_id, stop)
+    print("outputs:", out, "stopped:", stopped, reasons)
+    assert {"stop id", "stop"} <= set(reasons), "no row ended by a stop: pick other stops"
+    assert all(s == o[:len(s)] for o, s in zip(out, stopped))     # stopping only cuts the plain output
+
+    regrouped = greedy_generate(scorer, [prompts[5], rng.integers(3, 100, 40).tolist(), prompts[6], prompts[1]],
+                                max_new)
+    assert regrouped[::2] == [out[5], out[6]] and regrouped[3] == out[1]
 
 
 def test_rolling_windows_cover_every_token_once():

@@ -1,4 +1,4 @@
-"""Batched, length-bucketed log-likelihood scoring and greedy next-token prediction in JAX.
+"""Batched, length-bucketed log-likelihood scoring in JAX (greedy generation: generate.py).
 
 A request is (context ids, continuation ids); its score is the summed log-probability of the continuation
 given the context and whether every continuation token is the argmax (lm-evaluation-harness's
@@ -58,16 +58,14 @@ class Scorer:
         self.progress = progress
         model = HymbaForCausalLM(config)
 
-        def forward(params, tokens, targets, weights, last):
-            """Sum log p(target) over weighted positions, whether all of them are the argmax, and the
-            argmax after position `last` of each row (for greedy generation); one compile per bucket."""
+        def forward(params, tokens, targets, weights):
+            """Sum log p(target) over weighted positions and whether all of them are the argmax; one
+            compile per bucket."""
             logits = model.apply({"params": params}, tokens)
             target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
             logprob = target_logits - jax.nn.logsumexp(logits, axis=-1)
-            argmax = jnp.argmax(logits, axis=-1)
             return (jnp.sum(jnp.where(weights, logprob, 0.0), axis=-1),
-                    jnp.all((argmax == targets) | ~weights, axis=-1),
-                    jnp.take_along_axis(argmax, last[:, None], axis=1)[:, 0])
+                    jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~weights, axis=-1))
 
         self._forward = jax.jit(forward)
 
@@ -125,8 +123,7 @@ class Scorer:
                 tokens[r, :n] = inputs[i][:-1]
                 targets[r, :n] = inputs[i][1:]
                 weights[r, n - n_scored[i]:n] = True
-            logprob, greedy, _ = jax.device_get(
-                self._forward(self.params, tokens, targets, weights, np.zeros(rows, np.int32)))
+            logprob, greedy = jax.device_get(self._forward(self.params, tokens, targets, weights))
             for r, i in enumerate(group):
                 results[i] = LogLikelihood(float(logprob[r]), bool(greedy[r]))
         return results
@@ -145,12 +142,6 @@ class Scorer:
         for d, ll in zip(owner, self.loglikelihood(windows, desc=desc)):
             totals[d] += ll.logprob
         return totals
-
-    def next_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Greedy next token after the first `lengths[b]` ids of each row of `tokens` (B, T): (B,) ints."""
-        zeros = np.zeros(tokens.shape, np.int32)
-        last = np.asarray(lengths, np.int32) - 1
-        return np.asarray(self._forward(self.params, tokens, zeros, zeros.astype(bool), last)[2])
 
 
 def rolling_windows(tokens: list[int], prefix_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:

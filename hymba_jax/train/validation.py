@@ -61,3 +61,11 @@ def loss_sums(eval_step: Callable, params: Any, batches: Iterable[dict], batch_s
     bar.close()
     ce, weight = np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2).sum(axis=0)
     return float(ce), float(weight)
+
+
+def summary(ce: float, weight: float) -> dict:
+    """{'loss', 'perplexity', 'tokens'} of summed cross-entropy and token weight."""
+    if weight <= 0:
+        raise ValueError("the evaluation data holds no tokens (every weight is 0)")
+    loss = ce / weight
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(weight)}

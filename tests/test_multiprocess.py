@@ -10,11 +10,14 @@ rounding (rtol 1e-5: the mean over 2 x 2 rows is reduced across processes instea
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grain
@@ -48,14 +51,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(setup, workdir: Path, *flags: str) -> list[str]:
+def launch_two_processes(setup, workdir: Path, *flags: str) -> list[subprocess.Popen]:
     _, config, env = setup
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config), "--workdir",
-                               str(workdir), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                               f"--process_id={i}", "--distributed_timeout=120", *flags],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    return [subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(config), "--workdir",
+                              str(workdir), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                              f"--process_id={i}", "--distributed_timeout=120", *flags],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
     outs = []
     try:
         for p in procs:
@@ -67,6 +73,10 @@ def run_two_processes(setup, workdir: Path, *flags: str) -> list[str]:
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
     return outs
+
+
+def run_two_processes(setup, workdir: Path, *flags: str) -> list[str]:
+    return finish(launch_two_processes(setup, workdir, *flags))
 
 
 def one_process_losses(overrides: dict) -> list[float]:
@@ -127,6 +137,27 @@ def test_two_processes_resume_on_a_multislice_mesh(setup, two_process_run):
     resumed = _train_losses(workdir)
     assert [s for s, _ in resumed] == list(range(1, NUM_STEPS + 1))
     np.testing.assert_allclose([l for _, l in resumed], [l for _, l in first], rtol=1e-5)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(setup, tmp_path):
+    """A preemption notice (SIGTERM) to process 1 alone: JAX's preemption service makes both processes
+    stop after the same step and save it together (each host's data position in it), then exit cleanly."""
+    workdir = tmp_path / "run"
+    procs = launch_two_processes(setup, workdir, "--config.num_steps=100000", "--config.checkpoint_every=100000",
+                                 "--config.log_every=1")
+    deadline = time.time() + 300
+    while not (workdir / METRICS_FILE).exists() or not _train_losses(workdir):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no training step logged"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = finish(procs)
+    result = json.loads(outs[0].strip().splitlines()[-1])
+    assert result["stopped_by_signal"] == signal.SIGTERM
+    step = result["step"]
+    assert 0 < step < 100000
+    assert sorted(os.listdir(workdir / "checkpoints")) == [str(step)]
+    data_files = set(os.listdir(workdir / "checkpoints" / str(step) / "data"))
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= data_files
 
 
 def test_missing_process_is_named(tmp_path):

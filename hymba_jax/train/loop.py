@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from hymba_jax.data import load_tokenizer, make_dataset
@@ -31,19 +32,33 @@ from hymba_jax.train.step import make_eval_step, make_train_step
 
 
 class _StopRequest:
-    """Set by SIGTERM/SIGINT; the loop checks it between steps."""
+    """A request to save and stop, checked between steps.
+
+    One process: SIGTERM or SIGINT sets it. Several processes (jax.distributed): a preemption notice
+    (SIGTERM) reaches the processes at different steps, and a save is a collective, so they must stop at
+    the same step. JAX's preemption service (started by jax.distributed.initialize, which then owns
+    SIGTERM) propagates the notice and names the step at which all of them stop
+    (`multihost_utils.reached_preemption_sync_point`, asked once per step by every process).
+    """
 
     def __init__(self):
         self.signal: Optional[int] = None
         self._previous = {}
+        self._agreed = jax.process_count() > 1 and jax.distributed.is_initialized()
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self._agreed else (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (every process gets the same answer at the same step)."""
+        if self._agreed and self.signal is None and multihost_utils.reached_preemption_sync_point(step):
+            self.signal = signal.SIGTERM
+        return self.signal is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -112,7 +127,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         compiled = train_step.lower(state, shard_batch(batch, batch_sh)).compile()
         logger.message("train step compiled")
         tick, tick_step = time.perf_counter(), start
-        while step < config.num_steps and stop.signal is None:
+        while step < config.num_steps and not stop.reached(step):
             batch = batch if batch is not None else next(train_iter)
             state, metrics = compiled(state, shard_batch(batch, batch_sh))
             batch = None

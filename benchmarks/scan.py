@@ -140,7 +140,7 @@ def main():
         for variant in filter(None, args.variants.split(",")):
             chunk, block, warps = map(int, variant.split(":"))
             backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(
-                chunk=chunk, block_d=block, num_warps=warps)
+                chunk=chunk, inference_chunk=chunk, block_d=block, num_warps=warps)
     else:
         backends.pop("pallas_gpu", None)
     unknown = [b for b in backends.values() if isinstance(b, str) and b not in available_backends()]

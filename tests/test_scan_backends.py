@@ -23,7 +23,8 @@ from hymba_jax.ops.scan import available_backends, selective_scan
 BATCH, LENGTH, WIDTH, STATE = 2, 21, 16, 4      # length 21: not a multiple of the chunk (8)
 BACKENDS = {
     "chunked": scan_chunked.with_chunk(8),
-    "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=8, block_d=8, interpret=True),
+    # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
+    "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
     "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True),
 }
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
@@ -113,3 +114,10 @@ def test_optional_arguments():
     for name, fn in BACKENDS.items():
         y, last = fn(x, dt, A, B, C, D, None, None, None, None)
         assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6, name
+
+
+def test_pallas_gpu_chunks_must_be_powers_of_two():
+    with pytest.raises(ValueError, match="chunk=6: must be a power of two"):
+        scan_pallas_gpu.kernels(chunk=6)
+    with pytest.raises(ValueError, match="inference_chunk=12: must be a power of two"):
+        scan_pallas_gpu.kernels(inference_chunk=12)

@@ -29,7 +29,8 @@ try:  # the Triton compiler parameters (absent from some jaxlib builds; not need
 except ImportError:  # pragma: no cover
     plgpu = None
 
-CHUNK = 4
+CHUNK = 4              # H200, 8 x 2048 x 3200: fastest forward+backward (docs/performance.md)
+INFERENCE_CHUNK = 8    # fastest forward alone (1.25 ms against 1.60 at 4)
 BLOCK_D = 32
 NUM_WARPS = 1
 
@@ -101,7 +102,9 @@ def _in_specs(names, length, n, block):
 def _forward(c: Canon, keep_starts: bool, cfg):
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    # Without a backward pass there are no chunk-start states to keep, so the loop can unroll further.
+    chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
+    block = channel_block(width, cfg["block_d"])
     n_chunks = length // chunk
     has_z = c.z is not None
     names_in, operands = _inputs(c)
@@ -204,9 +207,15 @@ def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
 
 @functools.lru_cache(maxsize=None)
 def kernels(chunk: int = CHUNK, block_d: int = BLOCK_D, num_warps: int = NUM_WARPS,
-            interpret: bool = False) -> Kernels:
-    cfg = dict(chunk=chunk, block_d=block_d, num_warps=num_warps, interpret=interpret)
-    return Kernels(chunk, functools.partial(_forward_any_state, cfg=cfg),
+            inference_chunk: int = INFERENCE_CHUNK, interpret: bool = False) -> Kernels:
+    """chunk: time steps per backward chunk (and between the states the forward keeps for it);
+    inference_chunk: the forward's unroll when no backward follows. Both powers of two."""
+    for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
+    cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
+               interpret=interpret)
+    return Kernels(max(chunk, inference_chunk), functools.partial(_forward_any_state, cfg=cfg),
                    functools.partial(_backward_any_state, cfg=cfg))
 
 

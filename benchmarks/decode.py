@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hardware import copy_bandwidth
 from hymba_jax.config import hymba_1p5b, hymba_tiny, llama_3p2_3b_shape, llama_style
 from hymba_jax.infer.cache import cache_bytes, init_cache, meta_state, tree_bytes
 from hymba_jax.infer.engine import _prefill_chunk, decode_loop
@@ -54,19 +55,6 @@ def random_params(config, seed: int = 0):
             out.append((0.02 * 3 ** 0.5 * (2 * u - 1)).astype(s.dtype))
         return jax.tree.unflatten(tree, out)
     return jax.jit(make)()
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by an XLA elementwise copy of 4 GiB."""
-    x = jnp.ones((1 << 31,) if jax.default_backend() == "gpu" else (1 << 24,), jnp.bfloat16)
-    f = jax.jit(lambda x: x * 2)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * x.nbytes / float(np.median(times))
 
 
 def free_bytes() -> int:

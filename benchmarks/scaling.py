@@ -6,10 +6,10 @@ against one GPU at the same per-GPU batch (weak scaling).
 
 A run is DEVICES:MESH (mesh axes as in config.mesh). Every run uses the real sharded train state and
 `make_train_step` (AdamW with clipping, z-loss, donated state, bf16 compute, fp32 master weights) on
-synthetic packed rows (random tokens, 4 documents per row). All steps are compiled first, concurrently
-(compilation is host work), then each run is timed alone: 2 warm-up steps, then the median of --steps
-steps. Efficiency = tokens/s / (devices x tokens/s of the 1-device run). MFU uses train.metrics'
-FLOPs per token and the dense bf16 peak of the device (train.metrics.PEAK_FLOPS).
+synthetic packed rows (random tokens, 4 documents per row). The first run (the baseline) is compiled and
+timed first while the others compile on host threads; the other runs are then timed one after another:
+2 warm-up steps, then the median of --steps steps. Efficiency = tokens/s / (devices x tokens/s of the
+1-device run). MFU uses train.metrics' FLOPs per token and the bf16 matmul rate measured here.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from hardware import matmul_rate
 from hymba_jax.config import get_preset
 from hymba_jax.model.lm import init_params
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
-from hymba_jax.train.metrics import flops_per_token, peak_flops_per_device
+from hymba_jax.train.metrics import flops_per_token
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import create_train_state, state_shardings
 from hymba_jax.train.step import BATCH_KEYS, make_train_step
@@ -94,28 +95,23 @@ def main():
         batch = {k: jax.ShapeDtypeStruct((rows, args.seq), jnp.float32 if k == "weights" else jnp.int32,
                                           sharding=bsh) for k in BATCH_KEYS}
         runs.append(dict(spec=spec, devices=n, mesh=mesh, bsh=bsh, rows=rows, lowered=step.lower(abstract, batch)))
-    log("lowered; compiling all runs concurrently")
+    log("lowered")
 
     def compile_one(run):
         t = time.perf_counter()
         run["compiled"] = run["lowered"].compile()
         run["compile_s"] = time.perf_counter() - t
-        return run["spec"]
-
-    with concurrent.futures.ThreadPoolExecutor(len(runs) + 1) as pool:
-        # once, on the first device; an RBG key compiles about twice as fast as threefry (train_step.py)
-        init = pool.submit(init_params, cfg, jax.random.key(0, impl="unsafe_rbg"))
-        for spec in pool.map(compile_one, runs):
-            log(f"compiled {spec}")
-        params = init.result()
+        log(f"compiled {run['spec']} in {run['compile_s']:.0f} s")
 
     flops = flops_per_token(cfg, args.seq)
-    peak = peak_flops_per_device(0.0)
+    peak = matmul_rate()
+    log(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s (MFU denominator, per GPU)")
     results = []
-    for run in runs:
+
+    def measure(run, params):
         if time.perf_counter() - start > args.deadline_s:
             log(f"deadline: skipping {run['spec']}")
-            continue
+            return
         state, _ = create_train_state(cfg, tx, run["mesh"], rules, jax.random.key(0), params=params)
         host = synthetic_batch(run["rows"], args.seq, cfg.vocab_size)
         batch = {k: jax.device_put(v, run["bsh"]) for k, v in host.items()}
@@ -132,14 +128,27 @@ def main():
         result = dict(run=run["spec"], devices=run["devices"], mesh=dict(run["mesh"].shape), rows=run["rows"],
                       seq=args.seq, step_s=seconds, tokens_per_s=tokens_per_s,
                       tokens_per_s_per_device=tokens_per_s / run["devices"],
-                      mfu=flops * tokens_per_s / (peak * run["devices"]) if peak else None,
+                      mfu=flops * tokens_per_s / (peak * run["devices"]),
                       compile_s=run["compile_s"], first_loss=losses[0], last_loss=losses[-1],
                       temp_gib=memory.temp_size_in_bytes / 2**30, argument_gib=memory.argument_size_in_bytes / 2**30)
         base = next((r for r in results if r["devices"] == 1), None)
         result["efficiency"] = (tokens_per_s / (run["devices"] * base["tokens_per_s"])) if base else None
         results.append(result)
         log(json.dumps(result))
-        del state, batch
+
+    # The first run (the 1-GPU baseline) is compiled and timed before the others, so a run cut short
+    # still reports it; the others then compile concurrently (compilation is host work).
+    with concurrent.futures.ThreadPoolExecutor(len(runs) + 1) as pool:
+        # once, on the first device; an RBG key compiles about twice as fast as threefry (train_step.py)
+        init = pool.submit(init_params, cfg, jax.random.key(0, impl="unsafe_rbg"))
+        rest = [pool.submit(compile_one, run) for run in runs[1:]] if len(runs) > 1 else []
+        compile_one(runs[0])
+        params = init.result()
+        measure(runs[0], params)
+        for future in rest:
+            future.result()
+    for run in runs[1:]:
+        measure(run, params)
     del params
     if args.json:
         with open(args.json, "w") as f:

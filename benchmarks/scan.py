@@ -15,51 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from hardware import copy_bandwidth, exp_rate, matmul_rate, timeit
 from hymba_jax.ops import scan_pallas_gpu
 from hymba_jax.ops.scan import available_backends, selective_scan
 
 
-def timeit(fn, *args, reps: int = 5, samples: int = 7) -> float:
-    """Median seconds per call."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
-
-
 def hardware_rates() -> dict:
-    """Copy bandwidth (bytes read + written), bf16 matmul rate and a fused-exp rate, measured here."""
-    a = jax.random.normal(jax.random.key(0), (2 ** 29,), jnp.float32)          # 2 GiB
-    copy = jax.jit(lambda t: t + 1.0)
-    bandwidth = 2 * a.nbytes / timeit(copy, a, reps=3, samples=5)
-    del a
-    n = 8192
-    m1 = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    m2 = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda p, q: p @ q)
-    flops = 2 * n ** 3 / timeit(matmul, m1, m2, reps=10, samples=5)
-    e = jax.random.uniform(jax.random.key(3), (2 ** 24,), jnp.float32)
-    depth = 64
-
-    def exps(t):
-        for _ in range(depth):
-            t = jnp.exp(-t)
-        return t
-
-    exp_rate = depth * e.size / timeit(jax.jit(exps), e, reps=3, samples=5)
-    return dict(copy_bytes_per_s=bandwidth, bf16_flops=flops, xla_exp_per_s=exp_rate)
+    return dict(copy_bytes_per_s=copy_bandwidth(), bf16_flops=matmul_rate(), xla_exp_per_s=exp_rate())
 
 
 def make_inputs(key, batch, length, width, state, dtype):

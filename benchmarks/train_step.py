@@ -24,10 +24,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hardware import matmul_rate
 from hymba_jax.config import HymbaConfig, hymba_1p5b, llama_style
 from hymba_jax.model.lm import HymbaForCausalLM, init_params
 from hymba_jax.train.metrics import flops_per_token
@@ -48,22 +48,6 @@ def model_config(name: str, scan: str, attention: str, remat: str) -> HymbaConfi
     if name == "llama":
         return llama_style(2048, 32, 16, 4, 5504, vocab_size=32001, **numerics)
     raise SystemExit(f"unknown model {name!r}: 'hymba' or 'llama'")
-
-
-def matmul_rate() -> float:
-    n = 8192
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda p, q: p @ q)
-    jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        for _ in range(10):
-            out = f(a, b)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / 10)
-    return 2 * n ** 3 / statistics.median(times)
 
 
 def median_time(fn, *args, steps: int) -> float:

@@ -188,6 +188,9 @@ def main() -> None:
                "hymba_tiny": hymba_tiny, "llama_tiny": lambda **kw: llama_style(64, 2, 4, 2, 96, **kw)}
     results = {"copy_bandwidth": bw, "context": args.context, "device": str(jax.devices()[0].device_kind),
                "jax": jax.__version__}
+    unknown = sorted(set(args.models.split(",")) - set(presets))
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(presets)}")
     models = {}
     for name in args.models.split(","):   # decode for every model first: it is the table's main column
         config = presets[name](dtype="bfloat16", param_dtype="bfloat16")

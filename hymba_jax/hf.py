@@ -249,15 +249,14 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *,
             return jnp.asarray(array)
         return jax.make_array_from_callback(array.shape, _get(targets, tree_path), lambda index: array[index])
 
+    check_tied_head = config.tie_word_embeddings and "lm_head.weight" in files
     params: dict = {}
     try:
         for tree_path, array in _iter_from_hf_tensors(config, read):
-            _set(params, tree_path, place(tree_path, array))
-        if config.tie_word_embeddings and "lm_head.weight" in files:
-            embedding = np.asarray(read("model.embed_tokens.weight"))
-            if not np.array_equal(read("lm_head.weight"), embedding):
+            if check_tied_head and tree_path == ("embedding",) and not np.array_equal(read("lm_head.weight"), array):
                 raise CheckpointError(f"{path}: lm_head.weight differs from model.embed_tokens.weight but "
                                       "config.json ties them (tie_word_embeddings: true)")
+            _set(params, tree_path, place(tree_path, array))
     finally:
         for handle in handles.values():
             handle.__exit__(None, None, None)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig, get_preset
-from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.hf import FP32_TENSORS, load_hf_checkpoint
 
 
 def load_model(source: str, dtype: str = "float32", seed: int = 0) -> tuple[HymbaConfig, dict]:
@@ -32,7 +32,7 @@ def load_model(source: str, dtype: str = "float32", seed: int = 0) -> tuple[Hymb
         from hymba_jax.train.checkpoint import restore_params  # Orbax and the training stack, only when needed
 
         config, params = restore_params(path)
-        keep = lambda p, x: x if "A_log" in jax.tree_util.keystr(p) else x.astype(dtype)
+        keep = lambda p, x: x if p[-1].key in FP32_TENSORS else x.astype(dtype)
         params = jax.tree_util.tree_map_with_path(keep, params)
     else:
         raise FileNotFoundError(f"checkpoint {source!r} is not a directory; pass a Hugging Face checkpoint "

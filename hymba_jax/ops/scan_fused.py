@@ -1,5 +1,5 @@
-"""What the fused (Pallas) scan kernels share: the canonical layout and the custom VJP; and the tile
-form of one chunk's math, which the TPU kernel uses.
+"""What the fused (Pallas) scan kernels share: the canonical layout, the custom VJP, and the math of one
+chunk of time steps, forward and backward.
 
 Every fused kernel walks the sequence chunk by chunk (a chunk is `T` time steps unrolled in Python, so a
 chunk's loads are issued before its sequential arithmetic). The forward pass writes y and, when a backward
@@ -7,10 +7,11 @@ pass follows, the state at each chunk start; the backward pass runs the chunks i
 chunk's states from its start state, then walks the chunk backwards. softplus(dt + bias), the D skip and
 the silu(z) gate are fused in, so y and the input gradients are the only (B, L, D) tensors that move.
 
-Tile form (`forward_chunk`, `backward_chunk`; TPU): a program keeps its state as one (N, bD) fp32 tile,
-channels on the lanes, and reads a row (1, bD), a column (N, 1) and a reset flag (1, 1) of step i through
-a `ChunkIO`. The GPU kernel keeps one channel per thread instead, with its N states as separate rows
-(`scan_pallas_gpu`), because sums over a tile's state axis cross threads on a GPU.
+The math of one chunk (`forward_chunk`, `backward_chunk`) is written once, on values: a program keeps its
+state as one (N, bD) fp32 tile, channels on the fast axis, and reads a row (1, bD), a column (N, 1) and a
+reset flag (1, 1) of step i through a `ChunkIO`. The platform modules (`scan_pallas_gpu`,
+`scan_pallas_tpu`) only say how a program reads and writes those, and how the tile maps to the hardware
+(TPU: channels on the 128 lanes; GPU: one warp, one channel and its N states per thread).
 """
 
 from __future__ import annotations

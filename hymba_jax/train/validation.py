@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -27,8 +28,6 @@ def hosts_still_reading(has_batch: bool) -> bool:
     """Whether any process still has a batch (every process calls this at the same point)."""
     if jax.process_count() == 1:
         return has_batch
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(has_batch))))
 
 
@@ -37,9 +36,9 @@ def loss_sums(eval_step: Callable, params: Any, batches: Iterable[dict], batch_s
     """(sum of w * CE, sum of w) over the first `max_batches` batches (-1: all), accumulated in float64.
 
     The processes may hold different numbers of batches of a split (each reads its own documents). They
-    agree before every step whether any still has one; a process that has run out
-    joins the remaining steps with a batch of weight 0, which adds nothing, so every collective is entered
-    by every process and no document is dropped.
+    agree before every step whether any still has one; a process that has run out joins the remaining
+    steps with a batch of weight 0, which adds nothing, so every collective is entered by every process
+    and no document is dropped.
     """
     batches = iter(batches if max_batches < 0 else itertools.islice(batches, max_batches))
     total = None if max_batches < 0 else max_batches

@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--width", type=int, default=3200)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--backends", default="associative,chunked,pallas_gpu")
-    parser.add_argument("--variants", default="4:32:1,16:32:1,8:64:2,8:128:4,8:64:1,8:32:2",
+    parser.add_argument("--variants", default="2:32:1,8:32:1,4:64:2",
                         help="pallas_gpu chunk:block_d:num_warps variants to time")
     parser.add_argument("--check", action="store_true", help="compare with 'sequential' first")
     parser.add_argument("--json", default=None, help="write all results here")

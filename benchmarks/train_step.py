@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import optax
 
-from hardware import matmul_rate
+from hardware import matmul_rate, timeit
 from hymba_jax.config import HymbaConfig, hymba_1p5b, llama_style
 from hymba_jax.model.lm import HymbaForCausalLM, init_params
 from hymba_jax.train.metrics import flops_per_token
@@ -48,15 +48,6 @@ def model_config(name: str, scan: str, attention: str, remat: str) -> HymbaConfi
     if name == "llama":
         return llama_style(2048, 32, 16, 4, 5504, vocab_size=32001, **numerics)
     raise SystemExit(f"unknown model {name!r}: 'hymba' or 'llama'")
-
-
-def median_time(fn, *args, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run(spec: str, peak: float, steps: int, breakdown: bool) -> dict:
@@ -106,11 +97,10 @@ def run(spec: str, peak: float, steps: int, breakdown: bool) -> dict:
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
     if breakdown:
-        fwd = jax.jit(loss_fn)
-        result["forward_s"] = median_time(fwd, params, ids, steps=steps + 1)
-        fwd_bwd = jax.jit(jax.value_and_grad(loss_fn))
-        result["forward_backward_s"] = median_time(fwd_bwd, params, ids, steps=steps + 1)
-        cost = fwd_bwd.lower(params, ids).compile().cost_analysis()
+        for part, fn in (("forward", loss_fn), ("forward_backward", jax.value_and_grad(loss_fn))):
+            part_compiled = jax.jit(fn).lower(params, ids).compile()
+            result[f"{part}_s"] = timeit(part_compiled, params, ids, reps=1, samples=steps)
+        cost = part_compiled.cost_analysis()            # of forward+backward, the last one
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         result["xla_flops_fwd_bwd"] = float(cost.get("flops", 0.0))
         result["xla_bytes_fwd_bwd"] = float(cost.get("bytes accessed", 0.0))

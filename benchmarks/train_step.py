@@ -11,7 +11,8 @@ tokens/s / bf16 matmul rate measured in the same process, with model FLOPs per t
 (the tied embedding counted once, as the LM head) + attention: 3 (forward + backward) x 2 x heads x
 (qk_head_dim + v_head_dim) x the mean number of keys a text token attends (meta tokens + causal or
 window), summed over layers. With --breakdown, also times the forward only and forward+backward (no
-optimizer) for each run.
+optimizer) for each run; with --profile DIR, traces two steps with jax.profiler and prints where the GPU
+time goes (benchmarks/profile_summary.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from hardware import matmul_rate, timeit
+from profile_summary import print_summary, summarize
 from hymba_jax.config import HymbaConfig, hymba_1p5b, llama_style
 from hymba_jax.model.lm import HymbaForCausalLM, init_params
 from hymba_jax.train.metrics import flops_per_token
@@ -50,12 +52,15 @@ def model_config(name: str, scan: str, attention: str, remat: str) -> HymbaConfi
     raise SystemExit(f"unknown model {name!r}: 'hymba' or 'llama'")
 
 
-def run(spec: str, peak: float, steps: int, breakdown: bool) -> dict:
+def run(spec: str, peak: float, steps: int, breakdown: bool, profile_dir: str | None) -> dict:
     name, scan, attention, remat, seq, batch = spec.split(":")
     seq, batch = int(seq), int(batch)
     cfg = model_config(name, scan, attention, remat)
     model = HymbaForCausalLM(cfg)
-    params = jax.jit(functools.partial(init_params, cfg))(INIT_KEY)
+    clock = time.perf_counter()
+    log = lambda msg: print(f"{spec}: {msg} [{time.perf_counter() - clock:.0f} s]", flush=True)
+    params = jax.block_until_ready(jax.jit(functools.partial(init_params, cfg))(INIT_KEY))
+    log("initialised")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     optimizer = optax.adamw(1e-4, weight_decay=0.1)
     opt_state = jax.jit(optimizer.init)(params)
@@ -73,10 +78,13 @@ def run(spec: str, peak: float, steps: int, breakdown: bool) -> dict:
 
     result = dict(run=spec, params=n_params)
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, ids).compile()
+    lowered = step.lower(params, opt_state, ids)
+    result["lower_s"] = time.perf_counter() - start
+    log("lowered")
+    compiled = lowered.compile()
     mem = compiled.memory_analysis()
-    result["compile_s"] = time.perf_counter() - start
-    print(f"{spec}: compiled in {result['compile_s']:.0f} s", flush=True)
+    result["compile_s"] = time.perf_counter() - start - result["lower_s"]
+    log("compiled")
     result["temp_gib"] = mem.temp_size_in_bytes / 2 ** 30
     result["args_gib"] = mem.argument_size_in_bytes / 2 ** 30
     for _ in range(2):
@@ -96,6 +104,15 @@ def run(spec: str, peak: float, steps: int, breakdown: bool) -> dict:
                   attention_flops_share=1 - 6.0 * n_params / flops)
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+    log(f"timed: {step_s:.3f} s per step")
+    if profile_dir:
+        run_dir = f"{profile_dir}/{spec.replace(':', '_')}"
+        with jax.profiler.trace(run_dir, create_perfetto_trace=True):
+            for _ in range(2):
+                params, opt_state, loss = compiled(params, opt_state, ids)
+            jax.block_until_ready(loss)
+        result["profile"] = summarize(run_dir, steps=2)
+        print_summary(result["profile"], 1e3 * step_s)
     if breakdown:
         for part, fn in (("forward", loss_fn), ("forward_backward", jax.value_and_grad(loss_fn))):
             part_compiled = jax.jit(fn).lower(params, ids).compile()
@@ -112,6 +129,7 @@ def main():
     parser.add_argument("--runs", nargs="+", default=["hymba:pallas_gpu:cudnn:none:2048:8"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--profile", default=None, help="trace two steps of each run into this directory")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     peak = matmul_rate()
@@ -120,7 +138,7 @@ def main():
     results = []
     for spec in args.runs:
         try:
-            result = run(spec, peak, args.steps, args.breakdown)
+            result = run(spec, peak, args.steps, args.breakdown, args.profile)
         except Exception as e:  # noqa: BLE001 - an out-of-memory run is reported and the next one runs
             result = dict(run=spec, error=f"{type(e).__name__}: {str(e)[:400]}")
         gc.collect()

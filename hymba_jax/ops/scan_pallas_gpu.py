@@ -74,7 +74,7 @@ def _params(refs) -> Params:
     return Params(refs["A"][...], refs["D"][...], refs["bias"][...], refs["h0"][...])
 
 
-def _call(kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
+def _call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
     def body(*refs):
         kernel(dict(zip(names_in + names_out, refs)))
 
@@ -82,7 +82,7 @@ def _call(kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg
     if plgpu is not None and not cfg["interpret"]:
         params = plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=1)
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          compiler_params=params, interpret=cfg["interpret"])
+                          compiler_params=params, interpret=cfg["interpret"], name=name)
 
 
 def _inputs(c: Canon):
@@ -125,7 +125,8 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
         refs["last"][...] = jax.lax.fori_loop(0, n_chunks, body, p.h0)
 
-    outs = _call(kernel, names_in, names_out, tuple(jax.ShapeDtypeStruct(*shapes[k]) for k in names_out),
+    outs = _call("selective_scan_forward", kernel, names_in, names_out,
+                 tuple(jax.ShapeDtypeStruct(*shapes[k]) for k in names_out),
                  _in_specs(names_in, length, n, block), tuple(specs[k] for k in names_out),
                  (batch, width // block), cfg)(*operands)
     outs = dict(zip(names_out, outs))
@@ -174,8 +175,8 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         refs["dbias"][...] = acc.dbias
         refs["dh0"][...] = acc.dh0 + dh
 
-    outs = dict(zip(names_out, _call(kernel, names_in, names_out, out_shape, in_specs,
-                                     [specs[k] for k in names_out], (batch, n_blocks), cfg)(*operands)))
+    outs = dict(zip(names_out, _call("selective_scan_backward", kernel, names_in, names_out, out_shape,
+                                     in_specs, [specs[k] for k in names_out], (batch, n_blocks), cfg)(*operands)))
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
                  outs["dB"].sum(1)[..., 0].astype(c.B.dtype), outs["dC"].sum(1)[..., 0].astype(c.C.dtype),
                  None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"])

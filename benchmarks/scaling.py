@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import collections
 import json
+import re
 import statistics
 import time
 
@@ -48,6 +50,14 @@ def synthetic_batch(rows: int, seq: int, vocab: int, docs: int = 4, seed: int = 
     segments = np.repeat(np.arange(docs, dtype=np.int32), -(-seq // docs))[:seq]
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
             "segment_ids": np.broadcast_to(segments, (rows, seq)).copy(), "weights": np.ones((rows, seq), np.float32)}
+
+
+def host_init(cfg):
+    """Random parameters, made once on the host CPU and placed on each run's shardings by
+    create_train_state. XLA's GPU pipeline spends minutes on the init's one RNG expansion per tensor
+    (RunHloPasses of the 125M init: 128 s on the H200 host, docs/performance.md), its CPU compiler seconds."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return init_params(cfg, jax.random.key(0, impl="unsafe_rbg"))
 
 
 def parse_run(spec: str) -> tuple[int, dict]:
@@ -130,7 +140,10 @@ def main():
                       tokens_per_s_per_device=tokens_per_s / run["devices"],
                       mfu=flops * tokens_per_s / (peak * run["devices"]),
                       compile_s=run["compile_s"], first_loss=losses[0], last_loss=losses[-1],
-                      temp_gib=memory.temp_size_in_bytes / 2**30, argument_gib=memory.argument_size_in_bytes / 2**30)
+                      temp_gib=memory.temp_size_in_bytes / 2**30, argument_gib=memory.argument_size_in_bytes / 2**30,
+                      collectives=dict(collections.Counter(re.findall(
+                          r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
+                          run["compiled"].as_text()))))
         base = next((r for r in results if r["devices"] == 1), None)
         result["efficiency"] = (tokens_per_s / (run["devices"] * base["tokens_per_s"])) if base else None
         results.append(result)
@@ -139,8 +152,7 @@ def main():
     # The first run (the 1-GPU baseline) is compiled and timed before the others, so a run cut short
     # still reports it; the others then compile concurrently (compilation is host work).
     with concurrent.futures.ThreadPoolExecutor(len(runs) + 1) as pool:
-        # once, on the first device; an RBG key compiles about twice as fast as threefry (train_step.py)
-        init = pool.submit(init_params, cfg, jax.random.key(0, impl="unsafe_rbg"))
+        init = pool.submit(host_init, cfg)
         rest = [pool.submit(compile_one, run) for run in runs[1:]] if len(runs) > 1 else []
         compile_one(runs[0])
         params = init.result()

@@ -30,7 +30,11 @@ def libtpu_path() -> str | None:
     return None
 
 
-def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path):
+# pallas_tpu: the Mosaic scan kernel is one custom call XLA cannot partition; it compiles under fsdp x
+# tensor only because scan_fused runs it in shard_map ("Mosaic kernels cannot be automatically
+# partitioned" otherwise).
+@pytest.mark.parametrize("scan_backend", ["associative", "pallas_tpu"])
+def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend):
     site = libtpu_path()
     if site is None:
         pytest.skip(f"libtpu is absent (install it into {TPU_SITE}: see hymba_jax/aot.py)")
@@ -40,7 +44,8 @@ def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path):
     cmd = [sys.executable, "-m", "hymba_jax.aot", "--config", str(REPO / "configs" / "tiny.py"),
            "--topology", "v5p:2x2x1", "--vocab_size", "512", "--config.batch_size=8", "--config.seq_len=64",
            "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=2", "--json", *model,
-           "--config.model.num_kv_heads=2"]                                   # KV heads split over tensor=2
+           "--config.model.num_kv_heads=2",                                   # KV heads split over tensor=2
+           f"--config.model.scan_backend={scan_backend}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -17,10 +17,13 @@ reset flag (1, 1) of step i through a `ChunkIO`. The platform modules (`scan_pal
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple, Optional, Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
 
@@ -69,8 +72,36 @@ def fused_scan(kernels: Kernels, x, dt, A, B, C, D, z, dt_bias, reset, initial_s
                                      (reset, 0))
     canon = Canon(x, dt, z, B, C, reset[..., None], A.astype(f32).T, D.astype(f32)[None],
                   bias[None], h0)
-    y, last = _fused(kernels, canon)
+    y, last = _per_device(functools.partial(_fused, kernels), canon)
     return y[:, :length], jnp.swapaxes(last, 1, 2)
+
+
+def _mesh_axes(logical: str, size: int, mesh) -> Optional[str | tuple[str, ...]]:
+    """The mesh axes the sharding rules give a logical axis, or None if they do not divide `size`."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+    ways = math.prod(mesh.shape[a] for a in names)
+    return axes if names and size % ways == 0 else None
+
+
+def _per_device(fn: Callable, c: Canon):
+    """Run the kernels on each device's block of rows and channels.
+
+    A Pallas kernel is one custom call that XLA cannot split, so under a multi-device mesh (inside
+    `parallel.sharding_context`) the compiler would gather the whole batch onto every device and run the
+    scan there in full. The scan is independent across rows and channels: shard_map runs it on the local
+    block, rows split as the rules split 'batch' and channels as they split 'inner' (tensor parallelism).
+    Outside a mesh, or on one device, fn runs as it is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(c)
+    rows = _mesh_axes("batch", c.x.shape[0], mesh)
+    chans = _mesh_axes("inner", c.x.shape[2], mesh)
+    big, col, chan = PartitionSpec(rows, None, chans), PartitionSpec(rows, None, None), PartitionSpec(None, chans)
+    specs = Canon(x=big, dt=big, z=None if c.z is None else big, B=col, C=col, reset=col, A=chan, D=chan,
+                  bias=chan, h0=big)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=(big, big), check_vma=False)(c)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

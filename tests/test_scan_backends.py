@@ -93,6 +93,28 @@ def test_matches_sequential(reference, backend, dtype, h0_batch, tol):
         assert rel(g, ref_g) < (5e-6 if g.dtype == jnp.float32 else tol), name
 
 
+def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):
+    """block_d=None: training kernels of a grid under SMALL_GRID programs use 16 channels per program
+    (H200: faster at 4 x 4096, slower at 8 x 2048), the forward alone keeps 32; both paths still equal the
+    reference, and the forward's chunk-start states are read correctly by a backward of other blocks."""
+    pick = lambda batch, width, training: scan_pallas_gpu._block(dict(block_d=None), batch, width, training)
+    assert pick(4, 3200, True) == 16 and pick(8, 3200, True) == 32 and pick(4, 3200, False) == 32
+    assert scan_pallas_gpu._block(dict(block_d=8), 4, 3200, True) == 8         # an explicit size is kept
+    width = 64                                                                  # 2 x 2 programs: small
+    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, interpret=True)
+    inputs, reset = make_inputs(2, jnp.float32, BATCH)
+    x, dt, A, B, C, D, z, bias, h0 = inputs
+    wide = lambda t: jnp.tile(t, (1,) * (t.ndim - 1) + (width // WIDTH,))
+    inputs = (wide(x), wide(dt), jnp.tile(A, (width // WIDTH, 1)), B, C, wide(D), wide(z), wide(bias),
+              jnp.tile(h0, (1, width // WIDTH, 1)))
+    grads, (y, last) = value_and_grads(fn)(inputs, reset)
+    ref_grads, (ref_y, ref_last) = value_and_grads(sequential)(inputs, reset)
+    y_alone, _ = jax.jit(fn)(*inputs[:8], reset, inputs[8])                    # forward only: 32 channels
+    assert rel(y, ref_y) < 5e-6 and rel(y_alone, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
+    for name, g, ref_g in zip(NAMES, grads, ref_grads):
+        assert rel(g, ref_g) < 5e-6, name
+
+
 def test_resets_restart_from_initial_state():
     """A document after a reset gives what it gives alone from the initial state (every backend)."""
     inputs, _ = make_inputs(1, jnp.float32, BATCH)

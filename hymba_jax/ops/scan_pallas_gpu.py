@@ -5,7 +5,8 @@ over chunks of `chunk` time steps. With one warp and bD = 32 (the defaults) Trit
 channel and its N states, so the recurrence and the sums over the state axis (y; the x and dt gradients)
 never leave the thread, and the backward's sums over channels (dB, dC) are warp shuffles: no shared memory
 and no barrier in the per-step path. More warps per program spread a tile's states across warps, and every
-step then pays cross-warp sums (measured in docs/performance.md). Rows are read straight from global
+step then pays cross-warp sums (measured in docs/performance.md). For small grids the training kernels
+take 16 channels per program, two threads per channel (`_block`). Rows are read straight from global
 memory at (t, channel block), so nothing but y (forward) and the input gradients (backward) crosses memory
 at (B, L, D) size; the forward writes the state once per chunk, and only when a backward pass follows. dB
 and dC are summed over channel blocks outside the kernel (one (B, L, N) partial per block).
@@ -33,6 +34,11 @@ CHUNK = 4              # H200, 8 x 2048 x 3200: fastest forward+backward (docs/p
 INFERENCE_CHUNK = 8    # fastest forward alone (1.25 ms against 1.60 at 4)
 BLOCK_D = 32
 NUM_WARPS = 1
+# The kernels are bound by parallelism: below SMALL_GRID programs of BLOCK_D channels, the training
+# kernels split each channel's states over two threads (16-channel programs, twice the programs). H200,
+# forward+backward: 4 x 4096 x 3200 (400 programs) 9.27 ms against 11.96; 8 x 2048 (800) 8.74 against 6.62.
+SMALL_GRID = 512
+SMALL_GRID_BLOCK_D = 16
 
 
 class _IO:
@@ -99,12 +105,22 @@ def _in_specs(names, length, n, block):
     return [kinds[k] for k in names]
 
 
+def _block(cfg, batch: int, width: int, training: bool) -> int:
+    """Channels per program: cfg's block_d, or when it is None BLOCK_D (SMALL_GRID_BLOCK_D for the training
+    kernels of a grid under SMALL_GRID programs). The forward's chunk-start states do not depend on it."""
+    largest = cfg["block_d"]
+    if largest is None:
+        small = training and batch * (width // BLOCK_D) < SMALL_GRID
+        largest = SMALL_GRID_BLOCK_D if small else BLOCK_D
+    return channel_block(width, largest)
+
+
 def _forward(c: Canon, keep_starts: bool, cfg):
     batch, length, width = c.x.shape
     n = c.A.shape[0]
     # Without a backward pass there are no chunk-start states to keep, so the loop can unroll further.
     chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
-    block = channel_block(width, cfg["block_d"])
+    block = _block(cfg, batch, width, training=keep_starts)
     n_chunks = length // chunk
     has_z = c.z is not None
     names_in, operands = _inputs(c)
@@ -136,7 +152,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 def _backward(c: Canon, starts, dy, dlast, cfg):
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    chunk, block = cfg["chunk"], _block(cfg, batch, width, training=True)
     n_chunks, n_blocks = length // chunk, width // block
     has_z = c.z is not None
     names_in, operands = _inputs(c)
@@ -207,10 +223,11 @@ def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(chunk: int = CHUNK, block_d: int = BLOCK_D, num_warps: int = NUM_WARPS,
+def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
-    inference_chunk: the forward's unroll when no backward follows. Both powers of two."""
+    inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
+    per program, or None to pick by grid size (`_block`)."""
     for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")

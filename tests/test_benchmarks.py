@@ -1,0 +1,57 @@
+"""Benchmark helpers that turn raw measurements into the numbers docs/performance.md reports."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import profile_summary  # noqa: E402
+
+
+def write_trace(directory: Path, events: list[dict]) -> None:
+    run = directory / "plugins" / "profile" / "2026_11_30"
+    run.mkdir(parents=True)
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 1, "args": {"name": "python"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #7(compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "XLA Ops"}},
+    ]
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+
+
+def kernel(name: str, dur: float, tid: int = 7, pid: int = 2) -> dict:
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name}
+
+
+def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
+    """Two steps: only the GPU stream rows count (the 'XLA Ops' row and host rows repeat or are not GPU
+    work), per step, grouped by the kernel-name rules."""
+    write_trace(tmp_path, [
+        kernel("selective_scan_backward", 300.0), kernel("selective_scan_forward__1", 100.0),
+        kernel("nvjet_sm90_tst_192x192_64x3_1x1_h_bz_coopB_NTN", 200.0),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", 120.0),
+        kernel("loop_multiply_fusion_63", 40.0), kernel("input_reduce_fusion_2", 20.0),
+        kernel("copy_fusion_1", 10.0), kernel("ncclDevKernel_AllReduce_Sum_f32", 10.0),
+        kernel("fusion.123", 9999.0, tid=8),                # the XLA Ops row: not counted again
+        kernel("$train_step.py:80 run", 9999.0, pid=1, tid=1),
+    ])
+    summary = profile_summary.summarize(str(tmp_path), steps=2)
+    assert summary["kernels_per_step"] == 4
+    assert summary["busy_ms"] == pytest.approx(0.4)
+    assert summary["categories_ms"] == pytest.approx({
+        "scan (pallas_gpu)": 0.2, "matmul": 0.1, "attention (cuDNN)": 0.06, "elementwise fusion": 0.02,
+        "reduction fusion": 0.01, "copy / transpose": 0.005, "collective": 0.005})
+    assert summary["top_kernels_ms"][0] == ("selective_scan_backward", pytest.approx(0.15))
+
+
+def test_profile_summary_names_a_missing_trace(tmp_path):
+    with pytest.raises(SystemExit, match="no perfetto_trace.json.gz"):
+        profile_summary.summarize(str(tmp_path), steps=1)

@@ -52,14 +52,6 @@ def synthetic_batch(rows: int, seq: int, vocab: int, docs: int = 4, seed: int = 
             "segment_ids": np.broadcast_to(segments, (rows, seq)).copy(), "weights": np.ones((rows, seq), np.float32)}
 
 
-def host_init(cfg):
-    """Random parameters, made once on the host CPU and placed on each run's shardings by
-    create_train_state. XLA's GPU pipeline spends minutes on the init's one RNG expansion per tensor
-    (RunHloPasses of the 125M init: 128 s on the H200 host, docs/performance.md), its CPU compiler seconds."""
-    with jax.default_device(jax.devices("cpu")[0]):
-        return init_params(cfg, jax.random.key(0, impl="unsafe_rbg"))
-
-
 def parse_run(spec: str) -> tuple[int, dict]:
     devices, mesh = spec.split(":")
     shape = {axis: int(size) for axis, size in (part.split("=") for part in mesh.split(","))}
@@ -152,7 +144,7 @@ def main():
     # The first run (the 1-GPU baseline) is compiled and timed before the others, so a run cut short
     # still reports it; the others then compile concurrently (compilation is host work).
     with concurrent.futures.ThreadPoolExecutor(len(runs) + 1) as pool:
-        init = pool.submit(host_init, cfg)
+        init = pool.submit(init_params, cfg, jax.random.key(0, impl="unsafe_rbg"))   # layer by layer
         rest = [pool.submit(compile_one, run) for run in runs[1:]] if len(runs) > 1 else []
         compile_one(runs[0])
         params = init.result()

@@ -59,7 +59,7 @@ def run(spec: str, peak: float, steps: int, breakdown: bool, profile_dir: str | 
     model = HymbaForCausalLM(cfg)
     clock = time.perf_counter()
     log = lambda msg: print(f"{spec}: {msg} [{time.perf_counter() - clock:.0f} s]", flush=True)
-    params = jax.block_until_ready(jax.jit(functools.partial(init_params, cfg))(INIT_KEY))
+    params = jax.block_until_ready(init_params(cfg, INIT_KEY))
     log("initialised")
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     optimizer = optax.adamw(1e-4, weight_decay=0.1)

@@ -153,10 +153,52 @@ class HymbaForCausalLM(nn.Module):
         return jnp.concatenate([jnp.broadcast_to(xm, (x.shape[0],) + xm.shape[1:]), x], axis=1)
 
 
-def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8) -> dict:
-    """Randomly initialised parameters (plain arrays, logical-axis boxes removed)."""
-    ids = jnp.zeros((1, length), jnp.int32)
-    return nn.meta.unbox(jax.jit(HymbaForCausalLM(config).init)(rng, ids)["params"])
+def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8, shardings: Optional[dict] = None) -> dict:
+    """Randomly initialised parameters (plain arrays, logical-axis boxes removed), made layer by layer.
+
+    Compiling the whole model's `init` means one RNG expansion per tensor of every layer (the 1.5B: 4,270
+    fusions; XLA's GPU passes spent about 4 minutes on them on the H200 host, docs/performance.md). All
+    layers of one kind (KV owner or KV consumer) have the same parameters, so one compiled initialiser per
+    kind makes every layer of that kind, from the layer's own key (`fold_in(rng, index)`); the rest
+    (embedding, meta tokens, final norm, LM head) is one more small program. Each parameter has the
+    distribution `HymbaForCausalLM.init` gives it (the modules' own initialisers); the random streams differ.
+
+    shardings: the parameter tree's NamedShardings (e.g. `train.state.param_shardings`): every array is
+    created on its devices, so no device holds more than its shard. None: default placement.
+    """
+    cfg = config
+    model = HymbaForCausalLM(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.zeros((1, length, cfg.hidden_size), dtype)
+    index = jnp.arange(length)[None]
+    mask = attention_mask(index, index, window=None)
+    kv = KV(jnp.zeros((1, length, cfg.num_kv_heads, cfg.qk_head_dim), dtype),
+            jnp.zeros((1, length, cfg.num_kv_heads, cfg.v_head_dim), dtype))
+    placed = lambda name: None if shardings is None else shardings[name]
+    shared_rng, layer_rng = jax.random.split(rng)
+
+    def init_shared(key):
+        touch_all = lambda m, h: m.logits(m.final_norm(h))        # setup() makes the top-level parameters
+        return nn.meta.unbox(model.init(key, x, method=touch_all)["params"])
+
+    names = jax.eval_shape(init_shared, shared_rng).keys()
+    shared_shardings = None if shardings is None else {k: shardings[k] for k in names}
+    params = dict(jax.jit(init_shared, out_shardings=shared_shardings)(shared_rng))
+
+    kinds: dict[bool, list[int]] = {}
+    for i in range(cfg.num_layers):
+        kinds.setdefault(cfg.has_attention and not cfg.owns_kv(i), []).append(i)
+    for consumer, layers in kinds.items():
+        layer = HymbaLayer(cfg, layers[0])
+
+        def init_layer(key, layer=layer, consumer=consumer):
+            variables = layer.init(key, x, index, mask, None, None, kv if consumer else None)
+            return nn.meta.unbox(variables["params"])
+
+        make = jax.jit(init_layer, out_shardings=placed(f"layers_{layers[0]}"))
+        for i in layers:
+            params[f"layers_{i}"] = make(jax.random.fold_in(layer_rng, i))
+    return params
 
 
 def param_shapes(config: HymbaConfig) -> dict:

@@ -3,8 +3,8 @@
 Shardings come from the model's logical axis names: `jax.eval_shape` of the model's init gives boxed
 (nn.Partitioned) shapes, `nn.get_partition_spec` + `nn.logical_to_mesh_sharding` turn them into
 NamedShardings, and the optimizer state mirrors the parameters' shardings through
-`optax.tree_map_params`. `jax.jit(init, out_shardings=...)` then creates every array on its devices:
-no device ever holds the whole model unless the mesh says so.
+`optax.tree_map_params`. `init_params(..., shardings=)` and `jax.jit(..., out_shardings=...)` then create
+every array on its devices: no device ever holds the whole model unless the mesh says so.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def create_train_state(model_config: HymbaConfig, tx: optax.GradientTransformati
     def from_params(p):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
-    if params is None:
-        init = lambda r: from_params(init_params(model_config, r))
-        return jax.jit(init, out_shardings=shardings)(rng), shardings
+    if params is None:       # made on their shardings, layer by layer; handed over to the state
+        params = init_params(model_config, rng, shardings=shardings.params)
+        return jax.jit(from_params, out_shardings=shardings, donate_argnums=0)(params), shardings
     params = jax.device_put(params, shardings.params)
     return jax.jit(from_params, out_shardings=shardings)(params), shardings

@@ -35,10 +35,9 @@ from hymba_jax.model.lm import HymbaForCausalLM, init_params
 from hymba_jax.train.metrics import flops_per_token
 
 
-# The initial parameters come from an 'unsafe_rbg' key: with the default threefry key, compiling the
-# initialisation of the 1.5B (one RNG expansion per tensor) took longer than the step itself on the H200
-# host (eval_suite's preset load: 152 s); XLA's RngBitGenerator compiles in about half the time (CPU: 42 s
-# -> 24 s). The values are as random; only their stream differs.
+# The initial parameters come from an 'unsafe_rbg' key, whose RngBitGenerator XLA compiles faster than
+# threefry's expansion (benchmarks/init.py; on the GPU the init's compile, not its run, is what costs).
+# The values are as random; only their stream differs.
 INIT_KEY = jax.random.key(0, impl="unsafe_rbg")
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import collections
 import json
-import re
 import statistics
 import time
 
@@ -30,7 +28,7 @@ import numpy as np
 from hardware import matmul_rate
 from hymba_jax.config import get_preset
 from hymba_jax.model.lm import init_params
-from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, collective_operands, make_mesh
 from hymba_jax.train.metrics import flops_per_token
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import create_train_state, state_shardings
@@ -133,9 +131,8 @@ def main():
                       mfu=flops * tokens_per_s / (peak * run["devices"]),
                       compile_s=run["compile_s"], first_loss=losses[0], last_loss=losses[-1],
                       temp_gib=memory.temp_size_in_bytes / 2**30, argument_gib=memory.argument_size_in_bytes / 2**30,
-                      collectives=dict(collections.Counter(re.findall(
-                          r" (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
-                          run["compiled"].as_text()))))
+                      collectives={op: len(shapes) for op, shapes in
+                                   collective_operands(run["compiled"].as_text()).items()})
         base = next((r for r in results if r["devices"] == 1), None)
         result["efficiency"] = (tokens_per_s / (run["devices"] * base["tokens_per_s"])) if base else None
         results.append(result)

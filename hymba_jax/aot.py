@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import sys
 from typing import Optional
 
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from hymba_jax.parallel import batch_sharding, make_mesh
+from hymba_jax.parallel import batch_sharding, collective_operands, make_mesh
 from hymba_jax.train.config import model_config, validate_config
 from hymba_jax.train.metrics import flops_per_token
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
@@ -36,9 +35,6 @@ from hymba_jax.train.step import BATCH_KEYS, make_train_step
 
 # HBM per chip (bytes), by the topology name's generation prefix.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
-# Collective ops as XLA names them in the compiled module. The TPU compiler turns some into fused
-# computations (reduce-scatters, and gathers it overlaps with matmuls), which are not counted.
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DEFAULT_VOCAB = 32001   # the paper's Llama-2 tokenizer (+1), used when the config leaves model.vocab_size unset
 
 
@@ -83,18 +79,6 @@ class AotReport:
             f"  FLOPs/step   {self.flops:.3e} (XLA), {self.model_flops:.3e} (model formula)",
             "  collectives  " + ", ".join(f"{k} {v}" for k, v in self.collectives.items() if v),
         ])
-
-
-def collective_operands(hlo: str) -> dict[str, list[str]]:
-    """The operand shapes of every collective in a compiled HLO module, by op ('f32[8,32,32]', ...).
-
-    Counting operands, not ops, keeps the numbers independent of XLA combining several collectives into
-    one tuple-shaped op."""
-    out = {}
-    for op in COLLECTIVES:
-        results = re.findall(rf"= (\([^)]*\)|\S+) {op}(?:-start)?\(", hlo)
-        out[op] = [shape for r in results for shape in re.findall(r"\w+\[[\d,]*\]", r)]
-    return out
 
 
 def tpu_devices(topology: str, num_slices: int = 1) -> list:

@@ -15,6 +15,7 @@ The batch is split over (data, fsdp). The API:
     sharding = batch_sharding(mesh, rules)                           # for (batch, length) arrays
     batch = shard_batch(host_batch, sharding)                        # process-local numpy -> global
     with sharding_context(mesh, rules): ...                          # activation constraints apply
+    collective_operands(compiled.as_text())                          # what a compiled step communicates
 
 The same code runs on one CPU, on simulated CPU devices and on many hosts: every host passes only its
 own rows to `shard_batch`, and nothing copies full parameters through a host.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -47,6 +49,10 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 AxisRules = Sequence[tuple[str, Any]]
+
+# Collective ops as XLA names them in the compiled module. The TPU compiler turns some into fused
+# computations (reduce-scatters, and gathers it overlaps with matmuls), which are not counted.
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 class MeshError(ValueError):
@@ -123,6 +129,11 @@ def batch_sharding(mesh: Mesh, rules: AxisRules) -> NamedSharding:
     return nn.logical_to_mesh_sharding(PartitionSpec("batch", "length"), mesh, [tuple(r) for r in rules])
 
 
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name or a tuple of names), as a tuple."""
+    return entry if isinstance(entry, tuple) else (() if entry is None else (entry,))
+
+
 def check_divisible(shapes: Any, shardings: Any) -> None:
     """Raises MeshError naming the first array whose sharded dimension does not split evenly.
 
@@ -130,7 +141,7 @@ def check_divisible(shapes: Any, shardings: Any) -> None:
     """
     for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(shardings)):
         for dim, (size, axes) in enumerate(zip(shape.shape, sharding.spec)):
-            axes = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+            axes = spec_axes(axes)
             ways = math.prod(sharding.mesh.shape[a] for a in axes)
             if size % ways:
                 raise MeshError(
@@ -149,9 +160,7 @@ def sharding_context(mesh: Mesh, rules: AxisRules) -> Iterator[None]:
 
 def data_parallel_size(mesh: Mesh, rules: AxisRules) -> int:
     """How many ways the batch is split (the global batch must be a multiple of it)."""
-    spec = batch_sharding(mesh, rules).spec[0]
-    axes = spec if isinstance(spec, tuple) else (() if spec is None else (spec,))
-    return math.prod(mesh.shape[a] for a in axes)
+    return math.prod(mesh.shape[a] for a in spec_axes(batch_sharding(mesh, rules).spec[0]))
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -161,4 +170,16 @@ def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dic
         local = np.asarray(local)
         global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
         out[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+    return out
+
+
+def collective_operands(hlo: str) -> dict[str, list[str]]:
+    """The operand shapes of every collective in a compiled HLO module, by op ('f32[8,32,32]', ...).
+
+    Counting operands, not ops, keeps the numbers independent of XLA combining several collectives into
+    one tuple-shaped op."""
+    out = {}
+    for op in COLLECTIVES:
+        results = re.findall(rf"= (\([^)]*\)|\S+) {op}(?:-start)?\(", hlo)
+        out[op] = [shape for r in results for shape in re.findall(r"\w+\[[\d,]*\]", r)]
     return out

@@ -19,9 +19,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from hymba_jax.aot import collective_operands
 from hymba_jax.data import Tokenizer, make_dataset
-from hymba_jax.parallel import batch_sharding, make_mesh, shard_batch
+from hymba_jax.parallel import batch_sharding, collective_operands, make_mesh, shard_batch
 from hymba_jax.train.checkpoint import Checkpointer
 from hymba_jax.train.config import model_config
 from hymba_jax.train.optimizer import make_optimizer, make_schedule

@@ -174,15 +174,14 @@ def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8, shardings:
     mask = attention_mask(index, index, window=None)
     kv = KV(jnp.zeros((1, length, cfg.num_kv_heads, cfg.qk_head_dim), dtype),
             jnp.zeros((1, length, cfg.num_kv_heads, cfg.v_head_dim), dtype))
-    placed = lambda name: None if shardings is None else shardings[name]
     shared_rng, layer_rng = jax.random.split(rng)
 
     def init_shared(key):
         touch_all = lambda m, h: m.logits(m.final_norm(h))        # setup() makes the top-level parameters
         return nn.meta.unbox(model.init(key, x, method=touch_all)["params"])
 
-    names = jax.eval_shape(init_shared, shared_rng).keys()
-    shared_shardings = None if shardings is None else {k: shardings[k] for k in names}
+    shared_shardings = None if shardings is None else {
+        k: v for k, v in shardings.items() if not k.startswith("layers_")}
     params = dict(jax.jit(init_shared, out_shardings=shared_shardings)(shared_rng))
 
     kinds: dict[bool, list[int]] = {}
@@ -195,7 +194,7 @@ def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8, shardings:
             variables = layer.init(key, x, index, mask, None, None, kv if consumer else None)
             return nn.meta.unbox(variables["params"])
 
-        make = jax.jit(init_layer, out_shardings=placed(f"layers_{layers[0]}"))
+        make = jax.jit(init_layer, out_shardings=None if shardings is None else shardings[f"layers_{layers[0]}"])
         for i in layers:
             params[f"layers_{i}"] = make(jax.random.fold_in(layer_rng, i))
     return params

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
+from hymba_jax.parallel import spec_axes
 
 Array = jax.Array
 
@@ -79,7 +80,7 @@ def fused_scan(kernels: Kernels, x, dt, A, B, C, D, z, dt_bias, reset, initial_s
 def _mesh_axes(logical: str, size: int, mesh) -> Optional[str | tuple[str, ...]]:
     """The mesh axes the sharding rules give a logical axis, or None if they do not divide `size`."""
     axes = nn.logical_to_mesh_axes((logical,))[0]
-    names = axes if isinstance(axes, tuple) else (() if axes is None else (axes,))
+    names = spec_axes(axes)
     ways = math.prod(mesh.shape[a] for a in names)
     return axes if names and size % ways == 0 else None
 

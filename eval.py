@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,9 +26,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from hymba_jax import compilation_cache
 from hymba_jax.config import HymbaConfig
 from hymba_jax.data import default_data_config, load_tokenizer
 from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.ops.auto import describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
 from hymba_jax.train import validation
 from hymba_jax.train.checkpoint import read_workdir_config, restore_params
@@ -46,13 +49,14 @@ def eval_config() -> ml_collections.ConfigDict:
     c.seq_len = 0             # 0: the training config's (workdir) or 2048
     c.max_batches = 0         # 0: the training config's eval_batches (workdir) or -1; -1: all batches
     c.dtype = ""              # compute dtype; '': as trained (workdir) or float32
-    c.scan_backend = ""       # '': as trained / the checkpoint's; e.g. pallas_gpu on a GPU (docs/performance.md)
-    c.attention_backend = ""  # '': as trained; 'cudnn' for the fused GPU kernel
+    c.scan_backend = ""       # '': as trained / the checkpoint's ('auto': this platform's fastest)
+    c.attention_backend = ""  # '': as trained / the checkpoint's; e.g. 'xla' for the reference
     c.output = ""             # JSON result path; '': <workdir>/eval_<task>.json (nothing for HF)
     c.tasks = ""              # task=benchmarks: comma-separated harness-format tasks ('' = the paper's suite)
     c.task_data_dir = ""      # task=benchmarks: folder of <task>.jsonl ('' = Hugging Face datasets cache)
     c.limit = 0               # task=benchmarks: first N documents per task (0 = all)
     c.data = default_data_config()   # the data settings for an HF checkpoint (a workdir brings its own)
+    c.compilation_cache_dir = compilation_cache.DEFAULT_DIR   # compiled programs kept across runs; '' = off
     return c
 
 
@@ -160,7 +164,11 @@ def main(argv):
     config = _CONFIG.value
     if config.task not in TASKS:
         raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
+    cache_dir = compilation_cache.enable(config.compilation_cache_dir)
     model = load_model(config)
+    if jax.process_index() == 0:
+        print(f"{describe_kernels(resolve_kernels(model.config), model.config)}; compilation cache "
+              f"{cache_dir or 'off'}", file=sys.stderr)
     result = {"task": config.task, "source": config.workdir or config.hf_checkpoint,
               **TASKS[config.task](config, model)}
     output: Optional[str] = config.output or (

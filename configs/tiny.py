@@ -15,8 +15,6 @@ def get_config():
         d_inner=256, intermediate_size=384, d_state=8, dt_rank=8, num_meta_tokens=8, sliding_window=64,
         global_layers=(0, 3), kv_reuse_groups=((1, 2),), rope_type="default",
         max_position_embeddings=1024, dtype="float32", param_dtype="float32",
-        # On CPU the sequential lax.scan costs about half the associative scan's time at this size.
-        scan_backend="sequential",
     )
     c.data.vocab_size = 2048
     c.seq_len = 128

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hymba_jax.ops.auto import resolve_kernels
 from hymba_jax.parallel import batch_sharding, collective_operands, make_mesh
 from hymba_jax.train.config import model_config, validate_config
 from hymba_jax.train.metrics import flops_per_token
@@ -101,7 +102,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
 
     validate_config(config)
     mesh = make_mesh(dict(config.mesh), devices=devices, dcn_shape=dict(config.dcn_mesh))
-    cfg = model_config(config, config.model.vocab_size or vocab_size)
+    cfg = resolve_kernels(model_config(config, config.model.vocab_size or vocab_size), devices[0].platform)
     rules = config.axis_rules
     tx = make_optimizer(config)
     shardings = state_shardings(cfg, tx, mesh, rules)

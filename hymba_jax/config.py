@@ -66,9 +66,10 @@ class HymbaConfig:
     # Numerics and kernels (not part of the released config.json).
     dtype: str = "float32"          # compute dtype: activations and matmul inputs
     param_dtype: str = "float32"    # parameter storage
-    scan_backend: str = "associative"
-    attention_backend: str = "xla"  # "xla" (reference) | "cudnn" (hymba_jax.ops.attention)
-    remat: str = "none"             # "none" | "full" | "dots": rematerialisation of each layer
+    scan_backend: str = "auto"       # "auto": the platform's fastest (hymba_jax.ops.auto), or a backend name
+    attention_backend: str = "auto"  # "auto" | "xla" (reference) | "cudnn" (hymba_jax.ops.attention)
+    remat: str = "none"              # "none" | "full" | "dots": rematerialisation of each layer
+    scan_layers: bool = True         # compile each repeated run of layers once (hymba_jax.model.lm)
 
     def __post_init__(self):
         self.validate()
@@ -170,8 +171,11 @@ class HymbaConfig:
              f"must be one of float32, bfloat16, float16, float64, got {self.dtype!r}")
         need(self.param_dtype in ("float32", "bfloat16", "float64"), "param_dtype",
              f"must be one of float32, bfloat16, float64, got {self.param_dtype!r}")
-        need(self.attention_backend in ("xla", "cudnn"), "attention_backend",
-             f"must be 'xla' or 'cudnn', got {self.attention_backend!r}")
+        from hymba_jax.ops.auto import check_backend_names   # the kernel registries import jax
+
+        bad_backend = check_backend_names(self.scan_backend, self.attention_backend)
+        if bad_backend:
+            raise ConfigError(f"HymbaConfig.{bad_backend}")
         need(self.remat in ("none", "full", "dots"), "remat",
              f"must be 'none', 'full' or 'dots', got {self.remat!r}")
 

@@ -142,3 +142,48 @@ def test_init_params_layer_by_layer_matches_model_init(kind):
             assert abs(got.std() / want.std() - 1) < 0.1, name
     assert not np.allclose(params["layers_1"]["mlp"]["up_proj"]["kernel"],
                            params["layers_3"]["mlp"]["up_proj"]["kernel"])
+
+
+def test_layer_runs_group_repeated_units():
+    from hymba_jax.config import hymba_1p5b, hymba_tiny
+    from hymba_jax.model.lm import layer_runs
+
+    runs = layer_runs(hymba_1p5b())
+    assert [(len(run), run[0]) for run in runs] == [(1, (0,)), (7, (1, 2)), (1, (15,)), (1, (16, 17, 18)),
+                                                    (6, (19, 20)), (1, (31,))]
+    assert sum(len(unit) for run in runs for unit in run) == 32
+    assert [len(run) for run in layer_runs(llama_style(64, 5, 4, 2, 128))] == [5]
+    assert layer_runs(hymba_tiny(kv_reuse_groups=((1, 4),))) is None    # a consumer apart from its owner
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_the_layer_loop(remat):
+    """`scan_layers` (runs of repeated units as one lax.scan) against the plain loop over layers: logits,
+    every hidden state and every parameter gradient, float64, packed documents, runs of two units."""
+    from hymba_jax.config import paper_size
+    from hymba_jax.model.lm import layer_runs
+
+    with jax.enable_x64(True):
+        config = paper_size(32, 12, 2, 1, 48, vocab_size=61, num_meta_tokens=3, sliding_window=6, d_state=4,
+                            dt_rank=4, max_position_embeddings=64, orig_max_position_embeddings=16,
+                            dtype="float64", param_dtype="float64", remat=remat, scan_backend="sequential")
+        assert [len(run) for run in layer_runs(config)] == [1, 2, 1, 2, 1, 1]
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), random_params(config))
+        ids = jax.random.randint(jax.random.key(1), (2, 14), 0, config.vocab_size)
+        segments = jnp.array([[1] * 5 + [2] * 9, [1] * 14])
+        weights = jnp.cos(jnp.arange(config.vocab_size))
+
+        def loss(p, scan):
+            model = HymbaForCausalLM(config.replace(scan_layers=scan))
+            logits, hidden = model.apply({"params": p}, ids, segment_ids=segments, return_hidden_states=True)
+            return jnp.sum(logits * weights), (logits, hidden)
+
+        grad = lambda scan: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, scan)
+        (_, (logits, hidden)), grads = grad(True)
+        (_, (logits_ref, hidden_ref)), grads_ref = grad(False)
+        np.testing.assert_allclose(logits, logits_ref, rtol=1e-12, atol=1e-12)
+        assert len(hidden) == len(hidden_ref) == config.num_layers + 1
+        for h, h_ref in zip(hidden, hidden_ref):
+            np.testing.assert_allclose(h, h_ref, rtol=1e-12, atol=1e-12)
+        jax.tree.map(lambda g, g_ref: np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12),
+                     grads, grads_ref)

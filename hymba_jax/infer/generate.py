@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from hymba_jax import compilation_cache
 from hymba_jax.infer.engine import Generator
 from hymba_jax.infer.sampling import Sampling
 from hymba_jax.loading import load_model
@@ -77,9 +78,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and compute")
     p.add_argument("--max_len", type=int, default=None, help="cache length (default: prompt + new, rounded up)")
     p.add_argument("--prefill_chunk", type=int, default=512, help="prompt positions per prefill call")
+    p.add_argument("--compilation_cache_dir", default=compilation_cache.DEFAULT_DIR,
+                   help="compiled programs kept across runs ('' = off)")
     args = p.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_ids):
         p.error("give text prompts (--prompt) or token ids (--prompt_ids), not both and not neither")
+    compilation_cache.enable(args.compilation_cache_dir)
 
     config, params = load_model(args.checkpoint, args.dtype)
     tokenizer = _tokenizer(args.tokenizer, args.checkpoint) if args.prompt else None

@@ -13,6 +13,7 @@ from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
 from hymba_jax.ops.attention import fused_attention
+from hymba_jax.ops.auto import attention_backend
 
 
 class KV(NamedTuple):
@@ -105,8 +106,9 @@ class AttentionBranch(nn.Module):
             kv = KV(apply_rope(k, positions, base), v)
         else:
             kv = shared_kv
-        if cfg.attention_backend == "xla":
+        backend = attention_backend(cfg.attention_backend, cfg.dtype)
+        if backend == "xla":
             out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
         else:
-            out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=cfg.attention_backend)
+            out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=backend)
         return out.reshape(out.shape[:2] + (-1,)), kv

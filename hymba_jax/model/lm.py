@@ -9,6 +9,7 @@ document restarts its positions, attention, conv and SSM from the meta tokens' s
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -89,7 +90,7 @@ class HymbaForCausalLM(nn.Module):
         if meta_len:
             xm, meta_states, meta_hidden = self.meta_pass(collect_hidden=return_hidden_states)
         x, _, hidden = self.run_layers(x, positions, text_masks, doc_pos, meta_states,
-                                       collect_hidden=return_hidden_states)
+                                       collect_hidden=return_hidden_states, scan=cfg.scan_layers)
         x = self.final_norm(x)
         logits = self.logits(x)
         if not return_hidden_states:
@@ -112,11 +113,12 @@ class HymbaForCausalLM(nn.Module):
         meta_index = jnp.arange(meta_len)[None]
         mask = attention_mask(meta_index, meta_index, window=None)  # M <= any window: both kinds see all
         xm = self.meta_tokens[None].astype(jnp.dtype(self.config.dtype))
-        return self.run_layers(xm, meta_index, {True: mask, False: mask}, collect_hidden=collect_hidden)
+        return self.run_layers(xm, meta_index, {True: mask, False: mask}, collect_hidden=collect_hidden,
+                               scan=self.config.scan_layers)
 
     def run_layers(self, x: jax.Array, positions: jax.Array, masks: dict[bool, jax.Array],
                    doc_pos: Optional[jax.Array] = None, prefix: Optional[Sequence[LayerState]] = None,
-                   lengths: Optional[jax.Array] = None, collect_hidden: bool = False
+                   lengths: Optional[jax.Array] = None, collect_hidden: bool = False, scan: bool = False
                    ) -> tuple[jax.Array, tuple[LayerState, ...], list[jax.Array]]:
         """The layer stack on x (B, T, d) (before the final norm).
 
@@ -126,8 +128,15 @@ class HymbaForCausalLM(nn.Module):
         producer's), or None; lengths (B,) or None: positions at or after lengths[b] are padding and leave
         the SSM state unchanged. Returns (x, the per-layer state after x: K/V of this pass for owners,
         None for consumers; the inputs of every layer if collect_hidden).
+
+        scan: run each run of repeated layer units as one `lax.scan` (see `layer_runs`), so XLA compiles
+        one unit per run instead of every layer. The result is the same; the parameters of a run are
+        stacked on the fly (the parameter tree keeps one entry per layer). The decode step does not scan:
+        it would stack the whole cache every token.
         """
         cfg = self.config
+        if scan and not self.is_initializing() and layer_runs(cfg) is not None:
+            return self._scan_layers(x, positions, masks, doc_pos, prefix, lengths, collect_hidden)
         states: list[LayerState] = []
         hidden: list[jax.Array] = []
         pass_kv: dict[int, KV] = {}
@@ -143,6 +152,52 @@ class HymbaForCausalLM(nn.Module):
             states.append(state)
         return x, tuple(states), hidden
 
+    def _scan_layers(self, x, positions, masks, doc_pos, prefix, lengths, collect_hidden):
+        """`run_layers` with every run of identical units as one `lax.scan` over the stacked parameters
+        (and prefix states) of its units; a run of one unit is called directly."""
+        cfg = self.config
+        params = nn.meta.unbox(self.variables["params"])
+        policy = None if cfg.remat == "none" else REMAT_POLICIES[cfg.remat]
+        states: list[Optional[LayerState]] = [None] * cfg.num_layers
+        hidden: list[Optional[jax.Array]] = [None] * cfg.num_layers
+        for run in layer_runs(cfg):
+            unit = run[0]
+            layers = []
+            for i in unit:
+                apply = functools.partial(HymbaLayer(cfg, i, parent=None).apply, mask=masks[cfg.is_global(i)],
+                                          positions=positions, doc_pos=doc_pos, lengths=lengths)
+                layers.append(apply if cfg.remat == "none" else
+                              jax.checkpoint(apply, policy=policy, prevent_cse=False))
+
+            def unit_step(x, unit_inputs, layers=layers):
+                unit_params, unit_prefix = unit_inputs
+                outs, ins, kv = [], [], None
+                for j, apply in enumerate(layers):
+                    ins.append(x)
+                    layer_prefix = None if unit_prefix is None else LayerState(unit_prefix[0].kv, unit_prefix[j].ssm)
+                    x, state = apply({"params": unit_params[j]}, x, prefix=layer_prefix, shared_kv=kv)
+                    kv = kv if j else state.kv                 # the unit's first layer owns its K/V
+                    outs.append(state)
+                return x, (tuple(outs), tuple(ins) if collect_hidden else None)
+
+            def unit_inputs(u):
+                return (tuple(params[f"layers_{i}"] for i in u),
+                        None if prefix is None else tuple(prefix[i] for i in u))
+
+            if len(run) == 1:
+                x, (outs, ins) = unit_step(x, unit_inputs(unit))
+                per_unit = [(outs, ins)]
+            else:
+                stacked = jax.tree.map(lambda *a: jnp.stack(a), *[unit_inputs(u) for u in run])
+                x, ys = jax.lax.scan(unit_step, x, stacked)
+                per_unit = [jax.tree.map(lambda a, k=k: a[k], ys) for k in range(len(run))]
+            for u, (outs, ins) in zip(run, per_unit):
+                for j, i in enumerate(u):
+                    states[i] = outs[j]
+                    if collect_hidden:
+                        hidden[i] = ins[j]
+        return x, tuple(states), hidden if collect_hidden else []
+
     def logits(self, x: jax.Array) -> jax.Array:
         """Final-normed hidden states (..., d) -> logits (..., vocab) in fp32 (fp64 when computing in fp64) through the (tied) head."""
         head = self.embedding.T if self.config.tie_word_embeddings else self.lm_head
@@ -151,6 +206,35 @@ class HymbaForCausalLM(nn.Module):
     @staticmethod
     def _with_meta(xm: jax.Array, x: jax.Array) -> jax.Array:
         return jnp.concatenate([jnp.broadcast_to(xm, (x.shape[0],) + xm.shape[1:]), x], axis=1)
+
+
+def layer_runs(config: HymbaConfig) -> Optional[tuple[tuple[tuple[int, ...], ...], ...]]:
+    """The layer stack as runs of identical units, for `run_layers(scan=True)`.
+
+    A unit is a KV owner followed by the layers that reuse its K/V (a layer without consumers is a unit of
+    one). Units are identical when their layers have the same kinds (global or sliding window, owner or
+    consumer); consecutive identical units form a run, each unit a tuple of layer indices. The 1.5B model:
+    [0] | 7 x [owner, consumer] | [15] | [16, 17, 18] | 6 x [owner, consumer] | [31], so XLA compiles 10
+    layers instead of 32. None when a KV consumer does not directly follow its group's previous layer
+    (`kv_reuse_groups` allows it, no released model does it): such a stack runs layer by layer.
+    """
+    cfg = config
+    units: list[tuple[int, ...]] = []
+    for i in range(cfg.num_layers):
+        if not cfg.has_attention or cfg.owns_kv(i):
+            units.append((i,))
+        elif units and units[-1][0] == cfg.kv_producer(i) and units[-1][-1] == i - 1:
+            units[-1] += (i,)
+        else:
+            return None
+    kind = lambda unit: tuple((cfg.is_global(i), cfg.owns_kv(i)) for i in unit) if cfg.has_attention else ()
+    runs: list[list[tuple[int, ...]]] = []
+    for unit in units:
+        if runs and kind(runs[-1][0]) == kind(unit):
+            runs[-1].append(unit)
+        else:
+            runs.append([unit])
+    return tuple(tuple(run) for run in runs)
 
 
 def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8, shardings: Optional[dict] = None) -> dict:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import Dense, accum_dtype, logical_param
+from hymba_jax.ops.auto import scan_backend
 from hymba_jax.ops.scan import selective_scan
 
 
@@ -123,7 +124,7 @@ class SSMBranch(nn.Module):
             x, dt, A, B, C, d_skip.astype(acc), z, dt_bias.astype(acc),
             reset=None if doc_pos is None else doc_pos == 0,
             initial_state=None if prefix is None else prefix.ssm,
-            backend=cfg.scan_backend)
+            backend=scan_backend(cfg.scan_backend, cfg.dtype))
         tail = jnp.concatenate([jnp.broadcast_to(context, xs.shape[:1] + context.shape[1:]), xs], axis=1)
         if lengths is None:
             conv = tail[:, tail.shape[1] - (cfg.d_conv - 1):]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("cudnn",)
+ATTENTION_BACKENDS = ("xla", "cudnn")   # names for HymbaConfig.attention_backend ("auto" picks one)
 
 
 def _pad_last(t: jax.Array, size: int) -> jax.Array:

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from hymba_jax import compilation_cache
 from hymba_jax.config import PRESETS, ConfigError, HymbaConfig, get_preset
 from hymba_jax.data.config import DataConfigError, default_data_config, validate_data_config
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, MeshError, check_rules, resolve_mesh_shape
@@ -65,10 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.dcn_mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))   # across slices (docs/sharding.md)
     c.axis_rules = DEFAULT_AXIS_RULES
     c.peak_flops_per_device = 0.0  # for MFU; 0 = look the device up in train.metrics.PEAK_FLOPS
+    c.compilation_cache_dir = compilation_cache.DEFAULT_DIR   # compiled programs kept across runs; '' = off
     return c
 
 
-NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "attention_backend", "remat")
+NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "attention_backend", "remat", "scan_layers")
 
 
 def paper_recipe(preset: str, *, remat: str, batch_size: int, num_steps: int,

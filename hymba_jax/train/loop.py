@@ -19,8 +19,10 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 
+from hymba_jax import compilation_cache
 from hymba_jax.data import load_tokenizer, make_dataset
 from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.ops.auto import default_platform, describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import batch_sharding, data_parallel_size, make_mesh, shard_batch
 from hymba_jax.train import validation
 from hymba_jax.train.checkpoint import Checkpointer
@@ -80,6 +82,7 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Train to `config.num_steps` (or until SIGTERM). Returns the last validation metrics and step."""
     workdir = Path(workdir)
+    cache_dir = compilation_cache.enable(config.compilation_cache_dir)
     validate_config(config, jax.device_count())
     mesh = make_mesh(dict(config.mesh), dcn_shape=dict(config.dcn_mesh))
     check_batch_layout(config, mesh)
@@ -97,15 +100,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     state = _initial_state(config, model_cfg, tx, mesh, shardings, checkpointer, train_iter)
     start = int(jax.device_get(state.step))
 
-    train_step = make_train_step(model_cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
+    kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
+    train_step = make_train_step(kernels_cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
                                  z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
                                  batch_sharding=batch_sh, rules=rules)
-    eval_step = make_eval_step(model_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh,
+    eval_step = make_eval_step(kernels_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh,
                                rules=rules)
     logger = MetricsLogger(workdir, start, config.num_steps)
     logger.message(f"model {model_cfg.num_layers} layers x {model_cfg.hidden_size}, "
                    f"{_count(state.params) / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
                    f"{'resumed at' if start else 'starting at'} step {start} of {config.num_steps}")
+    logger.message(f"{describe_kernels(kernels_cfg, model_cfg)}; compilation cache "
+                   f"{cache_dir or 'off'}")
+    logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,
+                                "attention_backend": kernels_cfg.attention_backend,
+                                "scan_layers": kernels_cfg.scan_layers, "remat": kernels_cfg.remat,
+                                "compilation_cache": cache_dir})
 
     def evaluate(step: int) -> dict:
         batches = validation.split_batches(config.data, tokenizer, "validation",

@@ -66,8 +66,8 @@ def peak_flops_per_device(configured: float) -> Optional[float]:
 
 
 class MetricsLogger:
-    """Writes metrics of process 0: `metrics.jsonl` (one JSON object per record, 'kind' = 'train' or
-    'eval'), TensorBoard scalars under `tensorboard/` (no TensorFlow needed), and the progress bar.
+    """Writes metrics of process 0: `metrics.jsonl` (one JSON object per record, 'kind' = 'train', 'eval'
+    or 'run': the kernels and settings each start or resume ran with), TensorBoard scalars under `tensorboard/` (no TensorFlow needed), and the progress bar.
 
     Resuming at `start_step` drops the records after it (they belong to the lost part of the run), so
     the log always reads as one uninterrupted run.
@@ -92,12 +92,12 @@ class MetricsLogger:
     def write(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        record = {"kind": kind, "step": step, "time": time.time(),
-                  **{k: (None if v is None else float(v)) for k, v in values.items()}}
+        plain = lambda v: v if v is None or isinstance(v, (str, bool)) else float(v)
+        record = {"kind": kind, "step": step, "time": time.time(), **{k: plain(v) for k, v in values.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for key, value in values.items():
-            if value is not None:
+            if value is not None and not isinstance(value, (str, bool)):
                 self.writer.add_scalar(f"{kind}/{key}", float(value), step)
         self.writer.flush()
         if kind == "eval":

@@ -1,0 +1,61 @@
+"""The "auto" kernels (hymba_jax.ops.auto): the choice per platform and dtype, explicit names winning,
+and bad names refused at validation with the key named."""
+
+from __future__ import annotations
+
+import pytest
+
+from hymba_jax.config import ConfigError, HymbaConfig, hymba_1p5b, hymba_tiny
+from hymba_jax.ops import auto
+from hymba_jax.train.config import TrainConfigError, validate_config
+from train_testing import apply_overrides
+
+
+@pytest.mark.parametrize("platform, dtype, scan, attention", [
+    ("gpu", "bfloat16", "pallas_gpu", "cudnn"),
+    ("gpu", "float16", "pallas_gpu", "cudnn"),
+    ("gpu", "float32", "pallas_gpu", "xla"),       # cuDNN's flash attention has no fp32
+    ("gpu", "float64", "associative", "xla"),      # the fused scans compute in fp32
+    ("tpu", "bfloat16", "pallas_tpu", "xla"),
+    ("tpu", "float32", "pallas_tpu", "xla"),
+    ("cpu", "float32", "sequential", "xla"),
+    ("cpu", "bfloat16", "sequential", "xla"),
+])
+def test_auto_resolves_per_platform(platform, dtype, scan, attention):
+    config = hymba_tiny(dtype=dtype)
+    assert (config.scan_backend, config.attention_backend) == ("auto", "auto")     # the defaults
+    resolved = auto.resolve_kernels(config, platform)
+    assert (resolved.scan_backend, resolved.attention_backend) == (scan, attention)
+    assert resolved.replace(scan_backend="auto", attention_backend="auto") == config
+
+
+def test_auto_uses_the_platform_jax_runs_on(monkeypatch):
+    monkeypatch.setattr(auto.jax, "default_backend", lambda: "cuda")
+    assert auto.default_platform() == "gpu"
+    resolved = auto.resolve_kernels(hymba_1p5b(dtype="bfloat16"))
+    assert (resolved.scan_backend, resolved.attention_backend) == ("pallas_gpu", "cudnn")
+    monkeypatch.setattr(auto.jax, "default_backend", lambda: "tpu")
+    assert auto.resolve_kernels(hymba_1p5b(dtype="bfloat16")).scan_backend == "pallas_tpu"
+    line = auto.describe(auto.resolve_kernels(hymba_1p5b(attention_backend="xla")), hymba_1p5b(attention_backend="xla"))
+    assert line == "kernels on tpu: scan pallas_tpu (auto), attention xla (set)"
+
+
+@pytest.mark.parametrize("platform", auto.PLATFORMS)
+def test_explicit_names_win(platform):
+    config = hymba_tiny(dtype="bfloat16", scan_backend="chunked", attention_backend="xla")
+    assert auto.resolve_kernels(config, platform) == config
+
+
+@pytest.mark.parametrize("field, value", [("scan_backend", "palas_gpu"), ("attention_backend", "flash")])
+def test_unknown_backend_names_are_refused_with_the_choices(field, value):
+    with pytest.raises(ConfigError, match=rf"HymbaConfig\.{field}: .*{value!r}.*choose one of"):
+        HymbaConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["scan_backend", "attention_backend"])
+def test_train_config_names_the_backend_key(field):
+    from configs.tiny import get_config
+
+    config = apply_overrides(get_config(), {f"model.{field}": "nope"})
+    with pytest.raises(TrainConfigError, match=rf"model\.{field}: unknown .* 'nope'"):
+        validate_config(config, num_devices=1)

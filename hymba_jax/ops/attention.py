@@ -16,8 +16,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("cudnn",)
-
 
 def _pad_last(t: jax.Array, size: int) -> jax.Array:
     return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, size - t.shape[-1])])

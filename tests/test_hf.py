@@ -15,7 +15,7 @@ from hymba_jax import HymbaForCausalLM, param_shapes
 from hymba_jax.config import ConfigError, hymba_1p5b, hymba_tiny, llama_style
 from hymba_jax.hf import (CheckpointError, from_hf_config, hf_tensor_shapes, load_hf_checkpoint, save_hf_checkpoint,
                           to_hf_config)
-from conftest import REFERENCE, random_params, require
+from conftest import RELEASED_1P5B, random_params
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_1p5b_parameter_count_and_released_layout():
     config = hymba_1p5b()
     count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(param_shapes(config)))
     assert count == 1_522_797_824
-    listing = require(REFERENCE / "hymba-1.5b" / "state_dict.txt").read_text().splitlines()
+    listing = (RELEASED_1P5B / "state_dict.txt").read_text().splitlines()
     released = {}
     for line in listing:
         if line.startswith("#") or not line.strip():
@@ -68,7 +68,7 @@ def test_1p5b_parameter_count_and_released_layout():
 def test_1p5b_preset_equals_released_config():
     """Both ways: the released config.json reads as the preset, and the preset exports as exactly that file
     (every key, equal values, nothing more), auto_map and attn_implementation_new included."""
-    released = json.loads(require(REFERENCE / "hymba-1.5b" / "config.json").read_text())
+    released = json.loads((RELEASED_1P5B / "config.json").read_text())
     assert from_hf_config(released) == hymba_1p5b()
     assert to_hf_config(hymba_1p5b(), jnp.bfloat16) == released
 

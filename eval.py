@@ -1,7 +1,7 @@
 """Evaluate a trained Hymba: an Orbax training workdir or a Hugging Face checkpoint.
 
-    python eval.py --config.workdir=/tmp/hymba-tiny                       # held-out split perplexity
-    python eval.py --config.workdir=/tmp/hymba-tiny --config.files='("a.txt","b.jsonl")'
+    python eval.py --workdir /tmp/hymba-tiny                              # held-out split perplexity
+    python eval.py --workdir /tmp/hymba-tiny --config.files='("a.txt","b.jsonl")'
     python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model
     python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model \
         --config.task=benchmarks --config.tasks=arc_easy,piqa --config.task_data_dir=DIR --config.limit=100
@@ -10,6 +10,7 @@ Tasks are registered in TASKS (name -> function(config, model) -> result dict); 
 one. 'perplexity' computes the token-weighted cross-entropy exactly as the training loop's validation
 (same packing, batches and code), so on a workdir it reproduces the final validation loss. The result
 is printed as JSON and written to `--config.output` (default: <workdir>/eval_<task>.json).
+`--workdir DIR` is train.py's flag and the same as `--config.workdir=DIR`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from hymba_jax.train.step import make_eval_step
 def eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "perplexity"
-    c.workdir = ""            # an Orbax training workdir (train.py --workdir)
+    c.workdir = ""            # an Orbax training workdir (train.py --workdir); --workdir sets it too
     c.hf_checkpoint = ""      # or a Hugging Face checkpoint directory
     c.split = "validation"    # 'validation', 'train' or 'all' (both) of the data source
     c.files = ()              # the user's .txt/.jsonl/.parquet files: evaluated whole (split 'all')
@@ -70,7 +71,8 @@ class LoadedModel:
 def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
     """The model named by --config.workdir or --config.hf_checkpoint, placed on all devices."""
     if bool(config.workdir) == bool(config.hf_checkpoint):
-        raise SystemExit("config error: give exactly one of --config.workdir and --config.hf_checkpoint")
+        raise SystemExit("config error: give exactly one of --workdir (or --config.workdir) and "
+                         "--config.hf_checkpoint")
     mesh = make_mesh({"data": -1})
     if config.workdir:
         trained = read_workdir_config(config.workdir)
@@ -150,6 +152,8 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {
     "perplexity": perplexity, "unigram": unigram, "benchmarks": benchmarks}
 
 _CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation settings", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir to evaluate, as in train.py (the same as "
+                               "--config.workdir)")
 
 
 def main(argv):
@@ -158,6 +162,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # Orbax logs each restore at INFO; `-v 0` shows them
     config = _CONFIG.value
+    if _WORKDIR.value is not None:               # one setting, two spellings: they may not disagree
+        if config.workdir and config.workdir != _WORKDIR.value:
+            raise SystemExit(f"config error: --workdir={_WORKDIR.value} and --config.workdir={config.workdir} "
+                             "disagree; give one of them")
+        config.workdir = _WORKDIR.value
     if config.task not in TASKS:
         raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
     model = load_model(config)

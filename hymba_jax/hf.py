@@ -203,8 +203,8 @@ def _check_released_code_builds(config: HymbaConfig) -> None:
     _check_hybrid(config)
     hidden, heads, kv = config.hidden_size, config.num_heads, config.num_kv_heads
     if config.d_inner % hidden:
-        raise ConfigError(f"HymbaConfig.d_inner: the released format stores mamba_expand = d_inner / "
-                          f"hidden_size, which must be an integer ({config.d_inner} / {hidden})")
+        raise ConfigError(f"HymbaConfig.d_inner: an export writes mamba_expand = d_inner / hidden_size as a "
+                          f"whole number, and {config.d_inner} / {hidden} is not one")
     if config.qk_head_dim * heads != hidden:
         raise ConfigError(f"HymbaConfig.qk_head_dim={config.qk_head_dim}: the released PyTorch code cannot build "
                           f"it: its query heads are hidden_size / num_heads = {hidden} / {heads} wide whatever "

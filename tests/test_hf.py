@@ -218,7 +218,7 @@ def test_export_carries_a_sentencepiece_tokenizer(tmp_path):
                                  r"are hidden_size / num_heads = 64 / 4 wide"),
     (hymba_tiny(hidden_size=196, num_heads=49, num_kv_heads=1, qk_head_dim=4, v_head_dim=8, d_inner=392),
      r"num_kv_heads=1: .* int\(num_kv_heads / num_heads \* hidden_size .*\) = \(3, 7\), not this model's \(4, 8\)"),
-    (hymba_tiny(d_inner=96, v_head_dim=24), r"d_inner: the released format stores mamba_expand"),
+    (hymba_tiny(d_inner=96, v_head_dim=24), r"d_inner: an export writes mamba_expand = d_inner / hidden_size as a whole number, and 96 / 64"),
     (llama_style(64, 2, 4, 2, 128), r"layer_kind='attention'"),
 ], ids=["qk_head_dim", "kv_rows_rounding", "fractional_expand", "attention_only"])
 def test_configs_the_released_code_cannot_build_are_refused_at_export(tmp_path, config, reason):

@@ -1,15 +1,16 @@
 """Evaluate a trained Hymba: an Orbax training workdir or a Hugging Face checkpoint.
 
-    python eval.py --config.workdir=/tmp/hymba-tiny                       # held-out split perplexity
-    python eval.py --config.workdir=/tmp/hymba-tiny --config.files='("a.txt","b.jsonl")'
-    python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model
-    python eval.py --config.hf_checkpoint=PATH --config.data.tokenizer=tokenizer.model \
+    python eval.py --workdir /tmp/hymba-tiny                              # held-out split perplexity
+    python eval.py --workdir /tmp/hymba-tiny --config.files='("a.txt","b.jsonl")'
+    python eval.py --config.hf_checkpoint=PATH       # its tokenizer.model, or --config.data.tokenizer=FILE
+    python eval.py --config.hf_checkpoint=PATH \
         --config.task=benchmarks --config.tasks=arc_easy,piqa --config.task_data_dir=DIR --config.limit=100
 
 Tasks are registered in TASKS (name -> function(config, model) -> result dict); `--config.task` picks
 one. 'perplexity' computes the token-weighted cross-entropy exactly as the training loop's validation
 (same packing, batches and code), so on a workdir it reproduces the final validation loss. The result
 is printed as JSON and written to `--config.output` (default: <workdir>/eval_<task>.json).
+`--workdir DIR` is train.py's flag and the same as `--config.workdir=DIR`.
 """
 
 from __future__ import annotations
@@ -28,20 +29,19 @@ from ml_collections import config_flags
 
 from hymba_jax import compilation_cache
 from hymba_jax.config import HymbaConfig
-from hymba_jax.data import default_data_config, load_tokenizer
-from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.data import default_data_config
+from hymba_jax.loading import load_model, load_tokenizer
 from hymba_jax.ops.auto import describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
 from hymba_jax.train import validation
-from hymba_jax.train.checkpoint import read_workdir_config, restore_params
-from hymba_jax.train.state import param_shardings
+from hymba_jax.train.checkpoint import read_workdir_config
 from hymba_jax.train.step import make_eval_step
 
 
 def eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "perplexity"
-    c.workdir = ""            # an Orbax training workdir (train.py --workdir)
+    c.workdir = ""            # an Orbax training workdir (train.py --workdir); --workdir sets it too
     c.hf_checkpoint = ""      # or a Hugging Face checkpoint directory
     c.split = "validation"    # 'validation', 'train' or 'all' (both) of the data source
     c.files = ()              # the user's .txt/.jsonl/.parquet files: evaluated whole (split 'all')
@@ -55,7 +55,8 @@ def eval_config() -> ml_collections.ConfigDict:
     c.tasks = ""              # task=benchmarks: comma-separated harness-format tasks ('' = the paper's suite)
     c.task_data_dir = ""      # task=benchmarks: folder of <task>.jsonl ('' = Hugging Face datasets cache)
     c.limit = 0               # task=benchmarks: first N documents per task (0 = all)
-    c.data = default_data_config()   # the data settings for an HF checkpoint (a workdir brings its own)
+    # An HF checkpoint's data settings (a workdir brings its own); data.tokenizer '': its tokenizer.model.
+    c.data = default_data_config()
     c.compilation_cache_dir = compilation_cache.DEFAULT_DIR   # compiled programs kept across runs; '' = off
     return c
 
@@ -65,32 +66,39 @@ class LoadedModel:
     config: HymbaConfig
     params: Any
     mesh: jax.sharding.Mesh
-    data: ml_collections.ConfigDict   # data settings (tokenizer, source) to evaluate with
+    tokenizer: Any
+    data: ml_collections.ConfigDict   # data settings (source, packing) to evaluate with
     batch_size: int
     seq_len: int
     max_batches: int
 
 
-def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
-    """The model named by --config.workdir or --config.hf_checkpoint, placed on all devices."""
+def load_for_evaluation(config: ml_collections.ConfigDict) -> LoadedModel:
+    """The model named by --workdir (--config.workdir) or --config.hf_checkpoint, with fp32 weights placed on
+    all devices, and its tokenizer: the training data's for a workdir; --config.data.tokenizer, else the
+    checkpoint's tokenizer.model, for a Hugging Face checkpoint."""
     if bool(config.workdir) == bool(config.hf_checkpoint):
-        raise SystemExit("config error: give exactly one of --config.workdir and --config.hf_checkpoint")
+        raise SystemExit("config error: give exactly one of --workdir (or --config.workdir) and "
+                         "--config.hf_checkpoint")
     mesh = make_mesh({"data": -1})
+    backends = {k: config[k] for k in ("scan_backend", "attention_backend") if config[k]}
+    model_cfg, params = load_model(config.workdir or config.hf_checkpoint, config.dtype or None, mesh=mesh,
+                                   **backends)
+    try:
+        tokenizer = load_tokenizer(config.workdir) if config.workdir else load_tokenizer(
+            config.hf_checkpoint, config.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"config error: {e}") from None
     if config.workdir:
         trained = read_workdir_config(config.workdir)
-        model_cfg, params = restore_params(config.workdir, mesh=mesh)
         data, batch, seq, max_batches = trained.data, trained.batch_size, trained.seq_len, trained.eval_batches
     else:
-        model_cfg, params = load_hf_checkpoint(
-            config.hf_checkpoint, shardings=lambda c: param_shardings(c, mesh, DEFAULT_AXIS_RULES))
         data, batch, seq, max_batches = config.data, 8, 2048, -1
-    overrides = {k: config[k] for k in ("dtype", "scan_backend", "attention_backend") if config[k]}
-    model_cfg = model_cfg.replace(**overrides)
     data = ml_collections.ConfigDict(data.to_dict())
     if config.files:
         data.source, data.files = "files", list(config.files)
-    return LoadedModel(model_cfg, params, mesh, data, config.batch_size or batch, config.seq_len or seq,
-                       config.max_batches or max_batches)
+    return LoadedModel(model_cfg, params, mesh, tokenizer, data, config.batch_size or batch,
+                       config.seq_len or seq, config.max_batches or max_batches)
 
 
 def perplexity(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
@@ -98,7 +106,7 @@ def perplexity(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
     splits = {"validation": ["validation"], "train": ["train"], "all": ["train", "validation"]}
     if config.split not in splits:
         raise SystemExit(f"config error: split={config.split!r}: expected one of {sorted(splits)}")
-    tokenizer = load_tokenizer(model.data)
+    tokenizer = model.tokenizer
     if tokenizer.vocab_size > model.config.vocab_size:
         raise SystemExit(f"config error: the tokenizer has {tokenizer.vocab_size} pieces but the model only "
                          f"{model.config.vocab_size}; set --config.data.tokenizer to the model's tokenizer")
@@ -120,7 +128,7 @@ def unigram(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
     """The baseline a language model must beat: the unigram entropy of the training split's tokens and the
     cross-entropy on `split` of that unigram model (add-one smoothed), both in nats per token, counted
     over the same target positions (weights > 0) as the perplexity."""
-    tokenizer = load_tokenizer(model.data)
+    tokenizer = model.tokenizer
     counts = np.zeros(tokenizer.vocab_size, np.float64)
     for batch in validation.split_batches(model.data, tokenizer, "train", global_batch_size=model.batch_size,
                                           seq_len=model.seq_len):
@@ -143,7 +151,7 @@ def benchmarks(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
 
     tasks = [t for t in config.tasks.split(",") if t] or list(PAPER_SUITE)
     scorer = Scorer(model.config, model.params, max_length=model.seq_len, progress=jax.process_index() == 0)
-    result = evaluate(scorer, load_tokenizer(model.data), tasks, data_dir=config.task_data_dir or None,
+    result = evaluate(scorer, model.tokenizer, tasks, data_dir=config.task_data_dir or None,
                       limit=config.limit or None)
     if jax.process_index() == 0:
         print(format_table(result))
@@ -154,6 +162,8 @@ TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {
     "perplexity": perplexity, "unigram": unigram, "benchmarks": benchmarks}
 
 _CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation settings", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir to evaluate, as in train.py (the same as "
+                               "--config.workdir)")
 
 
 def main(argv):
@@ -162,10 +172,15 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)   # Orbax logs each restore at INFO; `-v 0` shows them
     config = _CONFIG.value
+    if _WORKDIR.value is not None:               # one setting, two spellings: they may not disagree
+        if config.workdir and config.workdir != _WORKDIR.value:
+            raise SystemExit(f"config error: --workdir={_WORKDIR.value} and --config.workdir={config.workdir} "
+                             "disagree; give one of them")
+        config.workdir = _WORKDIR.value
     if config.task not in TASKS:
         raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
     cache_dir = compilation_cache.enable(config.compilation_cache_dir)
-    model = load_model(config)
+    model = load_for_evaluation(config)
     if jax.process_index() == 0:
         print(f"{describe_kernels(resolve_kernels(model.config), model.config)}; compilation cache "
               f"{cache_dir or 'off'}", file=sys.stderr)

@@ -67,7 +67,7 @@ def make_task_files(directory: str, docs: int, seed: int = 0) -> None:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="preset:hymba_1p5b")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", help="weights and compute (as measured in docs/performance.md)")
     p.add_argument("--scan_backend", default="", help="model scan_backend ('' = the checkpoint's)")
     p.add_argument("--attention_backend", default="", help="model attention_backend ('' = the checkpoint's)")
     p.add_argument("--docs", type=int, default=32)
@@ -78,9 +78,9 @@ def main():
     p.add_argument("--output", default="")
     args = p.parse_args()
     start = time.perf_counter()
-    config, params = load_model(args.checkpoint, dtype=args.dtype)
     backends = dict(scan_backend=args.scan_backend, attention_backend=args.attention_backend)
-    config = config.replace(**{k: v for k, v in backends.items() if v})
+    config, params = load_model(args.checkpoint, args.dtype, param_dtype=args.dtype,
+                                **{k: v for k, v in backends.items() if v})
     jax.block_until_ready(params)
     load_s = time.perf_counter() - start
     scorer = Scorer(config, params, max_length=args.max_length, tokens_per_batch=args.tokens_per_batch,

@@ -1,17 +1,15 @@
-"""HymbaConfig: the one description of a Hymba model, its presets, and the released config.json.
+"""HymbaConfig: the one description of a Hymba model, and its presets.
 
 Every variant of the architecture (see the architecture document) is a configuration of the same code:
 the released 1.5B model, the paper's smaller sizes, the attention-only and SSM-only ablations and a
-Llama-style attention-only baseline.
+Llama-style attention-only baseline. The released `config.json` is read and written by hymba_jax.hf.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from typing import Any, Literal, Mapping
+from typing import Literal
 
 LayerKind = Literal["hybrid", "attention", "ssm"]
 ATTENTION_KINDS = ("hybrid", "attention")
@@ -178,169 +176,6 @@ class HymbaConfig:
             raise ConfigError(f"HymbaConfig.{bad_backend}")
         need(self.remat in ("none", "full", "dots"), "remat",
              f"must be 'none', 'full' or 'dots', got {self.remat!r}")
-
-    # ----------------------------------------------------------------------------------------------
-    # The released config.json
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The released `config.json` fields for this config (lossless for every field the model uses)."""
-        if self.layer_kind != "hybrid":
-            raise ConfigError(f"HymbaConfig.layer_kind: only hybrid models have a released config.json "
-                              f"layout, got {self.layer_kind!r}")
-        if self.d_inner % self.hidden_size:
-            raise ConfigError(f"HymbaConfig.d_inner: the released format stores mamba_expand = d_inner / "
-                              f"hidden_size, which must be an integer ({self.d_inner} / {self.hidden_size})")
-        n = self.num_layers
-        return {
-            "architectures": ["HymbaForCausalLM"],
-            "model_type": "hymba",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": n,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "kq_head_dim": -1 if self.qk_head_dim * self.num_heads == self.hidden_size else self.qk_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "attn_hidden_size": -1,
-            "intermediate_size": self.intermediate_size,
-            "mamba_expand": self.d_inner // self.hidden_size,
-            "mamba_d_state": self.d_state,
-            "mamba_d_conv": self.d_conv,
-            "mamba_dt_rank": self.dt_rank,
-            "mamba_inner_layernorms": self.ssm_inner_norms,
-            "mamba_conv_bias": self.conv_bias,
-            "mamba_proj_bias": False,
-            "conv_dim": {str(i): self.d_inner for i in range(n)},
-            "num_memory_tokens": self.num_meta_tokens,
-            "memory_tokens_interspersed_every": 0,
-            "sliding_window": self.sliding_window,
-            "global_attn_idx": list(self.global_layers),
-            "kv_reuse_group": [list(g) for g in self.kv_reuse_groups],
-            "kv_reuse_every_i_layer": -1,
-            "kv_weight_reuse": False,
-            "rope": True,
-            "rope_type": self.rope_type,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "orig_max_position_embeddings": self.orig_max_position_embeddings,
-            "seq_length": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "layer_type": ["h"] * n,
-            "num_experts": 1,
-            "num_experts_per_tok": 1,
-            "num_mamba": 1,
-            "kq_norm": "none",
-            "hidden_act": "silu",
-            "mlp_hidden_act": "silu",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "initializer_range": self.initializer_range,
-            "attention_dropout": 0.0,
-            "use_cache": False,
-            "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
-        }
-
-    @classmethod
-    def from_hf_dict(cls, cfg: Mapping[str, Any], **overrides) -> "HymbaConfig":
-        """Read a released-style `config.json` dict. Unsupported features are refused by name."""
-
-        def get(key: str, default: Any = KeyError):
-            if key in cfg:
-                return cfg[key]
-            if default is KeyError:
-                raise ConfigError(f"config.json: required field {key!r} is missing")
-            return default
-
-        archs = get("architectures", ["HymbaForCausalLM"])
-        if "HymbaForCausalLM" not in archs or get("model_type", "hymba") != "hymba":
-            raise ConfigError(f"config.json: architectures={archs!r}, model_type={cfg.get('model_type')!r}; "
-                              "expected a Hymba checkpoint (HymbaForCausalLM, model_type 'hymba')")
-        unsupported = {
-            "num_experts": 1, "num_mamba": 1, "memory_tokens_interspersed_every": 0,
-            "kv_weight_reuse": False, "kq_norm": "none", "mamba_proj_bias": False, "rope": True,
-            "kv_reuse_every_i_layer": -1,
-        }
-        for key, supported in unsupported.items():
-            if key in cfg and cfg[key] != supported:
-                raise ConfigError(f"config.json: {key}={cfg[key]!r} is not supported by hymba-jax "
-                                  f"(the released Hymba models use {supported!r})")
-        for act_key in ("hidden_act", "mlp_hidden_act"):
-            if cfg.get(act_key, "silu") != "silu":
-                raise ConfigError(f"config.json: {act_key}={cfg[act_key]!r}; only 'silu' is supported")
-        layer_types = set(cfg.get("layer_type", ["h"]))
-        if layer_types != {"h"}:
-            raise ConfigError(f"config.json: layer_type {sorted(layer_types)} is not supported; "
-                              "every released Hymba layer is hybrid ('h')")
-        hidden = int(get("hidden_size"))
-        heads = int(get("num_attention_heads"))
-        expand = get("mamba_expand", 2)
-        d_inner = int(expand * hidden)
-        if int(cfg.get("attn_hidden_size", -1)) not in (-1, d_inner):
-            raise ConfigError(f"config.json: attn_hidden_size={cfg['attn_hidden_size']} is not supported "
-                              f"(only -1, meaning the SSM width {d_inner})")
-        kq = int(get("kq_head_dim", -1))
-        qk_head_dim = hidden // heads if kq == -1 else kq
-        v_head_dim = int(cfg.get("v_head_dim", d_inner // heads))
-        n = int(get("num_hidden_layers"))
-        conv_dim = cfg.get("conv_dim")
-        if conv_dim:
-            widths = {int(v) for v in (conv_dim.values() if isinstance(conv_dim, Mapping) else conv_dim)}
-            if widths != {d_inner}:
-                raise ConfigError(f"config.json: conv_dim {sorted(widths)} does not match "
-                                  f"mamba_expand * hidden_size = {d_inner}")
-        dt_rank = get("mamba_dt_rank", "auto")
-        if dt_rank == "auto":
-            dt_rank = math.ceil(hidden / 16)
-        fields = dict(
-            vocab_size=int(get("vocab_size")),
-            hidden_size=hidden,
-            num_layers=n,
-            num_heads=heads,
-            num_kv_heads=int(get("num_key_value_heads", heads)),
-            qk_head_dim=qk_head_dim,
-            v_head_dim=v_head_dim,
-            intermediate_size=int(get("intermediate_size")),
-            d_inner=d_inner,
-            d_state=int(get("mamba_d_state")),
-            d_conv=int(get("mamba_d_conv")),
-            dt_rank=int(dt_rank),
-            ssm_inner_norms=bool(get("mamba_inner_layernorms", True)),
-            conv_bias=bool(get("mamba_conv_bias", True)),
-            num_meta_tokens=int(get("num_memory_tokens", 0)),
-            sliding_window=int(cfg.get("sliding_window") or get("max_position_embeddings")),
-            global_layers=tuple(int(i) for i in get("global_attn_idx", list(range(n)))),
-            kv_reuse_groups=tuple(tuple(int(i) for i in g) for g in (cfg.get("kv_reuse_group") or ())),
-            rope_type=str(get("rope_type", "default")),
-            rope_theta=float(get("rope_theta", 10000.0)),
-            max_position_embeddings=int(get("max_position_embeddings")),
-            orig_max_position_embeddings=int(cfg.get("orig_max_position_embeddings",
-                                                      get("max_position_embeddings"))),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(get("tie_word_embeddings", True)),
-            bos_token_id=int(cfg.get("bos_token_id", 1)),
-            eos_token_id=int(cfg.get("eos_token_id", 2)),
-            pad_token_id=int(cfg.get("pad_token_id") or 0),
-            initializer_range=float(cfg.get("initializer_range", 0.02)),
-        )
-        fields.update(overrides)
-        return cls(**fields)
-
-    def save_hf_config(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_hf_dict(), f, indent=2)
-
-    @classmethod
-    def load_hf_config(cls, path: str | os.PathLike, **overrides) -> "HymbaConfig":
-        try:
-            with open(path) as f:
-                cfg = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no config.json there; a Hugging Face Hymba checkpoint directory "
-                              "holds config.json beside its safetensors files") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(cfg, **overrides)
 
 
 def _pair_groups(layers: list[int]) -> tuple[tuple[int, ...], ...]:

@@ -1,40 +1,104 @@
-"""Load a model for inference or evaluation from whatever the user has: a Hugging Face checkpoint
-directory, a training workdir, or a preset with random weights (benchmarks)."""
+"""The one way programs get a model and its tokenizer, from whatever the user has: a Hugging Face checkpoint
+directory, a training workdir, or a preset with random weights (benchmarks).
+
+    config, params = load_model(source, dtype="bfloat16", mesh=mesh)
+    tokenizer = load_tokenizer(source)             # the source's own, or tokenizer='ascii' / a .model path
+
+eval.py, `python -m hymba_jax.eval`, the lm-eval adapter, generation and the benchmarks all load through
+here, so the same source and dtypes give the same model everywhere.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig, get_preset
-from hymba_jax.hf import FP32_TENSORS, load_hf_checkpoint
+from hymba_jax.hf import CONFIG, FP32_TENSORS, load_hf_checkpoint
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules
+
+PRESET = "preset:"
 
 
-def load_model(source: str, dtype: str = "float32", seed: int = 0) -> tuple[HymbaConfig, dict]:
-    """(config, params) with parameters and compute in `dtype` (A_log stays fp32, as in hf.py).
-
-    source: 'preset:NAME' (random weights of a HymbaConfig preset, e.g. preset:hymba_1p5b); a directory
-    with config.json (a Hugging Face checkpoint); any other directory (the latest checkpoint of a training
-    workdir, through hymba_jax.train.checkpoint.restore_params). The config has no rematerialisation:
-    these parameters are for forward passes.
-    """
+def _kind(source: str) -> str:
+    """'preset', 'hf' (a directory with config.json) or 'workdir' (any other directory)."""
+    if source.startswith(PRESET):
+        return "preset"
     path = Path(source)
-    if source.startswith("preset:"):
+    if (path / CONFIG).is_file():
+        return "hf"
+    if path.is_dir():
+        return "workdir"
+    raise FileNotFoundError(f"checkpoint {source!r} is not a directory; pass a Hugging Face checkpoint "
+                            "directory (with config.json), a training workdir, or preset:NAME")
+
+
+def load_model(source: str, dtype: Optional[str] = None, *, param_dtype: str = "float32",
+               mesh: Optional[jax.sharding.Mesh] = None, rules: AxisRules = DEFAULT_AXIS_RULES, seed: int = 0,
+               **overrides) -> tuple[HymbaConfig, Any]:
+    """(config, params) for forward passes: the config has no rematerialisation.
+
+    source: 'preset:NAME' (random weights of a HymbaConfig preset from `seed`, e.g. preset:hymba_1p5b); a
+    directory with config.json (a Hugging Face checkpoint); any other directory (the latest checkpoint of a
+    training workdir).
+    dtype: the compute dtype; None keeps the source's (as trained for a workdir, else float32).
+    param_dtype: the parameters' dtype (A_log stays fp32). Evaluation keeps fp32 weights, as training's
+    validation does; generation stores them in its compute dtype, since decoding reads every weight per
+    token.
+    mesh: place the parameters on it, sharded by the logical axis `rules` (each process then holds only its
+    devices' pieces); None: the default device.
+    overrides: other HymbaConfig fields that do not change the layout (scan_backend, attention_backend).
+    """
+    kind = _kind(source)
+    shardings = None
+    if mesh is not None:
+        from hymba_jax.train.state import param_shardings   # the parameter tree's logical axes
+
+        shardings = lambda c: param_shardings(c, mesh, rules)
+    if kind == "preset":
         from hymba_jax.model import init_params
 
-        config = get_preset(source.split(":", 1)[1], dtype=dtype, param_dtype=dtype)
-        params = init_params(config, jax.random.key(seed))
-    elif (path / "config.json").is_file():
-        config, params = load_hf_checkpoint(path, jnp.dtype(dtype))
-    elif path.is_dir():
+        config = get_preset(source[len(PRESET):], param_dtype=param_dtype)
+        params = init_params(config, jax.random.key(seed), shardings=None if mesh is None else shardings(config))
+    elif kind == "hf":
+        config, params = load_hf_checkpoint(source, jnp.dtype(param_dtype), shardings=shardings)
+    else:
         from hymba_jax.train.checkpoint import restore_params  # Orbax and the training stack, only when needed
 
-        config, params = restore_params(path)
-        keep = lambda p, x: x if p[-1].key in FP32_TENSORS else x.astype(dtype)
+        config, params = restore_params(source, mesh=mesh, rules=rules)
+        keep = lambda p, x: x if p[-1].key in FP32_TENSORS else x.astype(param_dtype)
         params = jax.tree_util.tree_map_with_path(keep, params)
-    else:
-        raise FileNotFoundError(f"checkpoint {source!r} is not a directory; pass a Hugging Face checkpoint "
-                                "directory (with config.json), a training workdir, or preset:NAME")
-    return config.replace(dtype=dtype, param_dtype=dtype, remat="none"), params
+        config = config.replace(param_dtype=param_dtype)
+    return config.replace(dtype=dtype or config.dtype, remat="none", **overrides), params
+
+
+def load_tokenizer(source: str, tokenizer: str = ""):
+    """The tokenizer for `source` (as in load_model): `tokenizer` 'ascii' (AsciiTokenizer, for the tiny test
+    models) or a SentencePiece .model path; '' the source's own: tokenizer.model in a Hugging Face
+    checkpoint directory, the training data's tokenizer for a workdir (its file, or the one trained on the
+    default corpus, from the cache). Errors say what to pass."""
+    from hymba_jax.eval.tokenizer import AsciiTokenizer
+
+    if tokenizer == "ascii":
+        return AsciiTokenizer()
+    from hymba_jax.data.tokenizer import Tokenizer
+
+    if tokenizer:
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer {tokenizer!r}: no such file; pass a SentencePiece .model path "
+                                    "or 'ascii'")
+        return Tokenizer.from_file(tokenizer)
+    kind = _kind(source)
+    if kind == "workdir":
+        from hymba_jax.data import load_tokenizer as load_data_tokenizer
+        from hymba_jax.train.checkpoint import read_workdir_config
+
+        return load_data_tokenizer(read_workdir_config(source).data)
+    path = Path(source) / "tokenizer.model"
+    if kind == "hf" and path.is_file():
+        return Tokenizer.from_file(path)
+    raise ValueError(f"no tokenizer given and {source!r} has none (no tokenizer.model there): pass "
+                     "tokenizer=/path/to/tokenizer.model, or 'ascii' (printable-ASCII characters, for test models)")

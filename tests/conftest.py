@@ -1,4 +1,8 @@
-"""Shared test fixtures: the reference fixtures made by the released PyTorch implementation."""
+"""Shared test fixtures: the reference fixtures made by the released PyTorch implementation.
+
+They are vendored under tests/fixtures/reference (see its README), so every parity test runs in a plain
+clone; the project's ../shared directory is not needed.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,21 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REFERENCE = SHARED / "reference"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
 TINY_A = REFERENCE / "hymba-tiny-a"
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"reference fixture {path} is absent (it lives in ../shared/reference beside the repo)")
-    return path
+RELEASED_1P5B = REFERENCE / "hymba-1.5b"
 
 
 @pytest.fixture(scope="session")
 def tiny_a_dir() -> Path:
-    return require(TINY_A / "checkpoint")
+    return TINY_A / "checkpoint"
 
 
 @pytest.fixture(scope="session")
 def tiny_a_expected():
     import numpy as np
 
-    return dict(np.load(require(TINY_A / "expected.npz")))
+    return dict(np.load(TINY_A / "expected.npz"))
 
 
 @pytest.fixture(scope="session")

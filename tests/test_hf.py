@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from hymba_jax import HymbaConfig, HymbaForCausalLM, param_shapes
-from hymba_jax.config import ConfigError, hymba_1p5b
-from hymba_jax.hf import CheckpointError, hf_tensor_shapes, load_hf_checkpoint, save_hf_checkpoint
-from conftest import REFERENCE, require
+from hymba_jax import HymbaForCausalLM, param_shapes
+from hymba_jax.config import ConfigError, hymba_1p5b, hymba_tiny, llama_style
+from hymba_jax.hf import (CheckpointError, from_hf_config, hf_tensor_shapes, load_hf_checkpoint, save_hf_checkpoint,
+                          to_hf_config)
+from conftest import RELEASED_1P5B, random_params
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_1p5b_parameter_count_and_released_layout():
     config = hymba_1p5b()
     count = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(param_shapes(config)))
     assert count == 1_522_797_824
-    listing = require(REFERENCE / "hymba-1.5b" / "state_dict.txt").read_text().splitlines()
+    listing = (RELEASED_1P5B / "state_dict.txt").read_text().splitlines()
     released = {}
     for line in listing:
         if line.startswith("#") or not line.strip():
@@ -65,20 +66,20 @@ def test_1p5b_parameter_count_and_released_layout():
 
 
 def test_1p5b_preset_equals_released_config():
-    released = json.loads(require(REFERENCE / "hymba-1.5b" / "config.json").read_text())
-    assert HymbaConfig.from_hf_dict(released) == hymba_1p5b()
-    exported = hymba_1p5b().to_hf_dict()
-    used_fields = [
-        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "kq_head_dim", "v_head_dim", "intermediate_size", "mamba_expand", "mamba_d_state", "mamba_d_conv",
-        "mamba_dt_rank", "mamba_inner_layernorms", "mamba_conv_bias", "mamba_proj_bias", "num_memory_tokens",
-        "sliding_window", "global_attn_idx", "kv_reuse_group", "rope_type", "rope_theta",
-        "max_position_embeddings", "orig_max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-        "bos_token_id", "eos_token_id", "pad_token_id", "layer_type", "num_experts", "num_mamba", "conv_dim",
-        "architectures", "model_type", "kq_norm", "kv_weight_reuse", "memory_tokens_interspersed_every",
-    ]
-    for field in used_fields:
-        assert exported[field] == released[field], field
+    """Both ways: the released config.json reads as the preset, and the preset exports as exactly that file
+    (every key, equal values, nothing more), auto_map and attn_implementation_new included."""
+    released = json.loads((RELEASED_1P5B / "config.json").read_text())
+    assert from_hf_config(released) == hymba_1p5b()
+    assert to_hf_config(hymba_1p5b(), jnp.bfloat16) == released
+
+
+def test_bad_hf_config_fields_are_named():
+    base = to_hf_config(hymba_tiny())
+    with pytest.raises(ConfigError, match="required field 'hidden_size'"):
+        from_hf_config({k: v for k, v in base.items() if k != "hidden_size"})
+    with pytest.raises(ConfigError, match="layer_type"):
+        from_hf_config({**base, "layer_type": ["a"] * 7})
+    assert from_hf_config({**base, "conv_dim": {"0": "128"}}) == hymba_tiny()
 
 
 def test_1p5b_ntk_rope_base():
@@ -98,7 +99,7 @@ def test_round_trip_is_exact(tmp_path, tiny_a, dtype):
     stored = load_file(tmp_path / "ckpt" / "model.safetensors")
     assert stored["model.layers.0.mamba.A_log.0"].dtype == np.float32
     assert stored["model.layers.0.mamba.D.0"].dtype == np.dtype(jnp.dtype(dtype))
-    loaded_config, loaded = load_hf_checkpoint(tmp_path / "ckpt", dtype=dtype)
+    loaded_config, loaded = load_hf_checkpoint(tmp_path / "ckpt", dtype)
     assert loaded_config == config
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32),
                                                                       np.asarray(b, np.float32)), params, loaded)
@@ -123,6 +124,107 @@ def test_sharded_checkpoint_loads(tmp_path, tiny_a, tiny_a_expected):
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
     _, loaded = load_hf_checkpoint(tmp_path / "sharded")
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, loaded)
+
+
+def test_load_dtype_is_the_parameters_and_overrides_set_other_fields(tiny_a_dir):
+    config, params = load_hf_checkpoint(tiny_a_dir, jnp.bfloat16, remat="full")
+    assert (config.param_dtype, config.dtype, config.remat) == ("bfloat16", "float32", "full")
+    assert params["embedding"].dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="pass the parameters' dtype as `dtype`"):
+        load_hf_checkpoint(tiny_a_dir, param_dtype="bfloat16")
+
+
+# --------------------------------------------------------------------------------------------------
+# Exports the released code loads as they are
+
+def test_export_writes_the_released_config_and_generation_config(tmp_path, tiny_a):
+    config, params = tiny_a
+    save_hf_checkpoint(tmp_path / "out", config, params, dtype=jnp.float32)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written == to_hf_config(config, jnp.float32)
+    assert written["auto_map"]["AutoModelForCausalLM"] == "modeling_hymba.HymbaForCausalLM"
+    assert written["attn_implementation_new"] == "flex"
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+    assert load_hf_checkpoint(tmp_path / "out")[0] == config
+
+
+def test_export_into_a_checkpoint_directory_keeps_what_it_does_not_write(tmp_path, tiny_a_dir, tiny_a):
+    """Exporting over a released checkpoint keeps its other config.json and generation_config.json fields,
+    its tokenizer files and its code files; only the fields and files an export writes change."""
+    config, params = tiny_a
+    path = tmp_path / "released"
+    shutil.copytree(tiny_a_dir, path)
+    released = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**released, "quantization_note": "kept", "seq_length": 256}))
+    (path / "generation_config.json").write_text(json.dumps({"max_length": 64, "bos_token_id": 7}))
+    kept = {"tokenizer.model": b"sentencepiece bytes", "tokenizer_config.json": b'{"tokenizer_class": "X"}',
+            "special_tokens_map.json": b"{}", "modeling_hymba.py": b"# released code"}
+    for name, content in kept.items():
+        (path / name).write_bytes(content)
+    save_hf_checkpoint(path, config, params, dtype=jnp.bfloat16)
+    written = json.loads((path / "config.json").read_text())
+    assert written == {**released, **to_hf_config(config, jnp.bfloat16), "quantization_note": "kept"}
+    assert json.loads((path / "generation_config.json").read_text())["max_length"] == 64
+    assert json.loads((path / "generation_config.json").read_text())["bos_token_id"] == 1
+    for name, content in kept.items():
+        assert (path / name).read_bytes() == content, name
+    assert load_hf_checkpoint(path)[0] == config
+
+
+def _sentencepiece_without_pad(tmp_path):
+    """A Llama-like SentencePiece model: 300 pieces, unk/bos/eos 0/1/2, no pad piece."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"line {i} of some text to learn from" for i in range(200)]),
+        model_prefix=str(tmp_path / "llama_like"), vocab_size=300, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        byte_fallback=True, minloglevel=2)
+    return tmp_path / "llama_like.model"
+
+
+def test_export_carries_a_sentencepiece_tokenizer(tmp_path):
+    """A .model file travels as tokenizer.model with a tokenizer_config.json like the released one (Hymba's
+    [PAD] appended after the last piece); a directory's tokenizer files are copied as they are and replace
+    the stale ones."""
+    model_file = _sentencepiece_without_pad(tmp_path)
+    config = hymba_tiny(vocab_size=301)
+    params = random_params(config)
+    save_hf_checkpoint(tmp_path / "out", config, params, tokenizer=model_file)
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == model_file.read_bytes()
+    tokenizer_config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "LlamaTokenizer"
+    assert (tokenizer_config["add_bos_token"], tokenizer_config["add_eos_token"]) == (True, False)
+    assert [tokenizer_config[f"{k}_token"] for k in ("unk", "bos", "eos", "pad")] == ["<unk>", "<s>", "</s>", "[PAD]"]
+    assert tokenizer_config["added_tokens_decoder"]["300"]["content"] == "[PAD]"
+
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "tokenizer.json").write_text("{}")   # stale: from another tokenizer
+    save_hf_checkpoint(tmp_path / "again", config, params, tokenizer=tmp_path / "out")
+    assert not (tmp_path / "again" / "tokenizer.json").exists()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+    with pytest.raises(ConfigError, match="301 ids do not fit the model's vocab_size 101"):
+        save_hf_checkpoint(tmp_path / "small", hymba_tiny(), random_params(hymba_tiny()), tokenizer=model_file)
+    (tmp_path / "no_tokenizer").mkdir()
+    with pytest.raises(CheckpointError, match="holds neither tokenizer.model nor tokenizer.json"):
+        save_hf_checkpoint(tmp_path / "none", config, params, tokenizer=tmp_path / "no_tokenizer")
+    assert not (tmp_path / "small").exists() and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("config, reason", [
+    (hymba_tiny(qk_head_dim=32), r"qk_head_dim=32: the released PyTorch code cannot build it: its query heads "
+                                 r"are hidden_size / num_heads = 64 / 4 wide"),
+    (hymba_tiny(hidden_size=196, num_heads=49, num_kv_heads=1, qk_head_dim=4, v_head_dim=8, d_inner=392),
+     r"num_kv_heads=1: .* int\(num_kv_heads / num_heads \* hidden_size .*\) = \(3, 7\), not this model's \(4, 8\)"),
+    (hymba_tiny(d_inner=96, v_head_dim=24), r"d_inner: an export writes mamba_expand = d_inner / hidden_size as a whole number, and 96 / 64"),
+    (llama_style(64, 2, 4, 2, 128), r"layer_kind='attention'"),
+], ids=["qk_head_dim", "kv_rows_rounding", "fractional_expand", "attention_only"])
+def test_configs_the_released_code_cannot_build_are_refused_at_export(tmp_path, config, reason):
+    with pytest.raises(ConfigError, match=reason):
+        save_hf_checkpoint(tmp_path / "out", config, random_params(config))
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -171,6 +171,26 @@ def test_cli_needs_a_tokenizer_for_text(tiny_a_dir):
         main(["--checkpoint", str(tiny_a_dir), "--prompt", "hello"])
 
 
+def test_cli_takes_text_on_an_export_that_carries_its_tokenizer(tmp_path, tiny_a, capsys):
+    """An export with a tokenizer is a checkpoint the CLI generates text from, with no --tokenizer (a BPE
+    model of exactly the fixture's 101 ids, so whatever the random weights generate decodes)."""
+    import sentencepiece as spm
+
+    from hymba_jax.hf import save_hf_checkpoint
+    from hymba_jax.infer.generate import main
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([f"line {i} of some text to learn from, the quick brown fox jumps over the lazy dog"
+                                for i in range(300)]),
+        model_prefix=str(tmp_path / "sp"), vocab_size=101, model_type="bpe", unk_id=0, bos_id=1, eos_id=2,
+        pad_id=3, minloglevel=2)
+    config, params = tiny_a
+    save_hf_checkpoint(tmp_path / "export", config, params, dtype=jnp.float32, tokenizer=tmp_path / "sp.model")
+    outputs = main(["--checkpoint", str(tmp_path / "export"), "--prompt", "some text", "--max_new_tokens", "4",
+                    "--stop_ids", ""])
+    assert len(outputs[0]) == 4 and capsys.readouterr().out.strip()
+
+
 def test_sampling_filters():
     probs = np.array([[0.5, 0.3, 0.15, 0.05]])
     logits = jnp.log(jnp.asarray(probs, jnp.float32))

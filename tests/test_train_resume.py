@@ -109,15 +109,25 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(setup, uninterrupt
 
 
 def test_eval_program_reproduces_the_final_validation_loss(setup, uninterrupted):
-    """`eval.py --config.workdir` restores the latest checkpoint and the run's own validation split and
-    batch settings: its loss is the training run's final validation loss."""
-    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), f"--config.workdir={uninterrupted}"], cwd=REPO,
-                          env=setup[1], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    result = json.loads((uninterrupted / "eval_perplexity.json").read_text())
+    """`eval.py --workdir DIR` (train.py's flag) restores the latest checkpoint and the run's own validation
+    split and batch settings: its loss is the training run's final validation loss, and its result is
+    `eval.py --config.workdir=DIR`'s. Giving both with different directories is refused."""
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "eval.py"), *flags], cwd=REPO, env=setup[1],
+                              capture_output=True, text=True, timeout=300)
+
+    results = []
+    for flags in (["--workdir", str(uninterrupted)], [f"--config.workdir={uninterrupted}"]):
+        proc = run(*flags)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert results[0] == results[1] == json.loads((uninterrupted / "eval_perplexity.json").read_text())
     final = _losses(uninterrupted)[("eval", NUM_STEPS)]
-    assert result["task"] == "perplexity" and result["tokens"] > 0
-    np.testing.assert_allclose(result["loss"], final, rtol=1e-6)
+    assert results[0]["task"] == "perplexity" and results[0]["tokens"] > 0
+    np.testing.assert_allclose(results[0]["loss"], final, rtol=1e-6)
+
+    proc = run("--workdir", str(uninterrupted), "--config.workdir=/elsewhere")
+    assert proc.returncode != 0 and "--workdir" in proc.stderr and "disagree" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_init_from_hf_trains(setup, tmp_path, tiny_a_dir, tiny_a):

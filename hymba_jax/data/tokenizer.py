@@ -62,15 +62,30 @@ class Tokenizer:
         return self._processor.eos_id()
 
     @property
+    def unk_id(self) -> int:
+        return self._processor.unk_id()
+
+    @property
+    def piece_count(self) -> int:
+        """Pieces of the SentencePiece model (ids 0 .. piece_count - 1)."""
+        return self._processor.get_piece_size()
+
+    @property
     def pad_id(self) -> int:
         """The model's pad piece, else one id past its last piece (Hymba's [PAD])."""
         pad = self._processor.pad_id()
-        return pad if pad >= 0 else self._processor.get_piece_size()
+        return pad if pad >= 0 else self.piece_count
+
+    def piece(self, token_id: int) -> str:
+        """The piece `token_id` names (e.g. '<s>', '▁the'); the pad appended after the last piece is '[PAD]'."""
+        if token_id == self.piece_count == self.pad_id:
+            return "[PAD]"
+        return self._processor.id_to_piece(token_id)
 
     @property
     def vocab_size(self) -> int:
         """Rows the embedding needs: every piece id and `pad_id`."""
-        return max(self._processor.get_piece_size(), self.pad_id + 1)
+        return max(self.piece_count, self.pad_id + 1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos or eos."""

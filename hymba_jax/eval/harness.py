@@ -9,8 +9,8 @@ models, so run its CLI through this module, which registers the model first:
 
 (the arguments are lm_eval's). From Python: `import hymba_jax.eval.harness` and then
 `lm_eval.simple_evaluate(model="hymba_jax", model_args=...)`. Model arguments: checkpoint (HF directory,
-training workdir or preset:NAME), tokenizer ('' = tokenizer.model in the checkpoint, 'ascii', or a path),
-dtype, max_length, tokens_per_batch, add_bos.
+training workdir or preset:NAME), tokenizer ('' = the checkpoint's own, 'ascii', or a path), dtype (compute;
+the weights stay fp32), max_length, tokens_per_batch, add_bos. Both load through hymba_jax.loading.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from typing import Optional
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from hymba_jax.loading import load_model
 from hymba_jax.eval.evaluator import generate_texts
 from hymba_jax.eval.scorer import Scorer
 from hymba_jax.eval.tasks import Request
-from hymba_jax.eval.tokenizer import load_tokenizer
+from hymba_jax.loading import load_model, load_tokenizer
 
 
 @register_model("hymba_jax")
@@ -38,7 +37,7 @@ class HymbaJaxLM(TemplateLM):
         # batch_size / device from the harness CLI do not apply: batches are bucketed by tokens.
         del harness_kwargs
         config, params = load_model(checkpoint, dtype=dtype)
-        self.tok = load_tokenizer(tokenizer, checkpoint)
+        self.tok = load_tokenizer(checkpoint, tokenizer)
         self.add_bos = bool(add_bos)
         self.scorer = Scorer(config, params, max_length=max_length, tokens_per_batch=int(tokens_per_batch))
 

@@ -1,13 +1,12 @@
 """Tokenizers the evaluation code accepts: anything with `encode`, `decode`, `bos_id`, `eos_id`.
 
-Evaluation needs text <-> ids only. `load_tokenizer(spec)` gives a SentencePiece model (the released
-Hymba tokenizer is the Llama-2 SentencePiece model, `tokenizer.model` beside the checkpoint) or
-`AsciiTokenizer`, an exact character tokenizer small enough for the 101-token test fixtures.
+Evaluation needs text <-> ids only: a SentencePiece model (the released Hymba tokenizer is the Llama-2
+SentencePiece model, `tokenizer.model` beside the checkpoint) or `AsciiTokenizer`, an exact character
+tokenizer small enough for the 101-token test fixtures. `hymba_jax.loading.load_tokenizer` gives either.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Protocol, Sequence
 
 
@@ -49,17 +48,3 @@ class AsciiTokenizer:
         return "".join(self.CHARS[i - self.OFFSET] for i in ids
                        if self.OFFSET <= i < self.OFFSET + len(self.CHARS))
 
-
-def load_tokenizer(spec: str, checkpoint: str | os.PathLike | None = None) -> Tokenizer:
-    """'ascii' -> AsciiTokenizer; a .model path -> SentencePiece; '' -> `tokenizer.model` in `checkpoint`."""
-    if spec == "ascii":
-        return AsciiTokenizer()
-    path = spec or (os.path.join(checkpoint, "tokenizer.model") if checkpoint is not None else "")
-    if path and os.path.isfile(path):
-        from hymba_jax.data.tokenizer import Tokenizer as SentencePieceTokenizer  # needs ml_collections
-
-        return SentencePieceTokenizer.from_file(path)
-    if spec:
-        raise FileNotFoundError(f"tokenizer {spec!r}: no such file; pass a SentencePiece .model path or 'ascii'")
-    raise ValueError(f"no tokenizer given and no tokenizer.model in {checkpoint!r}: pass tokenizer=ascii "
-                     "(printable-ASCII characters, for test models) or tokenizer=/path/to/tokenizer.model")

@@ -4,14 +4,14 @@
     python -m hymba_jax.infer.generate --checkpoint DIR --prompt_ids 1,5,7 --prompt_ids 1,9 --temperature 0.8
 
 A single prompt streams its tokens as they are generated; several prompts run as one ragged batch and are
-printed at the end. Text prompts need a SentencePiece model (`--tokenizer`, default
-DIR/tokenizer.model); `--prompt_ids` needs none and prints ids. See docs/inference.md.
+printed at the end. Text prompts need a SentencePiece model (`--tokenizer`, default the checkpoint's own:
+DIR/tokenizer.model, or a workdir's training tokenizer); `--prompt_ids` needs none and prints ids. See
+docs/inference.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from hymba_jax import compilation_cache
 from hymba_jax.infer.engine import Generator
 from hymba_jax.infer.sampling import Sampling
-from hymba_jax.loading import load_model
+from hymba_jax.loading import load_model, load_tokenizer
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -27,16 +27,6 @@ def _parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,5,7, got {text!r}") from None
-
-
-def _tokenizer(path: Optional[str], checkpoint: str):
-    from hymba_jax.data.tokenizer import Tokenizer
-
-    path = path or os.path.join(checkpoint, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise SystemExit(f"text prompts need a SentencePiece model: {path} does not exist; pass --tokenizer "
-                         "PATH, or give token ids with --prompt_ids")
-    return Tokenizer.from_file(path)
 
 
 class _Streamer:
@@ -66,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
     p.add_argument("--prompt", action="append", default=[], help="text prompt (repeat for a batch)")
     p.add_argument("--prompt_ids", action="append", default=[], type=_parse_ids,
                    help="comma-separated token ids, e.g. 1,5,7 (repeat for a batch); no tokenizer needed")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--tokenizer", default="", help="SentencePiece .model (default: the checkpoint's own)")
     p.add_argument("--no_bos", action="store_true", help="do not start text prompts with the BOS id")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -85,8 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
         p.error("give text prompts (--prompt) or token ids (--prompt_ids), not both and not neither")
     compilation_cache.enable(args.compilation_cache_dir)
 
-    config, params = load_model(args.checkpoint, args.dtype)
-    tokenizer = _tokenizer(args.tokenizer, args.checkpoint) if args.prompt else None
+    config, params = load_model(args.checkpoint, args.dtype, param_dtype=args.dtype)
+    tokenizer = None
+    if args.prompt:
+        try:
+            tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"text prompts need a tokenizer: {e}; or give token ids with --prompt_ids") from None
     if tokenizer is not None:
         bos = [] if args.no_bos else [tokenizer.bos_id]
         prompts = [bos + tokenizer.encode(text) for text in args.prompt]

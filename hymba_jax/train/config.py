@@ -15,6 +15,7 @@ from ml_collections import config_dict
 
 from hymba_jax import compilation_cache
 from hymba_jax.config import PRESETS, ConfigError, HymbaConfig, get_preset
+from hymba_jax.hf import load_hf_config
 from hymba_jax.data.config import DataConfigError, default_data_config, validate_data_config
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, MeshError, check_rules, resolve_mesh_shape
 
@@ -112,7 +113,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> HymbaCon
                 raise TrainConfigError(
                     f"model.{layout[0]}: with init_from_hf the model's shape comes from the checkpoint's "
                     f"config.json; only {NUMERIC_FIELDS} may be overridden")
-            cfg = HymbaConfig.load_hf_config(f"{config.init_from_hf}/config.json", **fields)
+            cfg = load_hf_config(f"{config.init_from_hf}/config.json", **fields)
         else:
             fields.setdefault("vocab_size", vocab_size)
             cfg = get_preset(config.model.preset, **fields)

@@ -57,6 +57,8 @@ class AotReport:
     model_flops: float      # the 6N + attention formula (train.metrics) for this chip's share of the batch
     collectives: dict       # op -> number of operands in the compiled module
     compile_s: float
+    scan_backend: str       # the kernels compiled ("auto" resolved for the TPU)
+    attention_backend: str
 
     @property
     def total_bytes(self) -> int:
@@ -70,7 +72,7 @@ class AotReport:
             + ("fits" if self.total_bytes <= self.hbm_bytes else "DOES NOT FIT"))
         return "\n".join([
             f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}, {self.params / 1e9:.3f}B parameters, "
-            f"compiled in {self.compile_s:.0f} s",
+            f"compiled in {self.compile_s:.0f} s; scan {self.scan_backend}, attention {self.attention_backend}",
             "per chip:",
             f"  arguments    {gib(self.argument_bytes)}   (train state shard + batch shard)",
             f"  outputs      {gib(self.output_bytes)}   ({gib(self.alias_bytes).strip()} aliased to donated arguments)",
@@ -130,7 +132,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=HBM_BYTES.get(generation),
         flops=float(cost.get("flops", 0.0)), model_flops=flops_per_token(cfg, config.seq_len) * tokens_per_chip,
-        collectives={k: len(v) for k, v in collective_operands(compiled.as_text()).items()}, compile_s=seconds)
+        collectives={k: len(v) for k, v in collective_operands(compiled.as_text()).items()}, compile_s=seconds,
+        scan_backend=cfg.scan_backend, attention_backend=cfg.attention_backend)
 
 
 def main(argv):

@@ -30,11 +30,11 @@ def libtpu_path() -> str | None:
     return None
 
 
-# pallas_tpu: the Mosaic scan kernel is one custom call XLA cannot partition; it compiles under fsdp x
+# auto (the default) compiles pallas_tpu: the Mosaic scan kernel is one custom call XLA cannot partition; it compiles under fsdp x
 # tensor only because scan_fused runs it in shard_map ("Mosaic kernels cannot be automatically
 # partitioned" otherwise).
-@pytest.mark.parametrize("scan_backend", ["associative", "pallas_tpu"])
-def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend):
+@pytest.mark.parametrize("scan_backend, compiled_scan", [("associative", "associative"), ("auto", "pallas_tpu")])
+def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend, compiled_scan):
     site = libtpu_path()
     if site is None:
         pytest.skip(f"libtpu is absent (install it into {TPU_SITE}: see hymba_jax/aot.py)")
@@ -50,6 +50,7 @@ def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend):
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert (report["scan_backend"], report["attention_backend"]) == (compiled_scan, "xla")   # "auto": the TPU's
     assert "total" in proc.stdout and "fits" in proc.stdout
     # The chip's arguments hold at least its share of the fp32 train state (params + two Adam moments);
     # at this size TPU tiling pads the small arrays (minor dimension to 128 lanes) well beyond that.

@@ -60,6 +60,7 @@ def small_overrides(corpus: Path, tokenizer: Path, cache: Path) -> dict:
         "data.cache_dir": str(cache), "data.val_fraction": 0.1, "seq_len": 32, "batch_size": 4,
         "num_steps": 8, "optimizer.warmup_steps": 2, "log_every": 1, "eval_every": 0, "eval_batches": 2,
         "checkpoint_every": 2, "keep_checkpoints": 2,
+        "compilation_cache_dir": "",      # in-process runs stay out of ~/.cache; subprocesses: subprocess_env
     })
     return overrides
 

@@ -26,6 +26,21 @@ REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+# The outputs of the fused kernels: the Pallas scan and cuDNN attention, forward.
+_KERNEL_PRIMITIVES = ("pallas_call", "dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+
+def save_matmuls_and_kernels(prim, *args, **params) -> bool:
+    """The checkpoint policy of `remat="none"` inside a layer scan: keep every matmul and fused-kernel
+    output for the backward pass, recompute the elementwise rest.
+
+    Unrolled, XLA fuses a layer's elementwise chains (norms, gates, casts, softplus) into their consumers
+    in the forward and the backward, so they are never stored. Inside `lax.scan` every value the backward
+    reads is stacked over the iterations and stored: for the 1.5B at 8 x 2048 on one H200 that made the
+    step need 152 GiB instead of 98 (docs/performance.md). Recomputing only the elementwise ops restores
+    what the unrolled program does; nothing expensive runs twice.
+    """
+    return jax.checkpoint_policies.dots_saveable(prim, *args, **params) or prim.name in _KERNEL_PRIMITIVES
 
 
 def document_positions(segment_ids: jax.Array) -> jax.Array:
@@ -157,7 +172,7 @@ class HymbaForCausalLM(nn.Module):
         (and prefix states) of its units; a run of one unit is called directly."""
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"])
-        policy = None if cfg.remat == "none" else REMAT_POLICIES[cfg.remat]
+        policy = save_matmuls_and_kernels if cfg.remat == "none" else REMAT_POLICIES[cfg.remat]
         states: list[Optional[LayerState]] = [None] * cfg.num_layers
         hidden: list[Optional[jax.Array]] = [None] * cfg.num_layers
         for run in layer_runs(cfg):
@@ -166,8 +181,7 @@ class HymbaForCausalLM(nn.Module):
             for i in unit:
                 apply = functools.partial(HymbaLayer(cfg, i, parent=None).apply, mask=masks[cfg.is_global(i)],
                                           positions=positions, doc_pos=doc_pos, lengths=lengths)
-                layers.append(apply if cfg.remat == "none" else
-                              jax.checkpoint(apply, policy=policy, prevent_cse=False))
+                layers.append(jax.checkpoint(apply, policy=policy, prevent_cse=False))
 
             def unit_step(x, unit_inputs, layers=layers):
                 unit_params, unit_prefix = unit_inputs
@@ -237,7 +251,38 @@ def layer_runs(config: HymbaConfig) -> Optional[tuple[tuple[tuple[int, ...], ...
     return tuple(tuple(run) for run in runs)
 
 
-def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8, shardings: Optional[dict] = None) -> dict:
+def _initialisers(config: HymbaConfig, length: int = 8):
+    """The pieces `init_params` and `boxed_param_shapes` are built from: init_shared(key) -> the top-level
+    parameters (embedding, meta tokens, final norm, LM head) and, per layer kind (KV consumer or not),
+    (its layers, init_layer(key) -> one layer's parameters), both boxed with their logical axes."""
+    cfg = config
+    model = HymbaForCausalLM(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    x = jnp.zeros((1, length, cfg.hidden_size), dtype)
+    index = jnp.arange(length)[None]
+    mask = attention_mask(index, index, window=None)
+    kv = KV(jnp.zeros((1, length, cfg.num_kv_heads, cfg.qk_head_dim), dtype),
+            jnp.zeros((1, length, cfg.num_kv_heads, cfg.v_head_dim), dtype))
+
+    def init_shared(key):
+        touch_all = lambda m, h: m.logits(m.final_norm(h))        # setup() makes the top-level parameters
+        return model.init(key, x, method=touch_all)["params"]
+
+    kinds: dict[bool, list[int]] = {}
+    for i in range(cfg.num_layers):
+        kinds.setdefault(cfg.has_attention and not cfg.owns_kv(i), []).append(i)
+    layer_inits = {}
+    for consumer, layers in kinds.items():
+        layer = HymbaLayer(cfg, layers[0])
+
+        def init_layer(key, layer=layer, consumer=consumer):
+            return layer.init(key, x, index, mask, None, None, kv if consumer else None)["params"]
+
+        layer_inits[consumer] = (layers, init_layer)
+    return init_shared, layer_inits
+
+
+def init_params(config: HymbaConfig, rng: jax.Array, shardings: Optional[dict] = None) -> dict:
     """Randomly initialised parameters (plain arrays, logical-axis boxes removed), made layer by layer.
 
     Compiling the whole model's `init` means one RNG expansion per tensor of every layer (the 1.5B: 4,270
@@ -250,43 +295,35 @@ def init_params(config: HymbaConfig, rng: jax.Array, length: int = 8, shardings:
     shardings: the parameter tree's NamedShardings (e.g. `train.state.param_shardings`): every array is
     created on its devices, so no device holds more than its shard. None: default placement.
     """
-    cfg = config
-    model = HymbaForCausalLM(cfg)
-    dtype = jnp.dtype(cfg.dtype)
-    x = jnp.zeros((1, length, cfg.hidden_size), dtype)
-    index = jnp.arange(length)[None]
-    mask = attention_mask(index, index, window=None)
-    kv = KV(jnp.zeros((1, length, cfg.num_kv_heads, cfg.qk_head_dim), dtype),
-            jnp.zeros((1, length, cfg.num_kv_heads, cfg.v_head_dim), dtype))
+    init_shared, layer_inits = _initialisers(config)
     shared_rng, layer_rng = jax.random.split(rng)
-
-    def init_shared(key):
-        touch_all = lambda m, h: m.logits(m.final_norm(h))        # setup() makes the top-level parameters
-        return nn.meta.unbox(model.init(key, x, method=touch_all)["params"])
-
     shared_shardings = None if shardings is None else {
         k: v for k, v in shardings.items() if not k.startswith("layers_")}
-    params = dict(jax.jit(init_shared, out_shardings=shared_shardings)(shared_rng))
-
-    kinds: dict[bool, list[int]] = {}
-    for i in range(cfg.num_layers):
-        kinds.setdefault(cfg.has_attention and not cfg.owns_kv(i), []).append(i)
-    for consumer, layers in kinds.items():
-        layer = HymbaLayer(cfg, layers[0])
-
-        def init_layer(key, layer=layer, consumer=consumer):
-            variables = layer.init(key, x, index, mask, None, None, kv if consumer else None)
-            return nn.meta.unbox(variables["params"])
-
-        make = jax.jit(init_layer, out_shardings=None if shardings is None else shardings[f"layers_{layers[0]}"])
+    unboxed = lambda init: lambda key: nn.meta.unbox(init(key))
+    params = dict(jax.jit(unboxed(init_shared), out_shardings=shared_shardings)(shared_rng))
+    for layers, init_layer in layer_inits.values():
+        make = jax.jit(unboxed(init_layer),
+                       out_shardings=None if shardings is None else shardings[f"layers_{layers[0]}"])
         for i in layers:
             params[f"layers_{i}"] = make(jax.random.fold_in(layer_rng, i))
     return params
 
 
+@functools.lru_cache(maxsize=16)
+def boxed_param_shapes(config: HymbaConfig) -> dict:
+    """The parameter tree as ShapeDtypeStructs boxed with their logical axes (nn.Partitioned), nothing
+    allocated: what the sharding rules read. Traced once per layer kind, not per layer (tracing the whole
+    model's init took 5-8 s for the 1.5B, and start-up needed it several times), and cached per config:
+    treat the result as read-only."""
+    init_shared, layer_inits = _initialisers(config)
+    key = jax.random.key(0)
+    params = dict(jax.eval_shape(init_shared, key))
+    for layers, init_layer in layer_inits.values():
+        shapes = jax.eval_shape(init_layer, key)
+        params.update({f"layers_{i}": shapes for i in layers})
+    return params
+
+
 def param_shapes(config: HymbaConfig) -> dict:
     """The parameter tree as ShapeDtypeStructs, nothing allocated."""
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda r, i: HymbaForCausalLM(config).init(r, i)["params"],
-                           jax.random.key(0), ids)
-    return nn.meta.unbox(boxed)
+    return nn.meta.unbox(boxed_param_shapes(config))

@@ -105,21 +105,33 @@ def _per_device(fn: Callable, c: Canon):
     return jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=(big, big), check_vma=False)(c)
 
 
+# Tracing a Pallas kernel costs a good fraction of a second; as jitted functions the kernels are traced
+# once per shape and reused by every layer (the 1.5B step calls them 64 times).
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _forward(kernels: Kernels, c: Canon, keep_starts: bool):
+    return kernels.forward(c, keep_starts)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backward(kernels: Kernels, c: Canon, starts, dy, dlast):
+    return kernels.backward(c, starts, dy, dlast)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(kernels: Kernels, c: Canon):
-    y, _, last = kernels.forward(c, False)
+    y, _, last = _forward(kernels, c, False)
     return y, last
 
 
 def _fused_fwd(kernels: Kernels, c: Canon):
-    y, starts, last = kernels.forward(c, True)
+    y, starts, last = _forward(kernels, c, True)
     return (y, last), (c, starts)
 
 
 def _fused_bwd(kernels: Kernels, res, cotangents):
     c, starts = res
     dy, dlast = cotangents
-    return (kernels.backward(c, starts, dy.astype(c.x.dtype), dlast.astype(jnp.float32)),)
+    return (_backward(kernels, c, starts, dy.astype(c.x.dtype), dlast.astype(jnp.float32)),)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

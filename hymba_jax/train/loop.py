@@ -134,8 +134,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     with _StopRequest() as stop:
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
-        compiled = train_step.lower(state, shard_batch(batch, batch_sh)).compile()
-        logger.message("train step compiled")
+        clock = time.perf_counter()
+        lowered = train_step.lower(state, shard_batch(batch, batch_sh))
+        lowered_s = time.perf_counter() - clock
+        compiled = lowered.compile()
+        logger.message(f"train step traced in {lowered_s:.1f} s, compiled in "
+                       f"{time.perf_counter() - clock - lowered_s:.1f} s{_memory_note(compiled)}")
         tick, tick_step = time.perf_counter(), start
         while step < config.num_steps and not stop.reached(step):
             batch = batch if batch is not None else next(train_iter)
@@ -187,6 +191,17 @@ def _initial_state(config, model_cfg, tx, mesh, shardings: TrainState, checkpoin
         logging.info("initialised from %s", config.init_from_hf)
     state, _ = create_train_state(model_cfg, tx, mesh, config.axis_rules, jax.random.key(config.seed), params)
     return state
+
+
+def _memory_note(compiled) -> str:
+    """', needs X GiB per device (state Y, temporaries Z)' from XLA's memory analysis, where it has one."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return ""
+    state = memory.argument_size_in_bytes
+    total = state + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+    return (f", needs {total / 2**30:.1f} GiB per device (arguments {state / 2**30:.1f}, "
+            f"temporaries {memory.temp_size_in_bytes / 2**30:.1f})")
 
 
 def _count(params) -> int:

@@ -1,7 +1,7 @@
 """The train state and its creation directly in its sharded layout.
 
-Shardings come from the model's logical axis names: `jax.eval_shape` of the model's init gives boxed
-(nn.Partitioned) shapes, `nn.get_partition_spec` + `nn.logical_to_mesh_sharding` turn them into
+Shardings come from the model's logical axis names: `boxed_param_shapes` (the model's init, abstract) gives
+boxed (nn.Partitioned) shapes, `nn.get_partition_spec` + `nn.logical_to_mesh_sharding` turn them into
 NamedShardings, and the optimizer state mirrors the parameters' shardings through
 `optax.tree_map_params`. `init_params(..., shardings=)` and `jax.jit(..., out_shardings=...)` then create
 every array on its devices: no device ever holds the whole model unless the mesh says so.
@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.lm import HymbaForCausalLM, init_params
+from hymba_jax.model.lm import boxed_param_shapes, init_params, param_shapes
 from hymba_jax.parallel import AxisRules, check_divisible, logical_shardings
 
 
@@ -34,10 +33,7 @@ class TrainState:
 
 def param_shardings(model_config: HymbaConfig, mesh: Mesh, rules: AxisRules) -> Any:
     """NamedShardings of the parameter tree, from the model's logical axes (nothing allocated)."""
-    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    boxed = jax.eval_shape(lambda r, i: HymbaForCausalLM(model_config).init(r, i)["params"],
-                           jax.random.key(0), ids)
-    return logical_shardings(boxed, mesh, rules)
+    return logical_shardings(boxed_param_shapes(model_config), mesh, rules)
 
 
 def state_shardings(model_config: HymbaConfig, tx: optax.GradientTransformation, mesh: Mesh,
@@ -45,10 +41,7 @@ def state_shardings(model_config: HymbaConfig, tx: optax.GradientTransformation,
     """NamedShardings of the whole TrainState: optimizer moments follow their parameters."""
     params = param_shardings(model_config, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
-                                   nn.meta.unbox(jax.eval_shape(
-                                       lambda r: HymbaForCausalLM(model_config).init(
-                                           r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))))
+    abstract_params = param_shapes(model_config)
     check_divisible(abstract_params, params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_opt, params,

@@ -118,7 +118,13 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
                            z_loss=config.z_loss, mesh=mesh, state_shardings=shardings, batch_sharding=bsh,
                            rules=rules)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    try:
+        compiled = step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise SystemExit(f"{topology}: the train step DOES NOT FIT ({str(e).split(':', 1)[-1].strip()[:300]}); "
+                         "try --config.model.remat=full (or dots), a smaller batch_size or more chips") from None
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

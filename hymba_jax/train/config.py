@@ -184,7 +184,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         validate_data_config(config.data)
     except DataConfigError as e:
         raise TrainConfigError(str(e)) from None
-    model_config(config, vocab_size=1)  # the model's fields; the vocabulary is checked once it is known
+    cfg = model_config(config, vocab_size=1)  # the model's fields; the vocabulary is checked once it is known
+    need(config.seq_len <= cfg.max_position_embeddings, "seq_len",
+         f"must be at most the model's max_position_embeddings ({cfg.max_position_embeddings}); raise "
+         "model.max_position_embeddings or shorten seq_len")
 
 
 def unknown_override(argv: Sequence[str]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,7 @@ from hymba_jax.data import default_data_config, load_tokenizer
 from hymba_jax.hf import load_hf_checkpoint
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
 from hymba_jax.train import validation
-from hymba_jax.train.checkpoint import read_workdir_config, restore_params
+from hymba_jax.train.checkpoint import CheckpointError, read_workdir_config, restore_checkpoint_params
 from hymba_jax.train.state import param_shardings
 from hymba_jax.train.step import make_eval_step
 
@@ -65,6 +66,7 @@ class LoadedModel:
     batch_size: int
     seq_len: int
     max_batches: int
+    step: Optional[int] = None        # the workdir's checkpoint step (an earlier one when the latest is damaged)
 
 
 def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
@@ -74,19 +76,21 @@ def load_model(config: ml_collections.ConfigDict) -> LoadedModel:
     mesh = make_mesh({"data": -1})
     if config.workdir:
         trained = read_workdir_config(config.workdir)
-        model_cfg, params = restore_params(config.workdir, mesh=mesh)
+        step, model_cfg, params = restore_checkpoint_params(config.workdir, mesh=mesh)
         data, batch, seq, max_batches = trained.data, trained.batch_size, trained.seq_len, trained.eval_batches
+        if jax.process_index() == 0:
+            print(f"evaluating {config.workdir} at checkpoint step {step}", file=sys.stderr)
     else:
         model_cfg, params = load_hf_checkpoint(
             config.hf_checkpoint, shardings=lambda c: param_shardings(c, mesh, DEFAULT_AXIS_RULES))
-        data, batch, seq, max_batches = config.data, 8, 2048, -1
+        data, batch, seq, max_batches, step = config.data, 8, 2048, -1, None
     overrides = {k: config[k] for k in ("dtype", "scan_backend", "attention_backend") if config[k]}
     model_cfg = model_cfg.replace(**overrides)
     data = ml_collections.ConfigDict(data.to_dict())
     if config.files:
         data.source, data.files = "files", list(config.files)
     return LoadedModel(model_cfg, params, mesh, data, config.batch_size or batch, config.seq_len or seq,
-                       config.max_batches or max_batches)
+                       config.max_batches or max_batches, step)
 
 
 def perplexity(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
@@ -160,8 +164,12 @@ def main(argv):
     config = _CONFIG.value
     if config.task not in TASKS:
         raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
-    model = load_model(config)
-    result = {"task": config.task, "source": config.workdir or config.hf_checkpoint,
+    try:
+        model = load_model(config)
+    except CheckpointError as e:
+        raise SystemExit(f"checkpoint error: {e}") from None
+    step = {} if model.step is None else {"step": model.step}
+    result = {"task": config.task, "source": config.workdir or config.hf_checkpoint, **step,
               **TASKS[config.task](config, model)}
     output: Optional[str] = config.output or (
         str(Path(config.workdir) / f"eval_{config.task}.json") if config.workdir else None)

@@ -15,7 +15,8 @@ import pytest
 
 from hymba_jax.data import Tokenizer, make_dataset
 from hymba_jax.parallel import batch_sharding, make_mesh, shard_batch
-from hymba_jax.train.checkpoint import Checkpointer, CheckpointError, CheckpointRestoreWarning, restore_params
+from hymba_jax.train.checkpoint import (Checkpointer, CheckpointError, CheckpointRestoreWarning, read_workdir_config,
+                                        restore_params)
 from hymba_jax.train.config import model_config
 from hymba_jax.train.loop import TrainingError, train
 from hymba_jax.train.metrics import METRICS_FILE, read_metrics
@@ -235,6 +236,19 @@ def test_workdir_where_nothing_restores_is_refused_with_nothing_renamed(small, t
     assert _listing(tmp_path) == before
 
 
+def test_corrupt_json_item_is_named(small, tmp_path):
+    """The latest step's config JSON is garbage: reading the workdir's config names the file; its model
+    JSON garbage too: restoring warns naming that file and uses step 1."""
+    small.saved_steps(tmp_path, 2)
+    step2 = tmp_path / "checkpoints" / "2"
+    (step2 / "config" / "metadata").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"checkpoints/2/config/metadata: cannot be read as JSON"):
+        read_workdir_config(tmp_path)
+    (step2 / "model" / "metadata").write_text("")
+    with pytest.warns(CheckpointRestoreWarning, match=r"step 2 .*checkpoints/2/model/metadata: cannot be read as JSON"):
+        assert int(small.restore(tmp_path).step) == 1
+
+
 # ------------------------------------------------------------------------------------------------------
 # Write failures
 
@@ -275,8 +289,8 @@ def test_background_write_failure_is_reported_in_one_line(small, tmp_path, monke
         raise RuntimeError("async save failed") from OSError(errno.EACCES, "Permission denied: '/x/2/params'")
 
     monkeypatch.setattr(ckpt.manager, "check_for_errors", failed)
-    with pytest.raises(CheckpointError, match=r"failed: RuntimeError: async save failed \(cause: PermissionError: "
-                                              r".*Permission denied.*\); the earlier checkpoints \[1\] are intact"):
+    with pytest.raises(CheckpointError, match=r"writing a checkpoint to .* failed: PermissionError: .*Permission "
+                                              r"denied: '/x/2/params'; the earlier checkpoints \[1\] are intact"):
         ckpt.check()
     monkeypatch.undo()
     ckpt.close()

@@ -30,7 +30,6 @@ Other programs load a trained model with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -82,7 +81,7 @@ def model_config_from_dict(fields: dict) -> HymbaConfig:
 def _array_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(checksum, all finite) of one array: the sum of its elements' bits times (2 * flat index + 1), mod
     2^32. Integer addition is associative, so the sum is the same however the array is sharded and
-    reduced; any single changed element changes it (the weights are odd), and swapped ones too."""
+    reduced; any single changed element changes it (the weights are odd)."""
     if x.dtype == jnp.bool_:
         bits = x.astype(jnp.uint32)
     else:
@@ -115,32 +114,12 @@ def digest(tree: Any) -> dict[str, tuple[int, bool]]:
 
 
 def one_line(error: BaseException) -> str:
-    """`Type: first line` of `error`, and of its innermost cause when it has one (library errors wrap the
-    OS error several times and run to hundreds of lines), at most 400 characters."""
-    def line(e: BaseException) -> str:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-    inner = error
-    while inner.__cause__ is not None or (inner.__context__ is not None and not inner.__suppress_context__):
-        inner = inner.__cause__ or inner.__context__
-    text = line(error) if inner is error else f"{line(error)} (cause: {line(inner)})"
-    return text[:400]
-
-
-@contextlib.contextmanager
-def _quiet_restore():
-    """Orbax and TensorStore log every failed read of a damaged step at length (thousands of lines);
-    the one-line warning of `_latest` replaces them while a step is restored."""
-    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "tensorstore")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    """`Type: first line` of the innermost cause of `error`, at most 400 characters: library errors wrap
+    the OS or TensorStore error (the one that names the file) several times and run to hundreds of lines."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}"[:400] if text else type(error).__name__
 
 
 class Checkpointer:
@@ -209,7 +188,8 @@ class Checkpointer:
 
     def _write_failed(self, step: Optional[int], error: Exception) -> str:
         self.manager.reload()
-        return (f"writing checkpoint step {step} to {self.directory} failed: {one_line(error)}; "
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        return (f"writing {what} to {self.directory} failed: {one_line(error)}; "
                 f"the earlier checkpoints {self.manager.all_steps()} are intact")
 
     def restore_latest(self, shardings: TrainState, shapes: TrainState, data_iterator,
@@ -303,16 +283,13 @@ class Checkpointer:
         failed: dict[int, str] = {}
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                with _quiet_restore():
-                    result = restore(step)
+                result = restore(step)
             except CheckpointError:
                 raise
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
                 failed[step] = one_line(e)
-                message = (f"checkpoint step {step} in {self.directory} cannot be restored ({failed[step]}); "
-                           "trying the previous step")
-                logging.warning(message)
-                warnings.warn(message, CheckpointRestoreWarning, stacklevel=3)
+                warnings.warn(f"checkpoint step {step} in {self.directory} cannot be restored ({failed[step]}); "
+                              "trying the previous step", CheckpointRestoreWarning, stacklevel=3)
                 continue
             for damaged in failed:
                 self._quarantine(damaged)

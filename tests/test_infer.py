@@ -148,8 +148,9 @@ def test_generate_refuses_bad_requests(generator):
         generator.generate([[1, 101]], 4)
     with pytest.raises(ValueError, match=r"token ids \[-1\] are outside the vocabulary"):
         generator.generate([[1, -1]], 4)               # would read the last embedding row
-    with pytest.raises(ValueError, match=r"max_position_embeddings \(64\)"):
-        generator.generate([[1] * 50], 15)
+    with pytest.raises(ValueError, match=r"passes the model's 60 text positions \(max_position_embeddings 64 - 4"):
+        generator.generate([[1] * 50], 11)
+    generator.generate([[1] * 50], 10)                 # 60: the last position there is
 
 
 def test_prefill_checks_its_inputs_and_takes_a_wider_token_array(params):

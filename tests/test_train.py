@@ -277,7 +277,7 @@ def test_metrics_logger_writes_jsonl_tensorboard_and_truncates_on_resume(tmp_pat
     ("model.preset", "hymba_9b", "model.preset"),
     ("data.source", "web", "data.source"),
     ("mesh.tensor", 0, "mesh.tensor"),
-    ("seq_len", 2048, "seq_len=2048: must be at most the model's max_position_embeddings"),
+    ("seq_len", 1020, "seq_len=1020: must be at most the model's 1016 text positions"),
     ("max_consecutive_skips", 0, "max_consecutive_skips"),
 ])
 def test_invalid_values_name_the_key(key, value, match):

@@ -208,16 +208,17 @@ def decode_loop(config: HymbaConfig, params, cache: Cache, logits: jax.Array, ke
 
 def check_prompts(config: HymbaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 0) -> None:
     """ValueError for token ids outside the vocabulary (the embedding would read a wrong row: -1 the last
-    one, >= vocab_size garbage) and for prompts that, with `max_new_tokens`, pass the model's
-    max_position_embeddings (the positions the rotary embedding and the released model were set up for)."""
+    one, >= vocab_size garbage) and for prompts that, with `max_new_tokens`, need more text positions than
+    the model has: max_position_embeddings - num_meta_tokens (the meta tokens take the first positions;
+    the rotary embedding and the released model were set up for no more; the eval Scorer's limit too)."""
     bad = sorted({int(t) for p in prompts for t in p if not 0 <= t < config.vocab_size})
     if bad:
         raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position_embeddings:
+    longest, limit = max(len(p) for p in prompts), config.max_position_embeddings - config.num_meta_tokens
+    if longest + max_new_tokens > limit:
         raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) passes the "
-                         f"model's max_position_embeddings ({config.max_position_embeddings}); shorten the prompt "
-                         "or generate fewer tokens")
+                         f"model's {limit} text positions (max_position_embeddings {config.max_position_embeddings} "
+                         f"- {config.num_meta_tokens} meta tokens); shorten the prompt or generate fewer tokens")
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -185,9 +185,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     except DataConfigError as e:
         raise TrainConfigError(str(e)) from None
     cfg = model_config(config, vocab_size=1)  # the model's fields; the vocabulary is checked once it is known
-    need(config.seq_len <= cfg.max_position_embeddings, "seq_len",
-         f"must be at most the model's max_position_embeddings ({cfg.max_position_embeddings}); raise "
-         "model.max_position_embeddings or shorten seq_len")
+    limit = cfg.max_position_embeddings - cfg.num_meta_tokens   # the meta tokens take the first positions
+    need(config.seq_len <= limit, "seq_len",
+         f"must be at most the model's {limit} text positions (max_position_embeddings "
+         f"{cfg.max_position_embeddings} - {cfg.num_meta_tokens} meta tokens); raise model.max_position_embeddings "
+         "or shorten seq_len")
 
 
 def unknown_override(argv: Sequence[str]) -> str:

@@ -282,15 +282,18 @@ def test_failing_checkpoint_write_stops_the_run_with_the_cause(corpus, tmp_path,
 
 
 def test_background_write_failure_is_reported_in_one_line(small, tmp_path, monkeypatch):
+    """Orbax keeps a failed background write's error in its finalize thread until wait_until_finished;
+    `check` (called by the loop after every step) asks for it as soon as no write is in progress."""
     small.saved_steps(tmp_path, 1)
     ckpt = Checkpointer(tmp_path)
+    ckpt._writing = 2
 
     def failed():
-        raise RuntimeError("async save failed") from OSError(errno.EACCES, "Permission denied: '/x/2/params'")
+        raise RuntimeError("Save Finalize thread failed") from OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.manager, "check_for_errors", failed)
-    with pytest.raises(CheckpointError, match=r"writing a checkpoint to .* failed: PermissionError: .*Permission "
-                                              r"denied: '/x/2/params'; the earlier checkpoints \[1\] are intact"):
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", failed)
+    with pytest.raises(CheckpointError, match=r"^writing checkpoint step 2 to .* failed: OSError: .*No space left on "
+                                              r"device; the earlier checkpoints \[1\] are intact$"):
         ckpt.check()
     monkeypatch.undo()
     ckpt.close()

@@ -139,7 +139,7 @@ class Checkpointer:
         of every array. Raises CheckpointError, writing nothing, when the state holds NaN or inf or an
         earlier write failed."""
         step = int(jax.device_get(state.step))
-        self.check()
+        self.wait()   # Orbax would wait for the previous write anyway; its error is that step's, not this one's
         if step in self.manager.all_steps():
             return
         digests = {item: digest(getattr(state, item)) for item in ARRAY_ITEMS}
@@ -165,10 +165,14 @@ class Checkpointer:
         self._writing = step
 
     def check(self) -> None:
-        """Raises CheckpointError when a background write has failed (host only, cheap: the loop calls it
-        after every step, so a full disk stops the run at once rather than at the next save)."""
+        """Raises CheckpointError when a background write has failed (host only, never blocks on a write
+        in progress: the loop calls it after every step, so a full disk stops the run at once rather
+        than at the next save). Orbax keeps a failed write's error in its finalize thread, which only
+        `wait_until_finished` raises; with no write in progress that returns at once."""
         try:
             self.manager.check_for_errors()
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()
         except Exception as e:
             raise CheckpointError(self._write_failed(self._writing, e)) from None
 

@@ -163,7 +163,8 @@ def test_prefill_checks_its_inputs_and_takes_a_wider_token_array(params):
     narrow[0, :3], narrow[1, :5] = [1, 2, 3], [4, 5, 6, 7, 8]
     wide = np.concatenate([narrow, np.full((2, 13), 9, np.int32)], axis=1)
     meta = meta_state(CONFIG, params)
-    got = [np.asarray(prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), t, lengths, 8)[0]) for t in (narrow, wide)]
+    got = [np.asarray(prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), t, lengths, 8)[0])
+           for t in (narrow, wide)]
     np.testing.assert_array_equal(got[0], got[1])
     with pytest.raises(ValueError, match="prompt lengths up to 9 given for a token array of 8 columns"):
         prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), narrow, np.array([3, 9]), 8)

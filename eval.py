@@ -34,7 +34,7 @@ from hymba_jax.loading import load_model, load_tokenizer
 from hymba_jax.ops.auto import describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
 from hymba_jax.train import validation
-from hymba_jax.train.checkpoint import read_workdir_config
+from hymba_jax.train.checkpoint import CheckpointError, read_workdir_config
 from hymba_jax.train.step import make_eval_step
 
 
@@ -180,7 +180,10 @@ def main(argv):
     if config.task not in TASKS:
         raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
     cache_dir = compilation_cache.enable(config.compilation_cache_dir)
-    model = load_for_evaluation(config)
+    try:
+        model = load_for_evaluation(config)
+    except CheckpointError as e:
+        raise SystemExit(f"checkpoint error: {e}") from None
     if jax.process_index() == 0:
         print(f"{describe_kernels(resolve_kernels(model.config), model.config)}; compilation cache "
               f"{cache_dir or 'off'}", file=sys.stderr)

@@ -5,7 +5,10 @@
 Any config key can be overridden on the command line (`--config.model.hidden_size=256`,
 `--config.data.source=tfds --config.data.tfds_name=lm1b`, `--config.init_from_hf=PATH`); unknown keys and
 invalid values stop the program before any work, naming the key. Running again with the same workdir
-resumes from its latest checkpoint. See docs/training.md.
+resumes from its latest checkpoint; a workdir whose checkpoints cannot be resumed is refused (exit status
+1, the reason and the remedy in one message), and `--start_over` moves its checkpoints and logs aside
+and starts from step 0. Faults (NaN/inf losses, failed checkpoint writes) stop the run with a non-zero
+exit status and one line naming the cause. See docs/training.md.
 
 Multi-host: every process runs the same command. On a Cloud TPU pod slice or under SLURM the processes
 find each other from the environment; elsewhere pass --coordinator_address=HOST:PORT (process 0's),
@@ -16,20 +19,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hymba_jax.train.config import TrainConfigError
+from hymba_jax.train.config import TrainConfigError, unknown_override
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
-                                          "training config file (configs/*.py)", lock_config=True)
+try:   # config_flags applies the --config.<key> overrides here, at definition
+    _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
+                                              "training config file (configs/*.py)", lock_config=True)
+except (KeyError, AttributeError):
+    raise SystemExit(f"config error: {unknown_override(sys.argv)}") from None
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/hymba-tiny", "directory for checkpoints, logs and plots")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes in all")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's id in [0, num_processes)")
 _JOIN_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "seconds to wait for all processes to join")
+_START_OVER = flags.DEFINE_bool("start_over", False, "start from step 0 in a workdir that has checkpoints: "
+                                "they and the logs are moved into <workdir>/previous-<n>/ first (nothing is "
+                                "deleted); without it the run resumes, or refuses when it cannot")
 
 
 def main(argv):
@@ -41,7 +51,8 @@ def main(argv):
 
     from hymba_jax import distributed
     from hymba_jax.parallel import MeshError
-    from hymba_jax.train.loop import train
+    from hymba_jax.train.checkpoint import CheckpointError
+    from hymba_jax.train.loop import TrainingError, train
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -49,9 +60,11 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
-        result = train(_CONFIG.value, _WORKDIR.value)
+        result = train(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
     except (TrainConfigError, MeshError) as e:
         raise SystemExit(f"config error: {e}") from None
+    except (TrainingError, CheckpointError) as e:
+        raise SystemExit(f"training stopped: {e}") from None
     if jax.process_index() == 0:
         print(json.dumps(result))
 

@@ -383,6 +383,15 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> HymbaConfig:
 # --------------------------------------------------------------------------------------------------
 # Files
 
+def _open(file: Path):
+    """safe_open, with an error naming the file when it is not safetensors (garbage, or a truncated header)."""
+    try:
+        return safe_open(file, "numpy")
+    except Exception as e:   # safetensors raises its own SafetensorError, or OSError
+        raise CheckpointError(f"{file}: cannot be read as safetensors ({type(e).__name__}: {e}); the file is "
+                              "damaged or not a safetensors file") from None
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     index = path / SAFETENSORS_INDEX
@@ -400,7 +409,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     if not single.exists():
         raise CheckpointError(f"{path}: neither {SAFETENSORS} nor {SAFETENSORS_INDEX} found; a Hugging Face "
                               "Hymba checkpoint directory holds one of them beside config.json")
-    with safe_open(single, "numpy") as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -436,7 +445,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *,
     expected = hf_tensor_shapes(config)
 
     def actual_shape(name: str) -> tuple[int, ...]:
-        with safe_open(files[name], "numpy") as f:
+        with _open(files[name]) as f:
             return tuple(f.get_slice(name).get_shape())
 
     missing = [n for n in expected if n not in files and not (n == "lm_head.weight" and config.tie_word_embeddings)]
@@ -456,10 +465,20 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *,
     handles: dict[Path, object] = {}
 
     def read(name: str) -> np.ndarray:
+        """The tensor in fp32; a truncated file or a NaN/inf value raises CheckpointError naming both
+        (NaN weights would otherwise make every logit NaN and generation return token 0)."""
         file = files[name]
         if file not in handles:
-            handles[file] = safe_open(file, "numpy").__enter__()
-        return handles[file].get_tensor(name).astype(np.float32)
+            handles[file] = _open(file).__enter__()
+        try:
+            tensor = handles[file].get_tensor(name).astype(np.float32)
+        except Exception as e:
+            raise CheckpointError(f"{file}: tensor {name} cannot be read ({type(e).__name__}: {e}); the file is "
+                                  "damaged or truncated") from None
+        if not np.isfinite(tensor).all():
+            raise CheckpointError(f"{file}: tensor {name} holds {int(np.sum(~np.isfinite(tensor)))} NaN or inf "
+                                  "values; the checkpoint is damaged or was saved from a diverged run")
+        return tensor
 
     targets = None if shardings is None else shardings(config)
 

@@ -10,6 +10,7 @@ here, so the same source and dtypes give the same model everywhere.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,9 +67,11 @@ def load_model(source: str, dtype: Optional[str] = None, *, param_dtype: str = "
     elif kind == "hf":
         config, params = load_hf_checkpoint(source, jnp.dtype(param_dtype), shardings=shardings)
     else:
-        from hymba_jax.train.checkpoint import restore_params  # Orbax and the training stack, only when needed
+        from hymba_jax.train.checkpoint import restore_checkpoint_params  # Orbax and the training stack
 
-        config, params = restore_params(source, mesh=mesh, rules=rules)
+        step, config, params = restore_checkpoint_params(source, mesh=mesh, rules=rules)
+        if jax.process_index() == 0:      # an earlier step than the latest when that one is damaged
+            print(f"loaded {source} at checkpoint step {step}", file=sys.stderr)
         keep = lambda p, x: x if p[-1].key in FP32_TENSORS else x.astype(param_dtype)
         params = jax.tree_util.tree_map_with_path(keep, params)
         config = config.replace(param_dtype=param_dtype)

@@ -2,6 +2,7 @@
 
 import pickle
 
+import pytest
 import sentencepiece as spm
 from data_testing import data_cache_dir, data_config, tokenizer  # noqa: F401  (fixtures)
 
@@ -56,3 +57,11 @@ def test_model_file_without_pad_gets_hymba_pad(tmp_path):
 def test_tokenizer_pickles(tokenizer):  # noqa: F811
     restored = pickle.loads(pickle.dumps(tokenizer))
     assert isinstance(restored, Tokenizer) and restored.encode(SAMPLE) == tokenizer.encode(SAMPLE)
+
+
+@pytest.mark.parametrize("content", [b"hello world", b""])
+def test_a_file_that_is_not_sentencepiece_is_named(tmp_path, content):
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a usable SentencePiece model"):
+        Tokenizer.from_file(path)

@@ -307,6 +307,27 @@ def test_unsupported_feature_is_refused(broken):
         load_hf_checkpoint(path)
 
 
+def test_nonfinite_tensor_is_refused_naming_file_and_tensor(broken):
+    def poison(t):
+        t["model.layers.3.mamba.D.0"] = t["model.layers.3.mamba.D.0"].copy()
+        t["model.layers.3.mamba.D.0"][5] = np.nan
+    path = broken[1](poison)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor model\.layers\.3\.mamba\.D\.0 holds 1 "
+                                              r"NaN or inf values"):
+        load_hf_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_safetensors_is_named(broken, damage):
+    path, _ = broken
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(b"not a safetensors file" * 10 if damage == "garbage" else data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: (cannot be read as safetensors|tensor .* cannot be "
+                                              r"read)"):
+        load_hf_checkpoint(path)
+
+
 def test_missing_files_are_explained(tmp_path, broken):
     with pytest.raises(CheckpointError, match="not a directory"):
         load_hf_checkpoint(tmp_path / "nowhere")

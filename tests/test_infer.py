@@ -146,6 +146,32 @@ def test_generate_refuses_bad_requests(generator):
         generator.generate([[1], []], 4)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generator.generate([[1, 101]], 4)
+    with pytest.raises(ValueError, match=r"token ids \[-1\] are outside the vocabulary"):
+        generator.generate([[1, -1]], 4)               # would read the last embedding row
+    with pytest.raises(ValueError, match=r"passes the model's 60 text positions \(max_position_embeddings 64 - 4"):
+        generator.generate([[1] * 50], 11)
+    generator.generate([[1] * 50], 10)                 # 60: the last position there is
+
+
+def test_prefill_checks_its_inputs_and_takes_a_wider_token_array(params):
+    """A token array wider than the chunks needs (padding columns) gives the same logits as the narrow
+    one; lengths past the array and ids outside the vocabulary are refused before any compute."""
+    from hymba_jax.infer.engine import prefill
+
+    lengths = np.array([3, 5])
+    narrow = np.zeros((2, 8), np.int32)
+    narrow[0, :3], narrow[1, :5] = [1, 2, 3], [4, 5, 6, 7, 8]
+    wide = np.concatenate([narrow, np.full((2, 13), 9, np.int32)], axis=1)
+    meta = meta_state(CONFIG, params)
+    got = [np.asarray(prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), t, lengths, 8)[0])
+           for t in (narrow, wide)]
+    np.testing.assert_array_equal(got[0], got[1])
+    with pytest.raises(ValueError, match="prompt lengths up to 9 given for a token array of 8 columns"):
+        prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), narrow, np.array([3, 9]), 8)
+    bad = narrow.copy()
+    bad[1, 4] = CONFIG.vocab_size
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), bad, lengths, 8)
 
 
 def test_cli_generates_from_the_fixture(tiny_a_dir, tiny_a_expected, capsys):
@@ -206,7 +232,8 @@ def test_sampling_filters():
     draws = np.asarray(sample(jnp.repeat(logits, 2000, axis=0), keys, Sampling(1.0, top_p=0.79)))
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / 2000, [0.625, 0.375, 0, 0], atol=0.04)
     assert np.asarray(sample(logits, keys[:1], Sampling())).tolist() == [0]
-    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan")),
+                dict(temperature=float("inf")), dict(top_p=float("nan"))):
         with pytest.raises(ValueError, match="Sampling"):
             Sampling(**bad)
 

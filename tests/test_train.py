@@ -277,6 +277,8 @@ def test_metrics_logger_writes_jsonl_tensorboard_and_truncates_on_resume(tmp_pat
     ("model.preset", "hymba_9b", "model.preset"),
     ("data.source", "web", "data.source"),
     ("mesh.tensor", 0, "mesh.tensor"),
+    ("seq_len", 1020, "seq_len=1020: must be at most the model's 1016 text positions"),
+    ("max_consecutive_skips", 0, "max_consecutive_skips"),
 ])
 def test_invalid_values_name_the_key(key, value, match):
     from configs.tiny import get_config
@@ -298,13 +300,16 @@ def test_unknown_keys_name_the_key():
 
 
 def test_command_line_errors_before_compiling(tmp_path):
-    """Unknown override keys (config_flags) and invalid values (ours) stop train.py at once."""
-    for flag, expected in (("--config.optimizer.warmup_stepz=3", "warmup_stepz"),
+    """Unknown override keys (with the closest keys) and invalid values stop train.py at once, in one
+    message and no traceback."""
+    for flag, expected in (("--config.optimizer.warmup_stepz=3", "did you mean --config.optimizer.warmup_steps?"),
+                           ("--config.lerning_rate=1", "did you mean --config.optimizer.learning_rate?"),
                            ("--config.model.num_heads=5", "model.num_kv_heads")):
         result = subprocess.run([sys.executable, str(REPO / "train.py"), "--workdir", str(tmp_path), flag],
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
         assert result.returncode != 0
         assert expected in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr, result.stderr
         assert not (tmp_path / "checkpoints").exists()
 
 

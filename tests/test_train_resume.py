@@ -8,6 +8,7 @@ the numerics, are the same in every process).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,41 @@ def test_sigkill_and_sigterm_then_resume_is_bitwise_identical(setup, uninterrupt
         np.testing.assert_array_equal(a, b)
 
 
+def _tree(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_unusable_workdir_is_refused_and_start_over_begins_again(setup, uninterrupted, tmp_path):
+    """A changed model shape, then a workdir whose every checkpoint is damaged: train.py exits 1 with one
+    message naming the difference (or each step's error) and the remedy, renames nothing and leaves
+    metrics.jsonl as it was; --start_over moves the checkpoints and logs into previous-0/ and trains
+    from step 0."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    before, metrics = _tree(run), (run / METRICS_FILE).read_text()
+    proc = _launch(setup, run, "--config.model.intermediate_size=128")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert (f"training stopped: the config's model does not fit checkpoint step {NUM_STEPS}" in out
+            and "model.intermediate_size=128 (the checkpoint has 64)" in out and "--start_over" in out), out[-3000:]
+    assert _tree(run) == before
+
+    for metadata in (run / "checkpoints").glob("*/params/_METADATA"):
+        metadata.write_bytes(metadata.read_bytes()[:100])
+    before = _tree(run)
+    proc = _launch(setup, run)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert "training stopped: none of the checkpoints" in out and "nothing was renamed or deleted" in out
+    assert "Traceback" not in out and len(out.splitlines()) < 30, out     # one line per step, no library dumps
+    assert _tree(run) == before and (run / METRICS_FILE).read_text() == metrics
+
+    _finish(_launch(setup, run, "--start_over"))
+    assert (run / "previous-0" / METRICS_FILE).read_text() == metrics
+    assert sorted(s for k, s in _losses(run) if k == "train") == list(range(1, NUM_STEPS + 1))
+
+
 def test_eval_program_reproduces_the_final_validation_loss(setup, uninterrupted):
     """`eval.py --workdir DIR` (train.py's flag) restores the latest checkpoint and the run's own validation
     split and batch settings: its loss is the training run's final validation loss, and its result is
@@ -124,6 +160,7 @@ def test_eval_program_reproduces_the_final_validation_loss(setup, uninterrupted)
     assert results[0] == results[1] == json.loads((uninterrupted / "eval_perplexity.json").read_text())
     final = _losses(uninterrupted)[("eval", NUM_STEPS)]
     assert results[0]["task"] == "perplexity" and results[0]["tokens"] > 0
+    assert f"at checkpoint step {NUM_STEPS}" in proc.stderr
     np.testing.assert_allclose(results[0]["loss"], final, rtol=1e-6)
 
     proc = run("--workdir", str(uninterrupted), "--config.workdir=/elsewhere")

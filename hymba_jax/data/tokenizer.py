@@ -50,8 +50,15 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
-        """Loads a SentencePiece `.model` file (e.g. Llama-2's tokenizer.model)."""
-        return cls(Path(path).expanduser().read_bytes())
+        """Loads a SentencePiece `.model` file (e.g. Llama-2's tokenizer.model); ValueError naming the file
+        when it is not one (SentencePiece's own error names neither the file nor the problem)."""
+        path = Path(path).expanduser()
+        try:
+            return cls(path.read_bytes())
+        except (RuntimeError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: not a usable SentencePiece model ({reason}); give a tokenizer .model file "
+                             "such as Llama-2's tokenizer.model") from None
 
     @property
     def bos_id(self) -> int:

@@ -156,7 +156,11 @@ def prefill(config: HymbaConfig, params, cache: Cache, tokens: np.ndarray, lengt
     tokens, lengths = np.asarray(tokens, np.int32), np.asarray(lengths, np.int32)
     if lengths.min() < 1:
         raise ValueError("every prompt needs at least one token (start it with the BOS id)")
+    if lengths.max() > tokens.shape[1]:
+        raise ValueError(f"prompt lengths up to {lengths.max()} given for a token array of {tokens.shape[1]} columns")
+    check_prompts(config, [row[:n] for row, n in zip(tokens, lengths)])
     num_chunks = math.ceil(int(lengths.max()) / chunk)
+    tokens = tokens[:, :num_chunks * chunk]    # columns past every prompt are padding: a wider array is fine
     tokens = np.pad(tokens, ((0, 0), (0, num_chunks * chunk - tokens.shape[1])),
                     constant_values=config.pad_token_id)
     last = jnp.zeros((tokens.shape[0], config.hidden_size), jnp.dtype(config.dtype))
@@ -202,6 +206,21 @@ def decode_loop(config: HymbaConfig, params, cache: Cache, logits: jax.Array, ke
     return out, count, _flush(config, cache)
 
 
+def check_prompts(config: HymbaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int = 0) -> None:
+    """ValueError for token ids outside the vocabulary (the embedding would read a wrong row: -1 the last
+    one, >= vocab_size garbage) and for prompts that, with `max_new_tokens`, need more text positions than
+    the model has: max_position_embeddings - num_meta_tokens (the meta tokens take the first positions;
+    the rotary embedding and the released model were set up for no more; the eval Scorer's limit too)."""
+    bad = sorted({int(t) for p in prompts for t in p if not 0 <= t < config.vocab_size})
+    if bad:
+        raise ValueError(f"token ids {bad[:10]} are outside the vocabulary 0..{config.vocab_size - 1}")
+    longest, limit = max(len(p) for p in prompts), config.max_position_embeddings - config.num_meta_tokens
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) passes the "
+                         f"model's {limit} text positions (max_position_embeddings {config.max_position_embeddings} "
+                         f"- {config.num_meta_tokens} meta tokens); shorten the prompt or generate fewer tokens")
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -245,9 +264,7 @@ class Generator:
         if need > max_len:
             raise ValueError(f"the longest prompt ({lengths.max()} tokens) plus max_new_tokens ({max_new_tokens}) "
                              f"needs max_len >= {need}, got {max_len}")
-        bad = [t for p in prompts for t in p if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {sorted(set(bad))[:10]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
+        check_prompts(self.config, prompts, max_new_tokens)
         seeds = (np.arange(len(prompts)) + seed) if isinstance(seed, int) else np.asarray(seed)
         if seeds.shape != (len(prompts),):
             raise ValueError(f"pass one seed per prompt ({len(prompts)}), got {len(seeds)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,10 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
+        # NaN passes every comparison below, and a NaN temperature makes every draw token 0.
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"Sampling.{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"Sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

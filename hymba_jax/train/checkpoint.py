@@ -5,11 +5,23 @@ Layout: `<workdir>/checkpoints/<step>/` holds the Orbax items
     opt_state   optimizer state
     data        the Grain iterator position of every host (process_<i>-of-<n>.json)
     config      the training config (JSON)
-    model       the HymbaConfig fields (JSON), so a workdir can be loaded without the config files.
+    model       the HymbaConfig fields (JSON), so a workdir can be loaded without the config files
+    integrity   a checksum of every array of params and opt_state (JSON), computed on device at save.
 Saves are asynchronous (the device->host copy happens before `save` returns; files are written in a
 background thread) and keep the last `keep` steps. Orbax commits a step atomically, so an interrupted
-save never shows up as a step. A step that is later damaged (a truncated or missing file) fails to
-restore: it is renamed to `<step>.corrupt-<n>` with a warning and the previous step is used.
+save never shows up as a step.
+
+What the checkpoints promise (docs/training.md, "Faults"):
+* A state holding NaN or inf is never saved (`save` raises CheckpointError and writes nothing), so the
+  rotation that keeps the last `keep` steps only ever deletes older good steps for a newer good one.
+* A failed write (disk full, permissions) raises CheckpointError with the cause in one line, at the
+  next `check`, `save` or `wait`; Orbax only rotates after a step is committed, so earlier steps stay.
+* At restore every array is checked against its checksum (and for NaN/inf). A step that fails (a
+  damaged, truncated or missing file, a checksum mismatch) is reported in one warning line naming the
+  step and the item's directory, and the previous step is tried. Once an earlier step restores, the
+  damaged newer ones are renamed `<step>.corrupt-<n>` (so training can write that step again).
+* When the workdir has checkpoints but none restores, or the checkpoint's parameter shapes differ from
+  the config's model, nothing is renamed and CheckpointError says why and what to do.
 
 Other programs load a trained model with
 
@@ -19,14 +31,18 @@ Other programs load a trained model with
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
 from hymba_jax.data import iterator_restore_args, iterator_save_args
@@ -35,6 +51,15 @@ from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules, make_mesh
 from hymba_jax.train.state import TrainState, param_shardings
 
 CHECKPOINT_DIR = "checkpoints"
+ARRAY_ITEMS = ("params", "opt_state")
+INTEGRITY_ITEM = "integrity"
+START_OVER = ("use a new --workdir, or run train.py with --start_over to move the checkpoints and logs "
+              "aside and start from step 0")
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints that cannot be written, or a workdir whose checkpoints cannot be used: the run stops
+    rather than lose, replace or silently ignore them (the message names the step, file and remedy)."""
 
 
 class CheckpointRestoreWarning(UserWarning):
@@ -53,6 +78,50 @@ def model_config_from_dict(fields: dict) -> HymbaConfig:
     return HymbaConfig(**fields)
 
 
+def _array_digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(checksum, all finite) of one array: the sum of its elements' bits times (2 * flat index + 1), mod
+    2^32. Integer addition is associative, so the sum is the same however the array is sharded and
+    reduced; any single changed element changes it (the weights are odd)."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    weights = 2 * jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) + 1
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return jnp.sum(bits * weights, dtype=jnp.uint32), finite
+
+
+@functools.lru_cache(maxsize=None)
+def _digest_fn(out_sharding: Optional[NamedSharding]):
+    def digests(leaves):
+        pairs = [_array_digest(x) for x in leaves]
+        return jnp.stack([c for c, _ in pairs]), jnp.stack([f for _, f in pairs])
+    return jax.jit(digests, out_shardings=out_sharding)
+
+
+def digest(tree: Any) -> dict[str, tuple[int, bool]]:
+    """{path: (checksum, all finite)} of every array of `tree`, computed on device where the arrays live
+    (only the two small results come to the host)."""
+    with_paths = jax.tree_util.tree_leaves_with_path(tree)
+    if not with_paths:
+        return {}
+    leaves = [x for _, x in with_paths]
+    sharding = getattr(leaves[0], "sharding", None)
+    out = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
+    sums, finite = jax.device_get(_digest_fn(out)(leaves))
+    return {jax.tree_util.keystr(p): (int(c), bool(f)) for (p, _), c, f in zip(with_paths, sums, finite)}
+
+
+def one_line(error: BaseException) -> str:
+    """`Type: first line` of the innermost cause of `error`, at most 400 characters: library errors wrap
+    the OS or TensorStore error (the one that names the file) several times and run to hundreds of lines."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}"[:400] if text else type(error).__name__
+
+
 class Checkpointer:
     """Saves and restores TrainState + data iterator + configs under `<workdir>/checkpoints`."""
 
@@ -62,34 +131,84 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: Optional[int] = None
 
     def save(self, state: TrainState, data_iterator, config: ml_collections.ConfigDict,
              model_config: HymbaConfig) -> None:
+        """Starts writing `state` as its step (nothing when that step is saved already), with the checksum
+        of every array. Raises CheckpointError, writing nothing, when the state holds NaN or inf or an
+        earlier write failed."""
         step = int(jax.device_get(state.step))
+        self.wait()   # Orbax would wait for the previous write anyway; its error is that step's, not this one's
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            data=iterator_save_args(data_iterator),
-            config=ocp.args.JsonSave(config.to_dict()),
-            model=ocp.args.JsonSave(dataclasses.asdict(model_config)),
-        ), force=True)
+        digests = {item: digest(getattr(state, item)) for item in ARRAY_ITEMS}
+        bad = [f"{item}{path}" for item in ARRAY_ITEMS for path, (_, finite) in digests[item].items()
+               if not finite]
+        if bad:
+            raise CheckpointError(
+                f"step {step}: not saving a checkpoint, {bad[0]} holds NaN or inf ({len(bad)} arrays in all); "
+                f"the checkpoints {self.manager.all_steps()} in {self.directory} are kept")
+        integrity = {item: {path: checksum for path, (checksum, _) in digests[item].items()}
+                     for item in ARRAY_ITEMS}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                data=iterator_save_args(data_iterator),
+                config=ocp.args.JsonSave(config.to_dict()),
+                model=ocp.args.JsonSave(dataclasses.asdict(model_config)),
+                **{INTEGRITY_ITEM: ocp.args.JsonSave(integrity)},
+            ), force=True)
+        except Exception as e:  # the synchronous part: directories, the device->host copy
+            raise CheckpointError(self._write_failed(step, e)) from None
+        self._writing = step
+
+    def check(self) -> None:
+        """Raises CheckpointError when a background write has failed (host only, never blocks on a write
+        in progress: the loop calls it after every step, so a full disk stops the run at once rather
+        than at the next save). Orbax keeps a failed write's error in its finalize thread, which only
+        `wait_until_finished` raises; with no write in progress that returns at once."""
+        try:
+            self.manager.check_for_errors()
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(self._write_failed(self._writing, e)) from None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the write in flight is committed; CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(self._write_failed(self._writing, e)) from None
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for the write in flight and releases Orbax's threads; CheckpointError if the write failed."""
+        try:
+            self.manager.close()
+        except Exception as e:
+            raise CheckpointError(self._write_failed(self._writing, e)) from None
 
-    def restore_latest(self, shardings: TrainState, shapes: TrainState, data_iterator) -> Optional[TrainState]:
+    def _write_failed(self, step: Optional[int], error: Exception) -> str:
+        self.manager.reload()
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        return (f"writing {what} to {self.directory} failed: {one_line(error)}; "
+                f"the earlier checkpoints {self.manager.all_steps()} are intact")
+
+    def restore_latest(self, shardings: TrainState, shapes: TrainState, data_iterator,
+                       model_config: Optional[HymbaConfig] = None) -> Optional[TrainState]:
         """The latest restorable state (placed on `shardings`), with `data_iterator` moved to its position;
-        None when there is no checkpoint."""
+        None when there is no checkpoint. Raises CheckpointError when there are checkpoints but none
+        restores, or when their parameter shapes differ from `shapes` (naming the `model_config` fields
+        that differ from the checkpoint's)."""
         def restore(step):
+            self._check_shapes(step, shapes.params, model_config)
             r = self.manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(shardings.params, shapes.params)),
                 opt_state=ocp.args.StandardRestore(_abstract(shardings.opt_state, shapes.opt_state)),
                 data=iterator_restore_args(data_iterator)))
+            self._verify(step, {"params": r.params, "opt_state": r.opt_state})
             return TrainState(step=jax.device_put(jax.numpy.asarray(step, "int32"), shardings.step),
                               params=r.params, opt_state=r.opt_state)
         return self._latest(restore)
@@ -97,8 +216,15 @@ class Checkpointer:
     def restore_params(self, model_config: HymbaConfig, shardings: Any) -> tuple[int, Any]:
         """(step, params) of the latest restorable step."""
         shapes = param_shapes(model_config)
-        result = self._latest(lambda step: (step, self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(shardings, shapes)))).params))
+
+        def restore(step):
+            self._check_shapes(step, shapes, model_config)
+            params = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(shardings, shapes)))).params
+            self._verify(step, {"params": params})
+            return step, params
+
+        result = self._latest(restore)
         if result is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to load")
         return result
@@ -108,32 +234,89 @@ class Checkpointer:
         step = self.manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint; train first (train.py --workdir ...)")
-        return self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        try:
+            return self._read_json(step, item)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{e}; {START_OVER}" if not self.read_only else str(e)) from None
+
+    def _read_json(self, step: int, item: str) -> dict:
+        """A JSON item of a step, read directly (Orbax's JsonSave writes `<step>/<item>/metadata`); an
+        unreadable or malformed file raises ValueError naming it."""
+        path = self.directory / str(step) / item / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot be read as JSON ({one_line(e)})") from None
+
+    def _check_shapes(self, step: int, shapes: Any, model_config: Optional[HymbaConfig]) -> None:
+        """Raises CheckpointError when step's model has other parameter shapes than `shapes`."""
+        saved = model_config_from_dict(self._read_json(step, "model"))
+        saved_shapes = {jax.tree_util.keystr(p): tuple(s.shape)
+                        for p, s in jax.tree_util.tree_leaves_with_path(param_shapes(saved))}
+        wanted = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in jax.tree_util.tree_leaves_with_path(shapes)}
+        if saved_shapes == wanted:
+            return
+        if model_config is not None:
+            fields = [f"model.{f.name}={getattr(model_config, f.name)!r} (the checkpoint has "
+                      f"{getattr(saved, f.name)!r})" for f in dataclasses.fields(HymbaConfig)
+                      if getattr(saved, f.name) != getattr(model_config, f.name)]
+            difference = ", ".join(fields)
+        else:
+            path = next(p for p in sorted(set(saved_shapes) | set(wanted)) if saved_shapes.get(p) != wanted.get(p))
+            difference = f"params{path} is {wanted.get(path)}, the checkpoint's {saved_shapes.get(path)}"
+        raise CheckpointError(
+            f"the config's model does not fit checkpoint step {step} in {self.directory}: {difference}. "
+            f"Set the model back to the checkpoint's, or {START_OVER}; nothing was changed")
+
+    def _verify(self, step: int, trees: dict[str, Any]) -> None:
+        """Raises ValueError when a restored array differs from the checksum written at save or holds NaN
+        or inf (steps saved before checksums existed get the second check only)."""
+        expected = (self._read_json(step, INTEGRITY_ITEM) if (self.directory / str(step) / INTEGRITY_ITEM).exists()
+                    else None)
+        for item, tree in trees.items():
+            for path, (checksum, finite) in digest(tree).items():
+                if expected is not None and expected[item].get(path) != checksum:
+                    raise ValueError(f"{item}{path} does not match the checksum written at save (its data is in "
+                                     f"{self.directory / str(step) / item})")
+                if not finite:
+                    raise ValueError(f"{item}{path} holds NaN or inf")
 
     def _latest(self, restore):
+        """restore(step) of the latest step that restores; the damaged newer ones are moved aside only
+        then, so a workdir where nothing restores is left exactly as it was."""
+        failed: dict[int, str] = {}
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                return restore(step)
+                result = restore(step)
+            except CheckpointError:
+                raise
             except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
-                self._quarantine(step, e)
+                failed[step] = one_line(e)
+                warnings.warn(f"checkpoint step {step} in {self.directory} cannot be restored ({failed[step]}); "
+                              "trying the previous step", CheckpointRestoreWarning, stacklevel=3)
+                continue
+            for damaged in failed:
+                self._quarantine(damaged)
+            return result
+        if failed:
+            remedy = "" if self.read_only else f"; nothing was renamed or deleted: {START_OVER}"
+            reasons = "; ".join(f"step {step}: {reason}" for step, reason in failed.items())
+            raise CheckpointError(f"none of the checkpoints in {self.directory} can be restored ({reasons}){remedy}")
         return None
 
-    def _quarantine(self, step: int, error: Exception) -> None:
+    def _quarantine(self, step: int) -> None:
+        """Moves a damaged step aside (once an earlier step has restored), so training can save it again."""
+        if self.read_only:
+            return
         path = self.directory / str(step)
         n = 0
         while path.with_name(f"{step}.corrupt-{n}").exists():
             n += 1
         target = path.with_name(f"{step}.corrupt-{n}")
-        moved = ""
-        if not self.read_only:
-            if jax.process_index() == 0 and path.exists():
-                path.rename(target)
-            self.manager.reload()
-            moved = f"moved it to {target.name} and "
-        message = (f"checkpoint step {step} in {self.directory} cannot be restored "
-                   f"({type(error).__name__}: {str(error)[:300]}); {moved}trying the previous step")
-        logging.warning(message)
-        warnings.warn(message, CheckpointRestoreWarning, stacklevel=3)
+        if jax.process_index() == 0 and path.exists():
+            path.rename(target)
+        self.manager.reload()
+        logging.warning("moved the damaged checkpoint step %d to %s", step, target)
 
 
 def restore_params(workdir: str | Path, *, mesh: Optional[jax.sharding.Mesh] = None,
@@ -144,14 +327,22 @@ def restore_params(workdir: str | Path, *, mesh: Optional[jax.sharding.Mesh] = N
     with `.replace`) and the fp32 parameter tree, sharded over `mesh` by the logical axis `rules`
     (default: all devices, data-parallel, i.e. replicated). Only the `params` item is read.
     """
+    _, model_config, params = restore_checkpoint_params(workdir, mesh=mesh, rules=rules)
+    return model_config, params
+
+
+def restore_checkpoint_params(workdir: str | Path, *, mesh: Optional[jax.sharding.Mesh] = None,
+                              rules: AxisRules = DEFAULT_AXIS_RULES) -> tuple[int, HymbaConfig, Any]:
+    """`restore_params` with the step it restored first: an earlier one when the latest is damaged, which
+    a program reporting results must say (eval.py does)."""
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         model_config = model_config_from_dict(checkpointer.read_json("model"))
         mesh = mesh or make_mesh({"data": -1})
-        _, params = checkpointer.restore_params(model_config, param_shardings(model_config, mesh, rules))
+        step, params = checkpointer.restore_params(model_config, param_shardings(model_config, mesh, rules))
     finally:
         checkpointer.close()
-    return model_config, params
+    return step, model_config, params
 
 
 def read_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:

@@ -8,7 +8,8 @@ preset's value). `validate_config` checks every value before anything is traced 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import difflib
+from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -57,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip_norm=1.0,       # global-norm clipping; 0 disables
     ))
     c.z_loss = 0.0                # coefficient of mean(logsumexp(logits)^2); 0 disables
+    c.max_consecutive_skips = 10  # steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run
     c.log_every = 10
     c.eval_every = 200            # validation loss every this many steps (and at the end); 0: only the end
     c.eval_batches = 8            # validation batches per evaluation; -1: the whole held-out split
@@ -170,7 +172,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     need(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     need(opt.grad_clip_norm >= 0, "optimizer.grad_clip_norm", "must be >= 0 (0 disables clipping)")
     need(config.z_loss >= 0, "z_loss", "must be >= 0")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         need(config[key] >= 1, key, "must be at least 1")
     need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate only at the end)")
     need(config.eval_batches == -1 or config.eval_batches >= 1, "eval_batches", "must be >= 1 or -1 (all)")
@@ -185,7 +187,38 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         validate_data_config(config.data)
     except DataConfigError as e:
         raise TrainConfigError(str(e)) from None
-    model_config(config, vocab_size=1)  # the model's fields; the vocabulary is checked once it is known
+    cfg = model_config(config, vocab_size=1)  # the model's fields; the vocabulary is checked once it is known
+    limit = cfg.max_position_embeddings - cfg.num_meta_tokens   # the meta tokens take the first positions
+    need(config.seq_len <= limit, "seq_len",
+         f"must be at most the model's {limit} text positions (max_position_embeddings "
+         f"{cfg.max_position_embeddings} - {cfg.num_meta_tokens} meta tokens); raise model.max_position_embeddings "
+         "or shorten seq_len")
+
+
+def unknown_override(argv: Sequence[str]) -> str:
+    """The message for a `--config.<key>=` override in `argv` that names no key: the key and the closest
+    ones (config_flags itself fails with a long traceback, before train.py's main runs)."""
+    keys = _dotted_keys(base_config())
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=")[0]
+            if key not in keys:
+                leaf = key.split(".")[-1]
+                leaves = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in keys], cutoff=0.8)
+                close = (difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
+                         or [k for k in keys if k.split(".")[-1] in leaves])
+                hint = f"; did you mean {' or '.join(f'--config.{k}' for k in close[:3])}?" if close else ""
+                return f"--config.{key}: no such config key{hint} (every key: hymba_jax/train/config.py:base_config)"
+    return "a --config override cannot be applied (run with --helpfull to see the keys)"
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

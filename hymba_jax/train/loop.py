@@ -5,10 +5,17 @@
 Resumes from the latest restorable checkpoint in `workdir` when there is one (no flag), else starts
 from random weights or `config.init_from_hf`. SIGTERM (and SIGINT) finish the current step, save a
 checkpoint, wait for it to be written and return. Only process 0 writes logs.
+
+Faults stop the run with TrainingError or CheckpointError (train.py exits non-zero with the message)
+and never cost a good checkpoint: `max_consecutive_skips` non-finite steps in a row (each one skipped
+by the step, state unchanged), a failed checkpoint write (noticed after the step during which it
+failed), a workdir whose checkpoints do not restore or do not fit the model. `start_over=True` is the
+one way to begin again in a used workdir: its checkpoints and logs are moved into `previous-<n>/`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -18,6 +25,7 @@ from typing import Any, Optional
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from hymba_jax import compilation_cache
 from hymba_jax.data import load_tokenizer, make_dataset
@@ -25,12 +33,17 @@ from hymba_jax.hf import load_hf_checkpoint
 from hymba_jax.ops.auto import default_platform, describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import batch_sharding, data_parallel_size, make_mesh, shard_batch
 from hymba_jax.train import validation
-from hymba_jax.train.checkpoint import Checkpointer
+from hymba_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from hymba_jax.train.config import TrainConfigError, model_config, validate_config
-from hymba_jax.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device, plot_loss_curve
+from hymba_jax.train.metrics import (LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger,
+                                     flops_per_token, peak_flops_per_device, plot_loss_curve)
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import TrainState, create_train_state, state_shardings
 from hymba_jax.train.step import make_eval_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (diverged, or the workdir is unusable); the message says why and what to do."""
 
 
 class _StopRequest:
@@ -79,9 +92,16 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh) -> None:
                                "processes")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Train to `config.num_steps` (or until SIGTERM). Returns the last validation metrics and step."""
+def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bool = False) -> dict[str, Any]:
+    """Train to `config.num_steps` (or until SIGTERM). Returns the last validation metrics and step.
+
+    start_over: begin at step 0 even though `workdir` has checkpoints; they and the logs are moved into
+    `<workdir>/previous-<n>/` first (nothing is deleted).
+    """
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise TrainingError(f"--workdir {workdir}: is a file, not a directory; give a directory (it is created "
+                            "when missing)")
     cache_dir = compilation_cache.enable(config.compilation_cache_dir)
     validate_config(config, jax.device_count())
     mesh = make_mesh(dict(config.mesh), dcn_shape=dict(config.dcn_mesh))
@@ -93,11 +113,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     shardings = state_shardings(model_cfg, tx, mesh, rules)
     batch_sh = batch_sharding(mesh, rules)
     workdir.mkdir(parents=True, exist_ok=True)
+    if start_over:
+        _move_aside(workdir)
 
     train_iter = iter(make_dataset(config.data, tokenizer, split="train", global_batch_size=config.batch_size,
                                    seq_len=config.seq_len, seed=config.seed))
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    state = _initial_state(config, model_cfg, tx, mesh, shardings, checkpointer, train_iter)
+    try:
+        state = _initial_state(config, model_cfg, tx, mesh, shardings, checkpointer, train_iter)
+    except BaseException:
+        checkpointer.close()
+        raise
     start = int(jax.device_get(state.step))
 
     kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
@@ -131,7 +157,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
     pending: list[dict] = []
     last_eval: dict = {}
     step = start
-    with _StopRequest() as stop:
+    skips = 0   # consecutive skipped (non-finite) steps, as of the last logged step
+    with _StopRequest() as stop, _closing(checkpointer, logger):
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
         clock = time.perf_counter()
@@ -147,17 +174,34 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
             batch = None
             step += 1
             pending.append(metrics)
+            checkpointer.check()
             if step % config.log_every == 0 or step == config.num_steps:
                 values = jax.device_get(pending)
                 now = time.perf_counter()
                 tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
-                record = {k: sum(float(v[k]) for v in values) / len(values) for k in values[0]}
+                skipped = [bool(v["skipped"]) for v in values]
+                applied = [v for v, s in zip(values, skipped) if not s]   # skipped steps' loss is NaN
+                record = {k: sum(float(v[k]) for v in applied) / len(applied) if applied else None
+                          for k in values[0] if k != "skipped"}
                 record["lr"] = float(values[-1]["lr"])
+                record["skipped"] = sum(skipped)
                 record["tokens_per_s"] = tokens_per_s
                 record["mfu"] = flops * tokens_per_s / (peak * jax.device_count()) if peak else None
                 logger.write("train", step, record)
                 logger.progress(step, record["loss"], tokens_per_s)
                 pending, tick, tick_step = [], now, step
+                for s in skipped:
+                    skips = skips + 1 if s else 0
+                if any(skipped):
+                    logger.message(f"step {step}: skipped {sum(skipped)} of the last {len(values)} steps "
+                                   "(loss or gradient norm NaN or inf; parameters and optimizer unchanged)")
+                if skips >= config.max_consecutive_skips:
+                    raise TrainingError(
+                        f"the loss or gradient norm was NaN or inf for {skips} steps in a row up to step {step} "
+                        f"(max_consecutive_skips={config.max_consecutive_skips}): the run stops. Those updates "
+                        f"were skipped, so the parameters are step {step - skips}'s; the last checkpoint is "
+                        f"step {checkpointer.manager.latest_step()}. Lower optimizer.learning_rate "
+                        f"({config.optimizer.learning_rate}) or check the data, then run again to resume")
             if config.eval_every and step % config.eval_every == 0 and step < config.num_steps:
                 eval_start = time.perf_counter()
                 last_eval = evaluate(step)
@@ -166,22 +210,61 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
                 checkpointer.save(state, train_iter, config, model_cfg)
         if stop.signal is not None:
             logger.message(f"received signal {stop.signal}: saving step {step} and exiting")
-        else:
+        elif not _finished_and_evaluated(logger, start, config.num_steps):
             last_eval = evaluate(step)
+        else:   # a finished workdir run again: its final evaluation is logged already
+            last_eval = logger.record("eval", step) or {}
         checkpointer.save(state, train_iter, config, model_cfg)
         checkpointer.wait()
-    checkpointer.close()
-    logger.close()
     if jax.process_index() == 0 and stop.signal is None:
         plot_loss_curve(workdir)
     return {"step": step, "stopped_by_signal": stop.signal, **{f"val_{k}": v for k, v in last_eval.items()}}
+
+
+@contextlib.contextmanager
+def _closing(checkpointer: Checkpointer, logger: MetricsLogger):
+    """Closes both however the run ends; closing waits for a checkpoint write in flight, so a run stopped
+    by an error still keeps the last step it saved."""
+    try:
+        yield
+    finally:
+        logger.close()
+        checkpointer.close()
+
+
+def _finished_and_evaluated(logger: MetricsLogger, start: int, num_steps: int) -> bool:
+    """Whether the run resumed at its last step with that step's evaluation logged (process 0 reads the
+    log; every process gets its answer, since evaluating is a collective)."""
+    done = np.asarray(start == num_steps and logger.record("eval", num_steps) is not None)
+    if jax.process_count() > 1:
+        done = multihost_utils.broadcast_one_to_all(done)
+    return bool(done)
+
+
+def _move_aside(workdir: Path) -> None:
+    """--start_over: moves the checkpoints, metrics, TensorBoard events, loss curve and eval results of
+    `workdir` into a new `previous-<n>/` inside it (process 0; the others wait)."""
+    if jax.process_index() == 0:
+        names = [CHECKPOINT_DIR, METRICS_FILE, TENSORBOARD_DIR, LOSS_CURVE_FILE]
+        present = [workdir / n for n in names if (workdir / n).exists()] + sorted(workdir.glob("eval_*.json"))
+        if present:
+            n = 0
+            while (workdir / f"previous-{n}").exists():
+                n += 1
+            target = workdir / f"previous-{n}"
+            target.mkdir()
+            for path in present:
+                path.rename(target / path.name)
+            logging.warning("start_over: moved %s into %s", ", ".join(p.name for p in present), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("start_over")
 
 
 def _initial_state(config, model_cfg, tx, mesh, shardings: TrainState, checkpointer: Checkpointer,
                    train_iter) -> TrainState:
     shapes = jax.eval_shape(lambda r: create_train_state(model_cfg, tx, mesh, config.axis_rules, r)[0],
                             jax.random.key(config.seed))
-    state = checkpointer.restore_latest(shardings, shapes, train_iter)
+    state = checkpointer.restore_latest(shardings, shapes, train_iter, model_config=model_cfg)
     if state is not None:
         return state
     params = None

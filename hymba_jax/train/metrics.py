@@ -82,8 +82,8 @@ class MetricsLogger:
             return
         from tensorboard.summary import Writer  # imported here: only process 0 writes events
 
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if self.path.exists() else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if self.path.exists() else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.kept))
         self.file = self.path.open("a")
         self.writer = Writer(str(self.workdir / TENSORBOARD_DIR))
         self.bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -104,10 +104,18 @@ class MetricsLogger:
             self.bar.write(f"step {step}: validation loss {values['loss']:.4f} "
                            f"(perplexity {math.exp(min(values['loss'], 50)):.2f})")
 
-    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def record(self, kind: str, step: int) -> Optional[dict]:
+        """The values of the `kind` record of `step` kept from before the resume (None if there is none, or
+        on processes other than 0)."""
+        found = [r for r in self.kept if r["kind"] == kind and r["step"] == step] if self.enabled else []
+        return {k: v for k, v in found[-1].items() if k not in ("kind", "step", "time")} if found else None
+
+    def progress(self, step: int, loss: Optional[float], tokens_per_s: float) -> None:
+        """loss None: every step since the last update was skipped (not finite)."""
         if self.enabled:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.set_postfix(loss="skipped" if loss is None else f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}",
+                                 refresh=False)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -9,6 +9,12 @@ schedule, checkpoints, data state); every microbatch's gradient is already divid
 token weight, so the summed gradient equals the full-batch gradient exactly (only summation order
 differs); and the scan keeps one microbatch of activations live with no extra accumulator in the
 optimizer state.
+
+Non-finite steps are skipped on device: when the loss or the gradient norm is NaN or inf, the new
+parameters and optimizer state are the old ones, bit for bit (the optimizer's own step count, and so
+its learning-rate position, does not advance either), and the `skipped` metric is 1. The step counter
+still advances: it counts the batches consumed, so a checkpoint's data position stays its step. The
+loop stops the run after `max_consecutive_skips` of them in a row (train/loop.py).
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def make_train_step(model_config: HymbaConfig, tx: optax.GradientTransformation,
 
     batch: (B, L) arrays sharded by `batch_sharding`, B a multiple of grad_accum_steps. Metrics (fp32
     scalars): loss (weighted mean CE), z_loss (mean logsumexp^2), grad_norm (before clipping), lr (of this
-    step), tokens (sum of weights).
+    step), tokens (sum of weights), skipped (1 when the loss or gradient norm was not finite and the
+    update was not applied, else 0).
     """
     model = HymbaForCausalLM(model_config)
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_sharding.spec))
@@ -73,10 +80,15 @@ def make_train_step(model_config: HymbaConfig, tx: optax.GradientTransformation,
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grads, ce, zz), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                               opt_state=opt_state)
-        metrics = {"loss": ce / total_weight, "z_loss": zz / total_weight, "grad_norm": optax.tree.norm(grads),
-                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": total_weight}
+        params = optax.apply_updates(state.params, updates)
+        loss, grad_norm = ce / total_weight, optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {"loss": loss, "z_loss": zz / total_weight, "grad_norm": grad_norm,
+                   "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": total_weight,
+                   "skipped": 1.0 - finite.astype(jnp.float32)}
         return new_state, metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -238,3 +238,38 @@ def test_chat_settings_are_checked():
     config.format, config.source = "text", "tasks"
     with pytest.raises(DataConfigError, match="data.format='chat'"):
         validate_data_config(config)
+
+
+def test_generate_chat_renders_the_checkpoints_template(files, tmp_path, monkeypatch):
+    """`generate --chat` sends exactly the fine-tuning prompt ids (template from the export) and stops at eos."""
+    from hymba_jax.hf import save_hf_checkpoint
+    from hymba_jax.infer import generate
+    from hymba_jax.loading import load_chat_template
+
+    directory, tokenizer = files
+    config = hymba_tiny(**SMALL_MODEL, vocab_size=tokenizer.vocab_size)
+    source = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}" \
+             "{% if add_generation_prompt %}[assistant] {% endif %}"
+    save_hf_checkpoint(tmp_path / "export", config, random_params(config), dtype="float32",
+                       tokenizer=directory / "spm.model", chat_template=source)
+    seen = {}
+
+    class Recorder:
+        def __init__(self, config, params, **kwargs):
+            pass
+
+        def generate(self, prompts, max_new_tokens, *, stop_ids, **kwargs):
+            seen.update(prompts=prompts, stop_ids=stop_ids)
+            return [[5] for _ in prompts]
+
+    monkeypatch.setattr(generate, "Generator", Recorder)
+    generate.main(["--checkpoint", str(tmp_path / "export"), "--chat", "--system", "Be brief.",
+                   "--prompt", "Name a colour.", "--max_new_tokens", "2", "--compilation_cache_dir", ""])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    want = tokenizer.encode_exact("[system] Be brief.") + [tokenizer.eos_id] + \
+        tokenizer.encode_exact("[user] Name a colour.") + [tokenizer.eos_id] + tokenizer.encode_exact("[assistant] ")
+    assert seen["prompts"] == [want]
+    assert seen["prompts"][0] == chat.prompt_ids(tokenizer, template(tokenizer, source), messages)
+    assert seen["stop_ids"] == [tokenizer.eos_id]
+    (tmp_path / "export" / "tokenizer_config.json").write_text("{}")    # no template: the default one
+    assert load_chat_template(str(tmp_path / "export"), tokenizer).source == chat.DEFAULT_CHAT_TEMPLATE

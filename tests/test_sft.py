@@ -238,6 +238,9 @@ def test_chat_settings_are_checked():
     config.format, config.source = "text", "tasks"
     with pytest.raises(DataConfigError, match="data.format='chat'"):
         validate_data_config(config)
+    config.format, config.chat_template = "chat", "/no/such/template.jinja"
+    with pytest.raises(DataConfigError, match="data.chat_template='/no/such/template.jinja': no such file"):
+        validate_data_config(config)
 
 
 def test_generate_chat_renders_the_checkpoints_template(files, tmp_path, monkeypatch):

@@ -289,8 +289,9 @@ def read_template(path: str) -> str:
     if file.is_dir():
         file = file / "tokenizer_config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"data.chat_template={path!r}: no such file; give a .jinja file, a "
-                                "tokenizer_config.json (or its directory), 'default', or '' (see docs/finetuning.md)")
+        raise FileNotFoundError(f"chat template {path!r} (data.chat_template or --chat_template): no such file; "
+                                "give a .jinja file, a tokenizer_config.json (or its directory) or 'default' "
+                                "(docs/finetuning.md)")
     if file.suffix != ".json":
         return file.read_text()
     template = json.loads(file.read_text()).get("chat_template")

@@ -73,6 +73,9 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     if config.format == "chat" and config.source not in ("files", "tasks"):
         raise DataConfigError(f"data.source={config.source!r}: data.format='chat' reads conversation records "
                               "from 'files' (.jsonl) or the generated 'tasks'")
+    if config.chat_template not in ("", "default") and not Path(config.chat_template).expanduser().exists():
+        raise DataConfigError(f"data.chat_template={config.chat_template!r}: no such file or directory; give a "
+                              ".jinja file, a tokenizer_config.json (or its directory), 'default', or ''")
     if config.source == "tasks" and config.format != "chat":
         raise DataConfigError("data.source='tasks' holds conversations: set data.format='chat'")
     if config.source == "tasks" and config.task_examples < 1:

@@ -118,6 +118,8 @@ def test_template_round_trips(files, tmp_path):
     assert ids[:len(prompt)].tolist() == prompt and mask[len(prompt):].all() and not mask[len(prompt) - 1]
 
     config = hymba_tiny(**SMALL_MODEL, vocab_size=tokenizer.vocab_size)
+    with pytest.raises(ValueError, match="chat_template is written into tokenizer_config.json; pass the tokenizer"):
+        save_hf_checkpoint(tmp_path / "export", config, random_params(config), chat_template="x")
     save_hf_checkpoint(tmp_path / "export", config, random_params(config), tokenizer=directory / "spm.model",
                        chat_template=chat.DEFAULT_CHAT_TEMPLATE)
     assert json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())["chat_template"] == \
@@ -276,3 +278,25 @@ def test_generate_chat_renders_the_checkpoints_template(files, tmp_path, monkeyp
     assert seen["stop_ids"] == [tokenizer.eos_id]
     (tmp_path / "export" / "tokenizer_config.json").write_text("{}")    # no template: the default one
     assert load_chat_template(str(tmp_path / "export"), tokenizer).source == chat.DEFAULT_CHAT_TEMPLATE
+
+
+def test_generated_tasks_are_right_and_held_out(tmp_path):
+    from hymba_jax.data import tasks
+    from hymba_jax.data.sources import open_documents
+
+    config = default_data_config()
+    config.update(dict(source="tasks", format="chat", task_examples=600, cache_dir=str(tmp_path), val_fraction=0.1))
+    splits = {s: [json.loads(d) for d in open_documents(config, s)] for s in ("train", "validation")}
+    assert len(splits["train"]) + len(splits["validation"]) == 600 and len(splits["validation"]) > 30
+    questions = {s: {r["messages"][0]["content"] for r in rs} for s, rs in splits.items()}
+    assert not questions["train"] & questions["validation"]
+    for record in splits["train"] + splits["validation"]:
+        question, answer = (m["content"] for m in record["messages"])
+        if record["task"] == "add":
+            a, b = map(int, question.removeprefix("What is ").removesuffix("?").split(" + "))
+            assert answer == str(a + b)
+        elif record["task"] == "larger":
+            assert answer == str(max(map(int, question.removeprefix("Which is larger, ").removesuffix("?").split(" or "))))
+        else:
+            assert answer == question.removeprefix("Repeat after me: ")
+    assert {r["task"] for r in splits["train"]} == set(tasks.TASKS)

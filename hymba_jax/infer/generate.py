@@ -8,6 +8,7 @@
 With --chat each prompt is a user message, rendered with the checkpoint's chat template (its
 tokenizer_config.json's, a fine-tuning workdir's, or --chat_template) and the assistant's header, token for
 token as in fine-tuning (hymba_jax/data/chat.py); the reply ends at the end-of-turn eos.
+
 A single prompt streams its tokens as they are generated; several prompts run as one ragged batch and are
 printed at the end. Text prompts need a SentencePiece model (`--tokenizer`, default the checkpoint's own:
 DIR/tokenizer.model, or a workdir's training tokenizer); `--prompt_ids` needs none and prints ids. See
@@ -22,9 +23,9 @@ import time
 from typing import Optional, Sequence
 
 from hymba_jax import compilation_cache
+from hymba_jax.data import chat
 from hymba_jax.infer.engine import Generator
 from hymba_jax.infer.sampling import Sampling
-from hymba_jax.data import chat
 from hymba_jax.loading import load_chat_template, load_model, load_tokenizer
 
 

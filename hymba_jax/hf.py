@@ -503,7 +503,8 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *,
 
 
 def save_hf_checkpoint(path: str | os.PathLike, config: HymbaConfig, params: Mapping, dtype=jnp.bfloat16,
-                       max_shard_bytes: int = 5 * 2**30, tokenizer: str | os.PathLike | None = None) -> None:
+                       max_shard_bytes: int = 5 * 2**30, tokenizer: str | os.PathLike | None = None,
+                       chat_template: str | None = None) -> None:
     """Write params in the released layout, as a directory the released PyTorch code loads as it is
     (`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` once the released
     configuration_hymba.py and modeling_hymba.py sit beside it; docs/checkpoints.md):
@@ -515,7 +516,10 @@ def save_hf_checkpoint(path: str | os.PathLike, config: HymbaConfig, params: Map
       (bf16 or fp32), A_log in fp32;
     * with `tokenizer`, its files: a directory's tokenizer files (e.g. a released checkpoint's) are copied
       as they are; a SentencePiece `.model` file becomes tokenizer.model with a tokenizer_config.json for
-      it. They replace the tokenizer files in `path`; without `tokenizer`, those are kept.
+      it. They replace the tokenizer files in `path`; without `tokenizer`, those are kept;
+    * with `chat_template` (a Jinja template, e.g. the one a model was fine-tuned with,
+      hymba_jax/data/chat.py), it is the tokenizer_config.json's `chat_template`, which transformers'
+      `apply_chat_template` and our generation's `--chat` use. It needs `tokenizer`.
 
     A config the released code cannot build is refused (ConfigError) before anything is written. Files are
     written to a temporary directory beside `path` and moved in, so an interrupted export never leaves a
@@ -526,7 +530,14 @@ def save_hf_checkpoint(path: str | os.PathLike, config: HymbaConfig, params: Map
     if np_dtype is None:
         raise ValueError(f"save_hf_checkpoint: dtype must be bfloat16 or float32, got {jnp.dtype(dtype).name}")
     hf_config = to_hf_config(config, dtype)
+    if chat_template is not None and tokenizer is None:
+        raise ValueError("save_hf_checkpoint: chat_template is written into tokenizer_config.json; pass the "
+                         "tokenizer too (tokenizer=DIR or a .model file)")
     tokenizer_files = None if tokenizer is None else _tokenizer_files(Path(tokenizer), config)
+    if chat_template is not None:
+        tokenizer_config = json.loads(tokenizer_files.get("tokenizer_config.json", b"{}"))
+        tokenizer_config["chat_template"] = chat_template
+        tokenizer_files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
     existing = lambda name: _read_json(path / name, "") if (path / name).is_file() else {}
     generation_config = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
                          "pad_token_id": config.pad_token_id,

@@ -3,6 +3,7 @@ directory, a training workdir, or a preset with random weights (benchmarks).
 
     config, params = load_model(source, dtype="bfloat16", mesh=mesh)
     tokenizer = load_tokenizer(source)             # the source's own, or tokenizer='ascii' / a .model path
+    template = load_chat_template(source, tokenizer)   # the chat template it was fine-tuned with
 
 eval.py, `python -m hymba_jax.eval`, the lm-eval adapter, generation and the benchmarks all load through
 here, so the same source and dtypes give the same model everywhere.
@@ -10,6 +11,7 @@ here, so the same source and dtypes give the same model everywhere.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -105,3 +107,26 @@ def load_tokenizer(source: str, tokenizer: str = ""):
         return Tokenizer.from_file(path)
     raise ValueError(f"no tokenizer given and {source!r} has none (no tokenizer.model there): pass "
                      "tokenizer=/path/to/tokenizer.model, or 'ascii' (printable-ASCII characters, for test models)")
+
+
+def load_chat_template(source: str, tokenizer, template: str = ""):
+    """The chat template (hymba_jax.data.chat.ChatTemplate) to talk to `source` with: `template` ('default',
+    a .jinja file, a tokenizer_config.json or its directory) when given; else a Hugging Face checkpoint's
+    tokenizer_config.json `chat_template`, a workdir's training template (its data.chat_template, resolved as
+    in training), or the default template."""
+    from hymba_jax.data import chat, default_data_config
+
+    data = default_data_config()
+    kind = _kind(source)
+    if template:
+        data.chat_template = template
+    elif kind == "workdir":
+        from hymba_jax.train.checkpoint import read_workdir_config
+
+        trained = read_workdir_config(source).data
+        data.tokenizer, data.chat_template = trained.tokenizer, trained.get("chat_template", "")
+    else:
+        config_file = Path(source) / "tokenizer_config.json"
+        has_template = kind == "hf" and config_file.is_file() and "chat_template" in json.loads(config_file.read_text())
+        data.chat_template = str(config_file) if has_template else "default"
+    return chat.load_template(data, tokenizer)

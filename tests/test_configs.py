@@ -36,3 +36,15 @@ def test_tiny_config_is_a_small_hybrid():
     assert model.layer_kind == "hybrid" and model.num_meta_tokens > 0 and model.kv_reuse_groups
     assert model.sliding_window < config.seq_len and model.global_layers
     assert config.data.source == "default"
+
+
+def test_sft_configs_fine_tune_on_conversations():
+    config = load("sft")
+    validate_config(config, num_devices=8)
+    assert model_config(config, 32001) == hymba_1p5b(vocab_size=32001, dtype="bfloat16", remat="full")
+    assert (config.data.format, config.data.source) == ("chat", "files")
+    opt = config.optimizer
+    assert opt.learning_rate <= 2e-5 and opt.warmup_steps <= 0.05 * config.num_steps and opt.min_lr_ratio == 0
+    tiny = load("tiny_sft")
+    validate_config(tiny, num_devices=1)
+    assert (tiny.data.format, tiny.data.source, tiny.init_from_hf) == ("chat", "tasks", "")

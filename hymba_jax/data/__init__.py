@@ -1,4 +1,5 @@
-"""Data for pretraining: sources (default corpus, TFDS, local files), tokenizer, packing, Grain pipeline.
+"""Data for pretraining and fine-tuning: sources (default corpus, TFDS, local files, generated tasks),
+tokenizer, chat conversations (chat.py), packing, Grain pipeline.
 
 Typical use by the training program:
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import ml_collections
 
-SOURCES = ("default", "tfds", "files")
+SOURCES = ("default", "tfds", "files", "tasks")
+FORMATS = ("text", "chat")
 
 
 class DataConfigError(ValueError):
@@ -21,8 +22,17 @@ class DataConfigError(ValueError):
 def default_data_config() -> ml_collections.ConfigDict:
     """The data sub-dict that `configs/*.py` embed as `config.data` and override field by field."""
     config = ml_collections.ConfigDict()
-    # Where documents come from: 'default' (offline stdlib-docstring corpus), 'tfds' or 'files'.
+    # Where documents come from: 'default' (offline stdlib-docstring corpus), 'tfds', 'files' or 'tasks'
+    # (generated instruction examples with checkable answers, hymba_jax/data/tasks.py; format 'chat').
     config.source = "default"
+    # 'text': documents, every token a target (pretraining). 'chat': conversation records (.jsonl, schema in
+    # hymba_jax/data/chat.py) rendered by a chat template, loss on assistant tokens only (fine-tuning).
+    config.format = "text"
+    # format 'chat': '' = the chat_template of the tokenizer_config.json beside data.tokenizer, else the
+    # default template; 'default'; or a .jinja file / tokenizer_config.json / its directory.
+    config.chat_template = ""
+    # source 'tasks': how many examples to generate.
+    config.task_examples = 20000
     # TFDS: dataset name (e.g. 'lm1b', 'c4/en', 'tiny_shakespeare'), data_dir ('' = TFDS default),
     # the split names used for our 'train' and 'validation' splits, and whether a missing dataset may
     # be downloaded and prepared (as ArrayRecord) at run time.
@@ -58,6 +68,18 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         raise DataConfigError(f"data config: unknown keys {unknown}, missing keys {missing}")
     if config.source not in SOURCES:
         raise DataConfigError(f"data.source={config.source!r}: expected one of {SOURCES}")
+    if config.format not in FORMATS:
+        raise DataConfigError(f"data.format={config.format!r}: expected one of {FORMATS}")
+    if config.format == "chat" and config.source not in ("files", "tasks"):
+        raise DataConfigError(f"data.source={config.source!r}: data.format='chat' reads conversation records "
+                              "from 'files' (.jsonl) or the generated 'tasks'")
+    if config.chat_template not in ("", "default") and not Path(config.chat_template).expanduser().exists():
+        raise DataConfigError(f"data.chat_template={config.chat_template!r}: no such file or directory; give a "
+                              ".jinja file, a tokenizer_config.json (or its directory), 'default', or ''")
+    if config.source == "tasks" and config.format != "chat":
+        raise DataConfigError("data.source='tasks' holds conversations: set data.format='chat'")
+    if config.source == "tasks" and config.task_examples < 1:
+        raise DataConfigError(f"data.task_examples={config.task_examples}: must be at least 1")
     if config.source == "tfds" and not config.tfds_name:
         raise DataConfigError("data.tfds_name is empty but data.source='tfds': name a TFDS dataset, e.g. 'lm1b'")
     if config.source == "files" and not list(config.files):

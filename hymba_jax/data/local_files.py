@@ -73,7 +73,7 @@ def prepare_files(patterns: Sequence[str], text_key: str, cache_dir: Path, val_f
     return records.ensure_prepared(cache_dir / "corpora" / f"files-{key}", documents, val_fraction)
 
 
-def _decoded_lines(path: Path) -> Iterator[str]:
+def decoded_lines(path: Path) -> Iterator[str]:
     """The lines of `path` (with their line ends) as text; undecodable bytes become U+FFFD, with a warning."""
     damaged = 0
     with path.open("rb") as file:
@@ -93,7 +93,7 @@ def _decoded_lines(path: Path) -> Iterator[str]:
 def _text_blocks(path: Path, text_key: str) -> Iterator[str]:
     del text_key  # Plain text has no fields.
     block: list[str] = []
-    for line in _decoded_lines(path):
+    for line in decoded_lines(path):
         if line.strip():
             block.append(line)
         elif block:
@@ -104,7 +104,7 @@ def _text_blocks(path: Path, text_key: str) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path, text_key: str) -> Iterator[str]:
-    for line_number, line in enumerate(_decoded_lines(path), start=1):
+    for line_number, line in enumerate(decoded_lines(path), start=1):
         if not line.strip():
             continue
         try:

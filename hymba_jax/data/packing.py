@@ -4,7 +4,8 @@ Each document becomes `[bos] + tokens + [eos]`; its inputs are that sequence wit
 and its targets without the first, so every token after bos is a target exactly once. A document
 longer than a row is cut into row-length pieces; each piece is its own segment, so attention,
 positions and SSM state restart at each piece (the model derives positions from `segment_ids`).
-Grain's first-fit packer fills rows without splitting pieces further.
+Grain's first-fit packer fills rows without splitting pieces further. Fine-tuning examples
+(hymba_jax/data/chat.py) are pieces that also carry their per-token loss `weights`, packed alongside.
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ class DocumentToPieces(grain.experimental.FlatMapTransform):
 
 
 def pack_pieces(
-    pieces: grain.IterDataset, *, seq_len: int, num_bins: int, seed: int, shuffle_bins: bool
+    pieces: grain.IterDataset, *, seq_len: int, num_bins: int, seed: int, shuffle_bins: bool,
+    features: Sequence[str] = PACKED_FEATURES,
 ) -> grain.IterDataset:
-    """Packs pieces into rows of `seq_len`: 'inputs', 'targets', 'inputs_segment_ids' (1, 2, ..; 0 = padding).
+    """Packs pieces into rows of `seq_len`: `features` (default 'inputs', 'targets'; fine-tuning adds
+    'weights'), and 'inputs_segment_ids' (1, 2, ..; 0 = padding).
 
     First-fit over `num_bins` open rows; a piece never straddles two rows.
     """
     return grain.experimental.FirstFitPackIterDataset(
         pieces,
-        length_struct={feature: seq_len for feature in PACKED_FEATURES},
+        length_struct={feature: seq_len for feature in features},
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle_bins,
@@ -62,14 +65,16 @@ def pack_pieces(
 def to_model_batch(packed: dict[str, np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
     """The batch format the model and loss read, from a batch of packed rows (B, L).
 
-    Returns 'inputs', 'targets', 'segment_ids' int32 (B, L) and 'weights' float32 (B, L), 1 where the
-    target is a real token. Padding positions hold `pad_id` in inputs and targets and segment id 0.
+    Returns 'inputs', 'targets', 'segment_ids' int32 (B, L) and 'weights' float32 (B, L): 1 where the
+    target is a real token, times the packed 'weights' when the pieces carry them (fine-tuning: 1 on
+    assistant tokens). Padding positions hold `pad_id` in inputs and targets and segment id 0.
     """
     segment_ids = packed["inputs_segment_ids"].astype(np.int32)
     is_token = segment_ids > 0
+    weights = np.where(is_token, packed["weights"], 0.0) if "weights" in packed else is_token
     return {
         "inputs": np.where(is_token, packed["inputs"], pad_id).astype(np.int32),
         "targets": np.where(is_token, packed["targets"], pad_id).astype(np.int32),
         "segment_ids": segment_ids,
-        "weights": is_token.astype(np.float32),
+        "weights": weights.astype(np.float32),
     }

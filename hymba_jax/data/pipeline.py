@@ -3,7 +3,9 @@
 Order of operations, and why:
 1. shard the random-access documents across hosts (each host reads only its own documents);
 2. shuffle them globally with `seed` (a permutation, no buffer) and repeat, reshuffled each epoch;
-3. tokenize (in Grain's reader threads), cut documents into row-length pieces, first-fit pack;
+3. tokenize (in Grain's reader threads), cut documents into row-length pieces, first-fit pack
+   (`data.format='chat'`: render and tokenize each conversation into one example with its loss
+   weights, truncated by the rule of hymba_jax/data/chat.py, never cut);
 4. batch `global_batch_size // shard_count` rows; a last partial batch is completed with
    all-padding rows (weights 0), so a finite pass drops no token.
 The iterator's `get_state()` / `set_state()` capture all of it (see `checkpointing.py`). With
@@ -18,7 +20,7 @@ import functools
 import grain
 import ml_collections
 
-from hymba_jax.data import packing, sources
+from hymba_jax.data import chat, packing, sources
 from hymba_jax.data.tokenizer import Tokenizer
 
 
@@ -50,11 +52,18 @@ def make_dataset(
     documents = _shard(sources.open_documents(config, split), shard)
     if shuffle:
         documents = documents.shuffle(seed)
-    tokens = documents.repeat(num_epochs).map(tokenizer.encode).to_iter_dataset()
-    pieces = grain.experimental.FlatMapIterDataset(
-        tokens, packing.DocumentToPieces(tokenizer.bos_id, tokenizer.eos_id, seq_len)
-    )
-    rows = packing.pack_pieces(pieces, seq_len=seq_len, num_bins=config.packing_bins, seed=seed, shuffle_bins=shuffle)
+    documents = documents.repeat(num_epochs)
+    if config.format == "chat":
+        examples = chat.ConversationToExample(tokenizer, chat.load_template(config, tokenizer), seq_len)
+        pieces, features = documents.map(examples).to_iter_dataset(), chat.FEATURES
+    else:
+        pieces = grain.experimental.FlatMapIterDataset(
+            documents.map(tokenizer.encode).to_iter_dataset(),
+            packing.DocumentToPieces(tokenizer.bos_id, tokenizer.eos_id, seq_len),
+        )
+        features = packing.PACKED_FEATURES
+    rows = packing.pack_pieces(pieces, seq_len=seq_len, num_bins=config.packing_bins, seed=seed,
+                               shuffle_bins=shuffle, features=features)
     batches = rows.batch(
         rows_per_host, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=rows_per_host)
     ).map(functools.partial(packing.to_model_batch, pad_id=tokenizer.pad_id))

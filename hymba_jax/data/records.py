@@ -35,8 +35,13 @@ def split_of(text: str, val_fraction: float) -> str:
     return "validation" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 
 
-def ensure_prepared(directory: Path, documents: Callable[[], Iterable[str]], val_fraction: float) -> Path:
-    """Writes `documents()` into `directory` as a prepared corpus unless it is already there."""
+def ensure_prepared(directory: Path, documents: Callable[[], Iterable[str]], val_fraction: float,
+                    split_text: Callable[[str], str] = lambda text: text) -> Path:
+    """Writes `documents()` into `directory` as a prepared corpus unless it is already there.
+
+    Each document goes to the split `split_of(split_text(document))`: chat records carry the file and
+    line they came from, which must not move a conversation between splits, so they hash their messages.
+    """
     if all(_split_path(directory, split).is_file() for split in SPLITS):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +49,7 @@ def ensure_prepared(directory: Path, documents: Callable[[], Iterable[str]], val
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _write_splits(staging, documents(), val_fraction)
+        _write_splits(staging, documents(), val_fraction, split_text)
     except BaseException:  # A bad input file: leave no half-written staging directory behind.
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -71,11 +76,12 @@ def read_split(directory: Path, split: str) -> grain.MapDataset[str]:
     return grain.MapDataset.source(source).map(_decode_utf8)
 
 
-def _write_splits(directory: Path, documents: Iterable[str], val_fraction: float) -> None:
+def _write_splits(directory: Path, documents: Iterable[str], val_fraction: float,
+                  split_text: Callable[[str], str]) -> None:
     writers = {split: ArrayRecordWriter(str(_split_path(directory, split)), "group_size:1") for split in SPLITS}
     try:
         for text in documents:
-            writers[split_of(text, val_fraction)].write(text.encode("utf-8"))
+            writers[split_of(split_text(text), val_fraction)].write(text.encode("utf-8"))
     finally:
         for writer in writers.values():
             writer.close()

@@ -4,6 +4,8 @@ Special ids follow Llama (and so Hymba's released tokenizer): unk=0, bos=1, eos=
 pad piece (Llama's tokenizer.model) gets pad = its piece count, appended after the last piece as
 Hymba does ([PAD]=32000, vocab_size 32001); a trained model has '<pad>' at id 3 inside its
 `vocab_size` pieces. `encode` adds neither bos nor eos: packing adds them per document.
+`encode_exact` also leaves out SentencePiece's dummy-prefix space, so that the pieces of a chat
+conversation (hymba_jax/data/chat.py), encoded one by one, concatenate to the ids of the whole.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import ml_collections
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from hymba_jax.data import config as data_config
 from hymba_jax.data import default_corpus, records
@@ -47,6 +50,9 @@ class Tokenizer:
         self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
         if self._processor.bos_id() < 0 or self._processor.eos_id() < 0:
             raise ValueError("the SentencePiece model defines no bos or eos piece; packing needs both")
+        proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._exact = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -97,6 +103,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without bos or eos."""
         return self._processor.encode(text)
+
+    def encode_exact(self, text: str) -> list[int]:
+        """Token ids of `text` as written: like `encode` but without the dummy-prefix space SentencePiece
+        puts before a text ('hi' -> '▁h i' in `encode`, 'h i' here), so that texts encoded one after the
+        other decode to their concatenation."""
+        return self._exact.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; pad ids are dropped (bos/eos/unk decode to nothing or ' ⁇ ')."""

@@ -3,6 +3,12 @@
     python -m hymba_jax.infer.generate --checkpoint DIR --prompt "The capital of France is" --max_new_tokens 32
     python -m hymba_jax.infer.generate --checkpoint DIR --prompt_ids 1,5,7 --prompt_ids 1,9 --temperature 0.8
 
+    python -m hymba_jax.infer.generate --checkpoint DIR --chat --prompt "What is 12 + 30?"
+
+With --chat each prompt is a user message, rendered with the checkpoint's chat template (its
+tokenizer_config.json's, a fine-tuning workdir's, or --chat_template) and the assistant's header, token for
+token as in fine-tuning (hymba_jax/data/chat.py); the reply ends at the end-of-turn eos.
+
 A single prompt streams its tokens as they are generated; several prompts run as one ragged batch and are
 printed at the end. Text prompts need a SentencePiece model (`--tokenizer`, default the checkpoint's own:
 DIR/tokenizer.model, or a workdir's training tokenizer); `--prompt_ids` needs none and prints ids. See
@@ -17,9 +23,10 @@ import time
 from typing import Optional, Sequence
 
 from hymba_jax import compilation_cache
+from hymba_jax.data import chat
 from hymba_jax.infer.engine import Generator
 from hymba_jax.infer.sampling import Sampling
-from hymba_jax.loading import load_model, load_tokenizer
+from hymba_jax.loading import load_chat_template, load_model, load_tokenizer
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -58,6 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
                    help="comma-separated token ids, e.g. 1,5,7 (repeat for a batch); no tokenizer needed")
     p.add_argument("--tokenizer", default="", help="SentencePiece .model (default: the checkpoint's own)")
     p.add_argument("--no_bos", action="store_true", help="do not start text prompts with the BOS id")
+    p.add_argument("--chat", action="store_true", help="prompts are user messages, rendered by the chat template")
+    p.add_argument("--system", default="", help="--chat: a system message before each prompt")
+    p.add_argument("--chat_template", default="",
+                   help="--chat: 'default', a .jinja file or a tokenizer_config.json (default: the checkpoint's)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -73,6 +84,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
     args = p.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_ids):
         p.error("give text prompts (--prompt) or token ids (--prompt_ids), not both and not neither")
+    if args.chat and (args.prompt_ids or args.no_bos):
+        p.error("--chat renders text prompts with the chat template (which decides the BOS): drop --prompt_ids "
+                "and --no_bos")
+    if (args.system or args.chat_template) and not args.chat:
+        p.error("--system and --chat_template need --chat")
     compilation_cache.enable(args.compilation_cache_dir)
 
     config, params = load_model(args.checkpoint, args.dtype, param_dtype=args.dtype)
@@ -82,7 +98,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[list[int]]:
             tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"text prompts need a tokenizer: {e}; or give token ids with --prompt_ids") from None
-    if tokenizer is not None:
+    if args.chat:
+        template = load_chat_template(args.checkpoint, tokenizer, args.chat_template)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [chat.prompt_ids(tokenizer, template, system + [{"role": "user", "content": text}])
+                   for text in args.prompt]
+    elif tokenizer is not None:
         bos = [] if args.no_bos else [tokenizer.bos_id]
         prompts = [bos + tokenizer.encode(text) for text in args.prompt]
     else:

@@ -10,4 +10,4 @@ from hymba_jax.train.config import paper_recipe
 
 
 def get_config():
-    return paper_recipe("hymba_1p5b", remat="none", batch_size=512, num_steps=200000, learning_rate=1e-3)
+    return paper_recipe("hymba_1p5b", remat="auto", batch_size=512, num_steps=200000, learning_rate=1e-3)

@@ -22,7 +22,7 @@ from hymba_jax.train.config import base_config, model_config_dict
 
 def get_config():
     c = base_config()
-    c.model = model_config_dict("hymba_1p5b", dtype="bfloat16", param_dtype="float32", remat="full")
+    c.model = model_config_dict("hymba_1p5b", dtype="bfloat16", param_dtype="float32", remat="auto")
     c.data.source = "files"
     c.data.format = "chat"
     c.data.files = ("chats.jsonl",)

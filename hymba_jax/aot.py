@@ -32,7 +32,7 @@ from hymba_jax.train.config import model_config, validate_config
 from hymba_jax.train.metrics import flops_per_token
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import create_train_state, state_shardings
-from hymba_jax.train.step import BATCH_KEYS, make_train_step
+from hymba_jax.train.step import BATCH_KEYS, compile_fitting, make_train_step
 
 # HBM per chip (bytes), by the topology name's generation prefix.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
@@ -59,6 +59,7 @@ class AotReport:
     compile_s: float
     scan_backend: str       # the kernels compiled ("auto" resolved for the TPU)
     attention_backend: str
+    remat: str              # as compiled ("auto": none if it fits the chip's HBM, else full)
 
     @property
     def total_bytes(self) -> int:
@@ -72,7 +73,8 @@ class AotReport:
             + ("fits" if self.total_bytes <= self.hbm_bytes else "DOES NOT FIT"))
         return "\n".join([
             f"topology {self.topology}: {self.chips} chips, mesh {self.mesh}, {self.params / 1e9:.3f}B parameters, "
-            f"compiled in {self.compile_s:.0f} s; scan {self.scan_backend}, attention {self.attention_backend}",
+            f"compiled in {self.compile_s:.0f} s; scan {self.scan_backend}, attention {self.attention_backend}, "
+            f"remat {self.remat}",
             "per chip:",
             f"  arguments    {gib(self.argument_bytes)}   (train state shard + batch shard)",
             f"  outputs      {gib(self.output_bytes)}   ({gib(self.alias_bytes).strip()} aliased to donated arguments)",
@@ -114,22 +116,23 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
     batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
                                      jnp.float32 if k == "weights" else jnp.int32, sharding=bsh)
              for k in BATCH_KEYS}
-    step = make_train_step(cfg, tx, make_schedule(config), grad_accum_steps=config.grad_accum_steps,
-                           z_loss=config.z_loss, mesh=mesh, state_shardings=shardings, batch_sharding=bsh,
-                           rules=rules)
+    generation = topology.split(":")[0]
+    make_step = lambda c: make_train_step(c, tx, make_schedule(config), grad_accum_steps=config.grad_accum_steps,
+                                          z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
+                                          batch_sharding=bsh, rules=rules)
     start = time.perf_counter()
     try:
-        compiled = step.lower(state, batch).compile()
+        compiled, cfg, notes = compile_fitting(make_step, cfg, (state, batch), HBM_BYTES.get(generation))
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         raise SystemExit(f"{topology}: the train step DOES NOT FIT ({str(e).split(':', 1)[-1].strip()[:300]}); "
                          "try --config.model.remat=full (or dots), a smaller batch_size or more chips") from None
     seconds = time.perf_counter() - start
+    print("\n".join(notes), file=sys.stderr)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    generation = topology.split(":")[0]
     tokens_per_chip = config.batch_size * config.seq_len / len(devices)
     return AotReport(
         topology=topology, chips=len(devices), mesh=dict(mesh.shape),
@@ -139,7 +142,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
         code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=HBM_BYTES.get(generation),
         flops=float(cost.get("flops", 0.0)), model_flops=flops_per_token(cfg, config.seq_len) * tokens_per_chip,
         collectives={k: len(v) for k, v in collective_operands(compiled.as_text()).items()}, compile_s=seconds,
-        scan_backend=cfg.scan_backend, attention_backend=cfg.attention_backend)
+        scan_backend=cfg.scan_backend, attention_backend=cfg.attention_backend, remat=cfg.remat)
 
 
 def main(argv):

@@ -66,7 +66,7 @@ class HymbaConfig:
     param_dtype: str = "float32"    # parameter storage
     scan_backend: str = "auto"       # "auto": the platform's fastest (hymba_jax.ops.auto), or a backend name
     attention_backend: str = "auto"  # "auto" | "xla" (reference) | "cudnn" (hymba_jax.ops.attention)
-    remat: str = "none"              # "none" | "full" | "dots": rematerialisation of each layer
+    remat: str = "none"              # "none" | "full" | "dots" | "auto": rematerialisation of each layer
     scan_layers: bool = True         # compile each repeated run of layers once (hymba_jax.model.lm)
 
     def __post_init__(self):
@@ -174,8 +174,9 @@ class HymbaConfig:
         bad_backend = check_backend_names(self.scan_backend, self.attention_backend)
         if bad_backend:
             raise ConfigError(f"HymbaConfig.{bad_backend}")
-        need(self.remat in ("none", "full", "dots"), "remat",
-             f"must be 'none', 'full' or 'dots', got {self.remat!r}")
+        need(self.remat in ("none", "full", "dots", "auto"), "remat",
+             f"must be 'none', 'full', 'dots' or 'auto' (train.py: none if the step fits the device, else "
+             f"full; a model built directly: none), got {self.remat!r}")
 
 
 def _pair_groups(layers: list[int]) -> tuple[tuple[int, ...], ...]:

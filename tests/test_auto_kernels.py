@@ -1,13 +1,17 @@
-"""The "auto" kernels (hymba_jax.ops.auto): the choice per platform and dtype, explicit names winning,
-and bad names refused at validation with the key named."""
+"""The "auto" choices: kernels per platform and dtype (hymba_jax.ops.auto), explicit names winning, bad
+names refused at validation with the key named; remat "auto" (the fastest step that fits the device)."""
 
 from __future__ import annotations
 
+import types
+
+import jax
 import pytest
 
 from hymba_jax.config import ConfigError, HymbaConfig, hymba_1p5b, hymba_tiny
 from hymba_jax.ops import auto
 from hymba_jax.train.config import TrainConfigError, validate_config
+from hymba_jax.train.step import compile_fitting
 from train_testing import apply_overrides
 
 
@@ -59,3 +63,42 @@ def test_train_config_names_the_backend_key(field):
     config = apply_overrides(get_config(), {f"model.{field}": "nope"})
     with pytest.raises(TrainConfigError, match=rf"model\.{field}: unknown .* 'nope'"):
         validate_config(config, num_devices=1)
+
+
+class _Step:
+    """A stand-in for a jitted train step: compiling needs `bytes_by_remat[remat]` per device, or fails
+    like XLA:TPU when the value is None."""
+
+    def __init__(self, config, bytes_by_remat):
+        self.config, self.bytes = config, bytes_by_remat
+
+    def lower(self, *args):
+        return self
+
+    def compile(self):
+        need = self.bytes[self.config.remat]
+        if need is None:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm")
+        memory = types.SimpleNamespace(argument_size_in_bytes=need, output_size_in_bytes=0,
+                                       alias_size_in_bytes=0, temp_size_in_bytes=0)
+        return types.SimpleNamespace(memory_analysis=lambda: memory, remat=self.config.remat)
+
+
+@pytest.mark.parametrize("bytes_by_remat, limit, chosen", [
+    ({"none": 90, "full": 50}, 100, "none"),        # fits: the fastest
+    ({"none": 150, "full": 50}, 100, "full"),       # too big for the device: full remat
+    ({"none": None, "full": 50}, 100, "full"),      # the compiler itself ran out of device memory
+    ({"none": 150, "full": 50}, None, "none"),      # no limit known (the CPU)
+])
+def test_remat_auto_picks_the_fastest_step_that_fits(bytes_by_remat, limit, chosen):
+    config = hymba_tiny(remat="auto")
+    compiled, used, notes = compile_fitting(lambda c: _Step(c, bytes_by_remat), config, (), limit)
+    assert compiled.remat == used.remat == chosen and used.replace(remat="auto") == config
+    assert notes[-1].startswith(f"train step (remat {chosen})") and len(notes) == (1 if chosen == "none" else 2)
+
+
+def test_explicit_remat_is_compiled_as_it_is():
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        compile_fitting(lambda c: _Step(c, {"none": None}), hymba_tiny(remat="none"), (), 100)
+    compiled, used, _ = compile_fitting(lambda c: _Step(c, {"full": 500}), hymba_tiny(remat="full"), (), 100)
+    assert used.remat == "full"

@@ -41,7 +41,7 @@ def test_tiny_config_is_a_small_hybrid():
 def test_sft_configs_fine_tune_on_conversations():
     config = load("sft")
     validate_config(config, num_devices=8)
-    assert model_config(config, 32001) == hymba_1p5b(vocab_size=32001, dtype="bfloat16", remat="full")
+    assert model_config(config, 32001) == hymba_1p5b(vocab_size=32001, dtype="bfloat16", remat="auto")
     assert (config.data.format, config.data.source) == ("chat", "files")
     opt = config.optimizer
     assert opt.learning_rate <= 2e-5 and opt.warmup_steps <= 0.05 * config.num_steps and opt.min_lr_ratio == 0

@@ -74,7 +74,7 @@ class HymbaForCausalLM(nn.Module):
             self.meta_tokens = logical_param(self, "meta_tokens", nn.initializers.normal(1.0),
                                              (cfg.num_meta_tokens, cfg.hidden_size), ("meta", "embed"),
                                              cfg.param_dtype)
-        layer_cls = HymbaLayer if cfg.remat == "none" else nn.remat(
+        layer_cls = HymbaLayer if cfg.remat in ("none", "auto") else nn.remat(
             HymbaLayer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True)
         self.layers = [layer_cls(cfg, i) for i in range(cfg.num_layers)]    # named layers_0, layers_1, ...
         self.final_norm = RMSNorm(cfg.rms_norm_eps, "embed", cfg.param_dtype)
@@ -172,7 +172,7 @@ class HymbaForCausalLM(nn.Module):
         (and prefix states) of its units; a run of one unit is called directly."""
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"])
-        policy = save_matmuls_and_kernels if cfg.remat == "none" else REMAT_POLICIES[cfg.remat]
+        policy = save_matmuls_and_kernels if cfg.remat in ("none", "auto") else REMAT_POLICIES[cfg.remat]
         states: list[Optional[LayerState]] = [None] * cfg.num_layers
         hidden: list[Optional[jax.Array]] = [None] * cfg.num_layers
         for run in layer_runs(cfg):

@@ -39,7 +39,7 @@ from hymba_jax.train.metrics import (LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_
                                      flops_per_token, peak_flops_per_device, plot_loss_curve)
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import TrainState, create_train_state, state_shardings
-from hymba_jax.train.step import make_eval_step, make_train_step
+from hymba_jax.train.step import compile_fitting, make_eval_step, make_train_step
 
 
 class TrainingError(RuntimeError):
@@ -127,9 +127,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     start = int(jax.device_get(state.step))
 
     kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
-    train_step = make_train_step(kernels_cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
-                                 z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
-                                 batch_sharding=batch_sh, rules=rules)
+    make_step = lambda cfg: make_train_step(cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
+                                            z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
+                                            batch_sharding=batch_sh, rules=rules)
     eval_step = make_eval_step(kernels_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh,
                                rules=rules)
     logger = MetricsLogger(workdir, start, config.num_steps)
@@ -138,10 +138,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
                    f"{'resumed at' if start else 'starting at'} step {start} of {config.num_steps}")
     logger.message(f"{describe_kernels(kernels_cfg, model_cfg)}; compilation cache "
                    f"{cache_dir or 'off'}")
-    logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,
-                                "attention_backend": kernels_cfg.attention_backend,
-                                "scan_layers": kernels_cfg.scan_layers, "remat": kernels_cfg.remat,
-                                "compilation_cache": cache_dir})
 
     def evaluate(step: int) -> dict:
         batches = validation.split_batches(config.data, tokenizer, "validation",
@@ -161,12 +157,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     with _StopRequest() as stop, _closing(checkpointer, logger):
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
-        clock = time.perf_counter()
-        lowered = train_step.lower(state, shard_batch(batch, batch_sh))
-        lowered_s = time.perf_counter() - clock
-        compiled = lowered.compile()
-        logger.message(f"train step traced in {lowered_s:.1f} s, compiled in "
-                       f"{time.perf_counter() - clock - lowered_s:.1f} s{_memory_note(compiled)}")
+        compiled, kernels_cfg, notes = compile_fitting(make_step, kernels_cfg,
+                                                       (state, shard_batch(batch, batch_sh)), device_memory_limit())
+        for note in notes:
+            logger.message(note)
+        logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,
+                                    "attention_backend": kernels_cfg.attention_backend,
+                                    "scan_layers": kernels_cfg.scan_layers, "remat": kernels_cfg.remat,
+                                    "compilation_cache": cache_dir})
         tick, tick_step = time.perf_counter(), start
         while step < config.num_steps and not stop.reached(step):
             batch = batch if batch is not None else next(train_iter)
@@ -276,15 +274,10 @@ def _initial_state(config, model_cfg, tx, mesh, shardings: TrainState, checkpoin
     return state
 
 
-def _memory_note(compiled) -> str:
-    """', needs X GiB per device (state Y, temporaries Z)' from XLA's memory analysis, where it has one."""
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return ""
-    state = memory.argument_size_in_bytes
-    total = state + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
-    return (f", needs {total / 2**30:.1f} GiB per device (arguments {state / 2**30:.1f}, "
-            f"temporaries {memory.temp_size_in_bytes / 2**30:.1f})")
+def device_memory_limit() -> Optional[int]:
+    """Bytes a local device lets JAX allocate (None where the backend does not say, e.g. the CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats else stats.get("bytes_limit")
 
 
 def _count(params) -> int:

@@ -19,7 +19,8 @@ loop stops the run after `max_consecutive_skips` of them in a row (train/loop.py
 
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +113,52 @@ def make_eval_step(model_config: HymbaConfig, *, mesh: Mesh, param_shardings,
     return jax.jit(sharding_context(mesh, rules)(step),
                    in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS}),
                    out_shardings=(replicated, replicated))
+
+
+REMAT_AUTO = ("none", "full")   # remat="auto": the fastest first, then the one that needs least memory
+
+
+def needed_bytes(compiled) -> Optional[int]:
+    """Bytes per device a compiled step needs (arguments + unaliased outputs + temporaries), if XLA says."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+
+
+def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: HymbaConfig, args: tuple,
+                    memory_limit: Optional[int]) -> tuple[Any, HymbaConfig, list[str]]:
+    """Lower and compile `make_step(config)` for `args`: (compiled, the config it was built with, notes).
+
+    With `remat="auto"` the step is built without rematerialisation (the fastest: on one H200 the 1.5B at
+    8 x 2048 runs 19.0k tokens/s with 94.7 GiB, full remat 17.4k with 51.2 GiB) and rebuilt with full
+    remat when it needs more than `memory_limit` bytes per device (or the compiler runs out of device
+    memory, as XLA:TPU does at compile time). Any other remat value is compiled as it is. The notes say
+    what was tried and how long each took.
+    """
+    choices = REMAT_AUTO if model_config.remat == "auto" else (model_config.remat,)
+    notes: list[str] = []
+    for i, remat in enumerate(choices):
+        config = model_config.replace(remat=remat)
+        last = i == len(choices) - 1
+        clock = time.perf_counter()
+        lowered = make_step(config).lower(*args)
+        traced_s = time.perf_counter() - clock
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if last or "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            notes.append(f"remat {remat} does not fit in device memory: trying {choices[i + 1]}")
+            continue
+        need = needed_bytes(compiled)
+        timing = (f"traced in {traced_s:.1f} s, compiled in {time.perf_counter() - clock - traced_s:.1f} s"
+                  + ("" if need is None else f", needs {need / 2**30:.1f} GiB per device"))
+        if not last and need is not None and memory_limit and need > memory_limit:
+            notes.append(f"remat {remat}: {timing}, more than the {memory_limit / 2**30:.1f} GiB available: "
+                         f"trying {choices[i + 1]}")
+            continue
+        notes.append(f"train step (remat {remat}) {timing}")
+        return compiled, config, notes
+    raise AssertionError("unreachable: the last choice returns or raises")

@@ -13,32 +13,19 @@ tokenizer is the default-corpus one (2048 pieces). The validation loss is the lo
 answers (and their end-of-turn tokens).
 """
 
-from hymba_jax.train.config import base_config, model_config_dict
+from configs import tiny
 
 
 def get_config():
-    c = base_config()
-    c.model = model_config_dict(
-        "hymba_tiny",
-        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, qk_head_dim=32, v_head_dim=64,
-        d_inner=256, intermediate_size=384, d_state=8, dt_rank=8, num_meta_tokens=8, sliding_window=64,
-        global_layers=(0, 3), kv_reuse_groups=((1, 2),), rope_type="default",
-        max_position_embeddings=1024, dtype="float32", param_dtype="float32",
-    )
+    c = tiny.get_config()          # the same model and default-corpus tokenizer (2048 pieces)
     c.data.source = "tasks"
     c.data.format = "chat"
     c.data.task_examples = 20000
     c.data.val_fraction = 0.05
-    c.data.vocab_size = 2048
-    c.seq_len = 128
     c.batch_size = 16
     c.num_steps = 600
-    c.optimizer.learning_rate = 3e-3
-    c.optimizer.warmup_steps = 30
     c.optimizer.min_lr_ratio = 0.0
-    c.optimizer.weight_decay = 0.1
     c.log_every = 20
-    c.eval_every = 100
     c.eval_batches = 8
     c.checkpoint_every = 200
     return c

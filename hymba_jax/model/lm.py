@@ -181,7 +181,8 @@ class HymbaForCausalLM(nn.Module):
             for i in unit:
                 apply = functools.partial(HymbaLayer(cfg, i, parent=None).apply, mask=masks[cfg.is_global(i)],
                                           positions=positions, doc_pos=doc_pos, lengths=lengths)
-                layers.append(jax.checkpoint(apply, policy=policy, prevent_cse=False))
+                # A scan already keeps XLA from merging the recomputation with the forward; alone, it must not.
+                layers.append(jax.checkpoint(apply, policy=policy, prevent_cse=len(run) == 1))
 
             def unit_step(x, unit_inputs, layers=layers):
                 unit_params, unit_prefix = unit_inputs

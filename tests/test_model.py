@@ -178,3 +178,28 @@ def test_scanned_layers_equal_the_layer_loop(remat):
             np.testing.assert_allclose(h, h_ref, rtol=1e-12, atol=1e-12)
         jax.tree.map(lambda g, g_ref: np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12),
                      grads, grads_ref)
+
+
+def test_a_reused_segment_id_is_a_new_document():
+    """Positions, conv and SSM restart where the id changes; attention follows the same rule, so the id
+    of an earlier document used again starts a separate document (not a join with the earlier one)."""
+    config = hymba_tiny()
+    params = random_params(config)
+    ids = jnp.arange(12, dtype=jnp.int32)[None] % config.vocab_size
+    apply = jax.jit(HymbaForCausalLM(config).apply)
+    reused = apply({"params": params}, ids, segment_ids=jnp.array([[1] * 4 + [2] * 4 + [1] * 4]))
+    distinct = apply({"params": params}, ids, segment_ids=jnp.array([[1] * 4 + [2] * 4 + [3] * 4]))
+    np.testing.assert_array_equal(reused, distinct)
+    alone = apply({"params": params}, ids[:, 8:])
+    np.testing.assert_allclose(reused[:, 8:], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, 101])
+def test_token_ids_outside_the_vocabulary_give_nan_not_another_token(bad):
+    config = hymba_tiny(num_meta_tokens=0)
+    params = random_params(config)
+    ids = jnp.array([[5, 6, bad, 7], [5, 6, 8, 7]], jnp.int32)
+    apply = jax.jit(HymbaForCausalLM(config).apply)
+    logits = apply({"params": params}, ids)
+    assert bool(jnp.isnan(logits[0, 2:]).all())             # its row is NaN from it on (masked keys too: 0 * NaN)
+    np.testing.assert_allclose(logits[1], apply({"params": params}, ids[1:])[0], rtol=1e-5, atol=1e-5)

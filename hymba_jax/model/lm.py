@@ -55,7 +55,7 @@ class HymbaForCausalLM(nn.Module):
     """`apply({"params": p}, input_ids)` -> logits (B, T, vocab) fp32 for the text positions.
 
     input_ids (B, T) int. segment_ids (B, T) int, optional: packed documents (a new document starts where
-    the id changes); each document is computed exactly as if it were alone. With return_hidden_states,
+    the id changes, also to an id used before); each document is computed exactly as if it were alone. With return_hidden_states,
     also returns the input of every layer and the final-norm output, each (B, M + T, d) with the M meta
     positions in front (the fixtures' definition).
 
@@ -93,7 +93,9 @@ class HymbaForCausalLM(nn.Module):
             positions = meta_len + text_index
         else:
             doc_pos = document_positions(segment_ids)
-            positions, query_segment = meta_len + doc_pos, segment_ids
+            # A document is a run of equal ids: an id used again later starts a new document, for attention
+            # as for positions, the conv and the SSM (all restart where the id changes).
+            positions, query_segment = meta_len + doc_pos, jnp.cumsum(doc_pos == 0, axis=1)
         window = cfg.sliding_window
         text_masks = {
             is_global: with_prefix(attention_mask(text_index, text_index, window=None if is_global else window,
@@ -117,8 +119,13 @@ class HymbaForCausalLM(nn.Module):
         return logits, hidden
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """(B, T) ids -> (B, T, d) in the compute dtype."""
-        return jnp.take(self.embedding, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        """(B, T) ids -> (B, T, d) in the compute dtype. An id outside [0, vocab) (-1 included) embeds as
+        NaN, so its logits and loss are NaN rather than another token's: a traced program cannot raise,
+        and the programs check ids where they enter (generation, prefill, the data pipeline's tokenizer)."""
+        vocab = self.config.vocab_size
+        ids = jnp.where(input_ids < 0, vocab, input_ids)          # negative ids would wrap around
+        return jnp.take(self.embedding, ids, axis=0, mode="fill", fill_value=jnp.nan).astype(
+            jnp.dtype(self.config.dtype))
 
     def meta_pass(self, collect_hidden: bool = False
                   ) -> tuple[jax.Array, tuple[LayerState, ...], list[jax.Array]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 LayerKind = Literal["hybrid", "attention", "ssm"]
 ATTENTION_KINDS = ("hybrid", "attention")
@@ -104,6 +104,11 @@ class HymbaConfig:
 
     def is_global(self, layer: int) -> bool:
         return layer in self.global_layers
+
+    def attention_window(self, layer: int) -> Optional[int]:
+        """How far back a query of `layer` sees: None in global layers (every earlier position), else
+        `sliding_window` positions. The one rule for the model's masks, the decode cache and FLOP counts."""
+        return None if self.is_global(layer) else self.sliding_window
 
     @property
     def kv_owner_layers(self) -> tuple[int, ...]:

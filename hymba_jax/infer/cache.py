@@ -53,7 +53,8 @@ class Cache(NamedTuple):
 
 def kv_capacity(config: HymbaConfig, layer: int, max_len: int) -> int:
     """Text positions the K/V buffer of `layer` holds (its producer's, for a consumer)."""
-    return max_len if config.is_global(layer) else min(config.sliding_window, max_len)
+    window = config.attention_window(layer)
+    return max_len if window is None else min(window, max_len)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -46,8 +46,8 @@ def _masks(config: HymbaConfig, cache: Cache, query_pos: jax.Array) -> dict[bool
             continue
         held = slot_positions(cache.lengths, cache.layers[i].kv.k.shape[2] - m)
         key_pos = jnp.concatenate([held, query_pos], axis=1)
-        window = None if is_global else config.sliding_window
-        mask = attention_mask(query_pos, key_pos, window=window) & (key_pos >= 0)[:, None, :]
+        mask = attention_mask(query_pos, key_pos, window=config.attention_window(i))
+        mask = mask & (key_pos >= 0)[:, None, :]
         masks[is_global] = with_prefix(mask, m)
     return masks
 

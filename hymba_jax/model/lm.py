@@ -96,12 +96,12 @@ class HymbaForCausalLM(nn.Module):
             # A document is a run of equal ids: an id used again later starts a new document, for attention
             # as for positions, the conv and the SSM (all restart where the id changes).
             positions, query_segment = meta_len + doc_pos, jnp.cumsum(doc_pos == 0, axis=1)
-        window = cfg.sliding_window
+        windows = {cfg.is_global(i): cfg.attention_window(i) for i in range(cfg.num_layers)}
         text_masks = {
-            is_global: with_prefix(attention_mask(text_index, text_index, window=None if is_global else window,
+            is_global: with_prefix(attention_mask(text_index, text_index, window=window,
                                                   query_segment=query_segment, key_segment=query_segment),
                                    meta_len)
-            for is_global in (True, False)
+            for is_global, window in windows.items()
         }
         xm = meta_states = meta_hidden = None
         if meta_len:

@@ -50,7 +50,7 @@ def flops_per_token(model_config: HymbaConfig, seq_len: int) -> float:
     if cfg.has_attention:
         t = np.arange(seq_len)
         for layer in range(cfg.num_layers):
-            window = None if cfg.is_global(layer) else cfg.sliding_window
+            window = cfg.attention_window(layer)
             causal = (seq_len + 1) / 2 if window is None else float(np.minimum(t + 1, window + 1).mean())
             keys = cfg.num_meta_tokens + causal
             flops += 6.0 * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys

@@ -63,7 +63,8 @@ def _wait_for_step(proc: subprocess.Popen, workdir: Path, step: int, timeout: fl
 
 
 def _losses(workdir: Path) -> dict:
-    return {(r["kind"], r["step"]): r["loss"] for r in read_metrics(workdir / METRICS_FILE)}
+    return {(r["kind"], r["step"]): r["loss"] for r in read_metrics(workdir / METRICS_FILE)
+            if r["kind"] in ("train", "eval")}
 
 
 @pytest.fixture(scope="module")

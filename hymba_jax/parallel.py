@@ -50,8 +50,8 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 AxisRules = Sequence[tuple[str, Any]]
 
-# Collective ops as XLA names them in the compiled module. The TPU compiler turns some into fused
-# computations (reduce-scatters, and gathers it overlaps with matmuls), which are not counted.
+# Collective ops as XLA names them in the compiled module (see `collective_operands` for the TPU's form of
+# a reduce-scatter).
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -177,9 +177,21 @@ def collective_operands(hlo: str) -> dict[str, list[str]]:
     """The operand shapes of every collective in a compiled HLO module, by op ('f32[8,32,32]', ...).
 
     Counting operands, not ops, keeps the numbers independent of XLA combining several collectives into
-    one tuple-shaped op."""
-    out = {}
-    for op in COLLECTIVES:
-        results = re.findall(rf"= (\([^)]*\)|\S+) {op}(?:-start)?\(", hlo)
-        out[op] = [shape for r in results for shape in re.findall(r"\w+\[[\d,]*\]", r)]
+    one tuple-shaped op. The TPU compiler writes a reduce-scatter as a fusion that calls a computation
+    named `all-reduce-scatter*` (an all-reduce and the dynamic-slice of this chip's part, which the chip
+    runs as one reduce-scatter): such a fusion counts as a reduce-scatter of its result's shape, and the
+    all-reduce inside it not at all."""
+    out: dict[str, list[str]] = {op: [] for op in COLLECTIVES}
+    shapes = lambda result: re.findall(r"\w+\[[\d,]*\]", result)
+    result = r"(\((?:[^()]|\([^()]*\))*\)|\S+)"    # one shape, or a tuple of them (layouts hold parentheses)
+    computation = ""
+    for line in hlo.splitlines():
+        if header := re.match(r"(?:ENTRY )?%?([\w.-]+) \(", line):
+            computation = header.group(1)
+        if fused := re.search(rf"= {result} fusion\(.*calls=%all-reduce-scatter", line):
+            out["reduce-scatter"] += shapes(fused.group(1))
+        elif not computation.startswith("all-reduce-scatter"):
+            for op in COLLECTIVES:
+                if found := re.search(rf"= {result} {op}(?:-start)?\(", line):
+                    out[op] += shapes(found.group(1))
     return out

@@ -23,7 +23,7 @@ from collections import Counter
 
 import pytest
 
-from hymba_jax.parallel import MeshError, check_divisible, make_mesh, resolve_mesh_shape
+from hymba_jax.parallel import MeshError, check_divisible, collective_operands, make_mesh, resolve_mesh_shape
 from train_testing import REPO
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -103,6 +103,32 @@ def test_every_mesh_matches_one_device(tmp_path):
     assert result["meshes"]["data=8"]["collectives_train_step"]["all-gather"] == 0
     # FSDP gathers parameters for use; pure data parallelism never does.
     assert result["meshes"]["fsdp=8"]["collectives_train_step"]["all-gather"] > 0
+
+
+# The shape of a TPU compile's reduce-scatter (python -m hymba_jax.aot, FSDP): a fusion calling an
+# all-reduce-scatter computation, whose all-reduce is the reduce-scatter itself, not one more all-reduce.
+TPU_HLO = """\
+%all-reduce-scatter.1 (input: f32[2048,128]) -> f32[2048,32] {
+  %input = f32[2048,128]{0,1:T(8,128)} parameter(0)
+  %all-reduce.400 = f32[2048,128]{0,1:T(8,128)} all-reduce(%input), channel_id=104, replica_groups={{0,1,2,3}}
+  ROOT %dynamic-slice.398 = f32[2048,32]{0,1:T(8,128)} dynamic-slice(%all-reduce.400, %c, %m)
+}
+
+ENTRY %main.7 (p0: f32[2048,128], p1: bf16[512,32]) -> (f32[2048,32], bf16[512,128], f32[8]) {
+  %fusion = f32[2048,32]{0,1:T(8,128)} fusion(%fusion.42), kind=kCustom, calls=%all-reduce-scatter.1
+  %all-gather.3 = bf16[512,128]{1,0} all-gather(%p1), channel_id=7, dimensions={1}
+  %all-reduce.9 = (f32[8]{0}, f32[]{:T(128)}) all-reduce(%a, %b), channel_id=9, to_apply=%add
+  %reduce-scatter.2 = f32[16]{0} reduce-scatter(%x), channel_id=10, dimensions={0}
+}
+"""
+
+
+def test_collectives_are_counted_by_operand_and_tpu_reduce_scatters_as_such():
+    ops = collective_operands(TPU_HLO)
+    assert ops["reduce-scatter"] == ["f32[2048,32]", "f32[16]"]
+    assert ops["all-reduce"] == ["f32[8]", "f32[]"]          # a tuple all-reduce counts each operand
+    assert ops["all-gather"] == ["bf16[512,128]"]
+    assert ops["all-to-all"] == [] and ops["collective-permute"] == []
 
 
 def test_mesh_shape_errors_name_the_axis():

@@ -203,3 +203,17 @@ def test_token_ids_outside_the_vocabulary_give_nan_not_another_token(bad):
     logits = apply({"params": params}, ids)
     assert bool(jnp.isnan(logits[0, 2:]).all())             # its row is NaN from it on (masked keys too: 0 * NaN)
     np.testing.assert_allclose(logits[1], apply({"params": params}, ids[1:])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_parameter_of_the_wrong_shape_is_refused_by_name():
+    """Applying the model checks each stored parameter's shape (hymba_jax.model.params.logical_param)."""
+    from flax.errors import ScopeParamShapeError
+
+    from hymba_jax.model.lm import init_params
+
+    cfg = hymba_tiny(num_layers=2, global_layers=(0,), kv_reuse_groups=())
+    params = init_params(cfg, jax.random.key(0))
+    kernel = params["layers_1"]["mlp"]["up_proj"]["kernel"]
+    params["layers_1"]["mlp"]["up_proj"]["kernel"] = kernel[:, :-1]
+    with pytest.raises(ScopeParamShapeError, match=r"\"kernel\" in \"\S*mlp/up_proj\".*\(64, 95\)"):
+        HymbaForCausalLM(cfg).apply({"params": params}, jnp.zeros((1, 8), jnp.int32))

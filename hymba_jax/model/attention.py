@@ -3,6 +3,7 @@ cross-layer KV sharing (a consumer layer reuses its producer's post-RoPE keys an
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -57,24 +58,30 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
     q (B, T, H, dk); k (B, S, KV, dk); v (B, S, KV, dv); mask (B|1, T, P + S) bool over the P prefix keys
     then the S keys. prefix: keys/values (B|1, P, KV, d) before k/v (the meta tokens, or a decode cache),
-    attended in place rather than concatenated to k/v, so a large cache is read once and never copied.
-    Query head h uses KV head h // (H / KV). Returns (B, T, H, dv) in q's dtype.
+    attended in place rather than concatenated to k/v, so a large cache is read once and never copied:
+    each block of keys gets its own logits, and the softmax is taken across the blocks (shared maximum
+    and denominator) without concatenating them; the output is normalised after the value products.
+    Query head h uses KV head h // (H / KV); the query heads of one KV head form a (G, T) block of one
+    batched matmul per (row, KV head), no KV head is repeated. Returns (B, T, H, dv) in q's dtype.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     acc = accum_dtype(q.dtype)
-    keys = [k] if prefix is None else [prefix.k, k]
-    logits = jnp.concatenate([jnp.einsum("btkgd,bskd->bkgts", q, block, preferred_element_type=acc)
-                              for block in keys], axis=-1)
-    logits = logits * (1.0 / head_dim ** 0.5)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    splits = jnp.split(probs, [prefix.k.shape[1]], axis=-1) if prefix is not None else [probs]
-    out = jnp.einsum("bkgts,bskd->btkgd", splits[-1], v)
-    if prefix is not None:
-        out = out + jnp.einsum("bkgts,bskd->btkgd", splits[0], prefix.v)
-    return out.reshape(batch, length, heads, v.shape[-1])
+    blocks = [KV(k, v)] if prefix is None else [prefix, KV(k, v)]
+    masks = [mask] if prefix is None else jnp.split(mask, [prefix.k.shape[1]], axis=-1)
+    logits = []
+    for block, block_mask in zip(blocks, masks):
+        block_logits = jnp.einsum("btkgd,bskd->bkgts", q, block.k, preferred_element_type=acc)
+        block_logits = block_logits * (1.0 / head_dim ** 0.5)
+        logits.append(jnp.where(block_mask[:, None, None], block_logits, jnp.finfo(acc).min))
+    top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
+    weights = [jnp.exp(x - top) for x in logits]
+    total = sum(jnp.sum(w, axis=-1) for w in weights)                              # (B, KV, G, T)
+    out = sum(jnp.einsum("bkgts,bskd->btkgd", w.astype(v.dtype), block.v).astype(acc)
+              for w, block in zip(weights, blocks))
+    out = out / jnp.moveaxis(total, 3, 1)[..., None]
+    return out.astype(q.dtype).reshape(batch, length, heads, v.shape[-1])
 
 
 class AttentionBranch(nn.Module):
@@ -107,7 +114,9 @@ class AttentionBranch(nn.Module):
         else:
             kv = shared_kv
         backend = attention_backend(cfg.attention_backend, cfg.dtype)
-        if backend == "xla":
+        # A decode step (one query after a cache) reads every key once either way; cuDNN would only add a
+        # copy of the cache next to the new key (it takes one contiguous K/V), in every layer of every step.
+        if backend == "xla" or (prefix_kv is not None and q.shape[1] == 1):
             out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
         else:
             out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=backend)

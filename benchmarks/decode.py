@@ -283,6 +283,30 @@ def bench_prefill(config, params, meta, compiled, batch: int, context: int, chun
     return result
 
 
+def check_decode_kernel() -> float:
+    """The decode-attention kernel against the XLA reference on the device, at the cache shapes timed here
+    (bf16 inputs, fp32 reference, random slots hidden). Returns the largest relative error."""
+    from hymba_jax.model.attention import KV, decode_attention, dot_product_attention
+    worst = 0.0
+    shapes = {"hymba global": (4, 5, 5, 8384, 64, 128), "hymba window": (4, 5, 5, 1152, 64, 128),
+              "llama": (2, 8, 3, 8256, 128, 128)}
+    for name, (batch, kv_heads, groups, slots, qk_dim, v_dim) in shapes.items():
+        ks = jax.random.split(jax.random.key(slots), 6)
+        draw = lambda key, *shape: jax.random.normal(key, shape, jnp.bfloat16)
+        q, k, v = draw(ks[0], batch, 1, kv_heads * groups, qk_dim), draw(ks[1], batch, 1, kv_heads, qk_dim), \
+            draw(ks[2], batch, 1, kv_heads, v_dim)
+        prefix = KV(jnp.swapaxes(draw(ks[3], batch, kv_heads, slots, qk_dim), 1, 2),
+                    jnp.swapaxes(draw(ks[4], batch, kv_heads, slots, v_dim), 1, 2))
+        mask = jnp.concatenate([jax.random.bernoulli(ks[5], 0.7, (batch, 1, slots)), jnp.ones((batch, 1, 1), bool)], -1)
+        got = jax.jit(decode_attention)(q, k, v, mask, prefix).astype(jnp.float32)
+        up = lambda t: t.astype(jnp.float32)
+        want = jax.jit(dot_product_attention)(up(q), up(k), up(v), mask, KV(up(prefix.k), up(prefix.v)))
+        err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+        log(f"decode kernel, {name}: relative error {err:.1e}")
+        worst = max(worst, err)
+    return worst
+
+
 PRESETS = {"hymba_1p5b": hymba_1p5b, "llama_3p2_3b": llama_3p2_3b_shape,   # tiny ones: CPU dry runs
            "hymba_tiny": lambda **kw: hymba_tiny(max_position_embeddings=4096, **kw),
            "llama_tiny": lambda **kw: llama_style(64, 2, 4, 2, 96, **kw)}
@@ -300,9 +324,13 @@ def main() -> None:
     p.add_argument("--skip", default="", help="comma list of parts to skip: latency,prefill")
     p.add_argument("--profile", default=None, help="profile one decode call per model under this directory")
     p.add_argument("--hlo", default=None, help="write each model's compiled decode loop (gzipped text) here")
+    p.add_argument("--check_kernel", action="store_true",
+                   help="first check the decode-attention kernel against the XLA reference; stop if off by > 2e-2")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     log(f"devices {jax.devices()}, jax {jax.__version__}")
+    if args.check_kernel and check_decode_kernel() > 2e-2:
+        raise SystemExit("the decode-attention kernel disagrees with the XLA reference")
     bw = copy_bandwidth()
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     names = args.models.split(",")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
-from hymba_jax.ops.attention import fused_attention
+from hymba_jax.ops.attention import cache_attention, decode_kernel_fits, fused_attention
 from hymba_jax.ops.auto import attention_backend
 
 
@@ -84,6 +84,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.astype(q.dtype).reshape(batch, length, heads, v.shape[-1])
 
 
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, prefix: KV, *,
+                     interpret: bool = False) -> jax.Array:
+    """`dot_product_attention` for one query position (T = 1) after a cache, through the Pallas kernel.
+
+    q (B, 1, H, dk); k, v (B, 1, KV, d) this position's own key and value; mask (B, 1, P + 1); prefix
+    (B, P, KV, d): the cache buffers as the engine passes them, a transposed view of buffers stored
+    (B, KV, P, d). They are transposed back here (XLA cancels the pair), so the kernel reads each buffer
+    in place, once, for all G = H / KV query heads of a KV head, and no logits or probabilities are
+    stored. Its partial softmax is merged with the position's own key here. Returns (B, 1, H, dv).
+    """
+    batch, _, heads, head_dim = q.shape
+    kv_heads, slots = k.shape[2], prefix.k.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    acc, top, total = cache_attention(q, jnp.swapaxes(prefix.k, 1, 2), jnp.swapaxes(prefix.v, 1, 2),
+                                      mask[:, 0, :slots], interpret=interpret)
+    f32 = jnp.float32
+    own = jnp.einsum("bkgd,bskd->bkgs", q, k, preferred_element_type=f32) * (1.0 / head_dim ** 0.5)
+    own = jnp.where(mask[:, :, slots:][:, None], own, jnp.finfo(f32).min)               # (B, KV, G, 1)
+    new_top = jnp.maximum(top, jnp.max(own, axis=-1))
+    weights = jnp.exp(own - new_top[..., None])
+    rescale = jnp.exp(top - new_top)
+    out = acc * rescale[..., None] + jnp.einsum("bkgs,bskd->bkgd", weights.astype(v.dtype), v).astype(f32)
+    out = out / (total * rescale + jnp.sum(weights, axis=-1))[..., None]
+    return out.astype(q.dtype).reshape(batch, 1, heads, v.shape[-1])
+
+
 class AttentionBranch(nn.Module):
     """Attention heads of one hybrid layer. Projections come from the layer's shared in_proj input.
 
@@ -114,9 +140,13 @@ class AttentionBranch(nn.Module):
         else:
             kv = shared_kv
         backend = attention_backend(cfg.attention_backend, cfg.dtype)
-        # A decode step (one query after a cache) reads every key once either way; cuDNN would only add a
-        # copy of the cache next to the new key (it takes one contiguous K/V), in every layer of every step.
-        if backend == "xla" or (prefix_kv is not None and q.shape[1] == 1):
+        # A decode step (one query after a cache of its batch): with a fused backend, the decode kernel
+        # (cuDNN's would need the cache copied next to the new key, for one query); else XLA.
+        decode = prefix_kv is not None and q.shape[1] == 1 and prefix_kv.k.shape[0] == q.shape[0]
+        if decode and backend != "xla" and decode_kernel_fits(prefix_kv.k.shape[1], cfg.qk_head_dim,
+                                                              cfg.v_head_dim):
+            out = decode_attention(q, kv.k, kv.v, mask, prefix_kv)
+        elif backend == "xla" or decode:
             out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
         else:
             out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=backend)

@@ -12,14 +12,17 @@ the K/V buffer it attends (a KV consumer reads its producer's buffer again), the
 read and written). Fractions are measured / roofline tokens/s.
 
 Batch: the largest that fits, found by bisection on compiled memory. Each probe compiles `decode_loop`
-for abstract arguments (nothing allocated; autotuning off, it changes no buffer) and reads
-`memory_analysis()`: arguments + temporaries + outputs - aliased outputs against the device's limit less
-what is already in use (the weights are both). The first two probes give the per-row slope and a guess; the
+for abstract arguments (nothing allocated; GPU autotuning off, for speed) and reads `memory_analysis()`:
+arguments + temporaries + outputs - aliased outputs, against the device's limit less what is in use (the
+weights are both) less `--margin_gib`. The first two probes give the bytes per row and a guess; the
 bracket [fits, does not fit] is then narrowed to adjacent batches. The chosen batch is compiled again with
-autotuning before the cache is allocated. `--batch hymba_1p5b=1152` skips the search.
+autotuning, before the cache is allocated, and its own need is reported; should it still run out of memory,
+the batch is cut by 3% and says so. The batch-1 and prefill programs compile on a second thread meanwhile.
+`--batch hymba_1p5b=1152` skips the search. The meta tokens' state only fills the cache: zeros of its shape.
 
 Prefill: the chunk step of `prefill` over `context`-token prompts at `--prefill_batch` rows, timed over all
-chunks after the first.
+chunks after the first. `--check_kernel` first checks the decode-attention kernel against the XLA reference
+on the device; `--hlo DIR` writes each compiled decode loop (gzipped text), to map profile kernels to ops.
 """
 
 from __future__ import annotations
@@ -153,8 +156,8 @@ def largest_batch(need: Callable[[int], int], available: int, start: int = 64) -
     """The largest batch b with need(b) <= available (need grows with b), by bisection, and every probe's
     need. need(start) and need(2 * start) give the bytes per row and a guess (memory is close to linear in
     the batch); the guess and the batch after it usually bracket the answer already, and bisection narrows
-    [largest that fits, smallest that does not] to adjacent batches. Pairs of probes run on two threads
-    (compilation releases the GIL)."""
+    [largest that fits, smallest that does not] to adjacent batches. Pairs of probes compile on two
+    threads."""
     seen: dict[int, int] = {}
 
     def probe(*batches: int) -> None:

@@ -20,6 +20,7 @@ import re
 # First match wins; matched against the kernel name in lower case.
 CATEGORIES = (
     ("scan (pallas_gpu)", r"selective_scan"),
+    ("decode attention (pallas)", r"cache_attention"),
     ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|_attn"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|dot|sm90_"),
     ("collective", r"nccl|all_reduce|all_gather|reduce_scatter|all-reduce|all-gather|reduce-scatter"),

@@ -55,3 +55,18 @@ def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
 def test_profile_summary_names_a_missing_trace(tmp_path):
     with pytest.raises(SystemExit, match="no perfetto_trace.json.gz"):
         profile_summary.summarize(str(tmp_path), steps=1)
+
+
+@pytest.mark.parametrize("fixed, per_row, wobble", [(3_000, 80, 0), (3_000, 80, 7), (500, 900, 0), (90_000, 80, 0)],
+                         ids=["linear", "not-linear", "few-rows", "start-too-large"])
+def test_largest_batch_is_exact(fixed, per_row, wobble):
+    """The decode benchmark's batch search returns the largest batch whose need fits, for any need that grows
+    with the batch (linear, or with a step-wise convex term), in at most 4 probes when it is linear."""
+    import decode
+    need = lambda b: fixed + per_row * b + wobble * (b // 7) ** 2
+    available = 100_000
+    batch, probes = decode.largest_batch(need, available)
+    assert need(batch) <= available < need(batch + 1)
+    assert all(probes[b] == need(b) for b in probes)
+    if not wobble and fixed < available - 128 * per_row:
+        assert len(probes) <= 4

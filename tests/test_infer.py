@@ -13,7 +13,7 @@ import pytest
 from hymba_jax.config import hymba_1p5b, hymba_tiny, llama_3p2_3b_shape, llama_style
 from hymba_jax.infer import (Generator, Sampling, cache_bytes, cache_size, extend, filter_logits, init_cache,
                              logits_of, meta_state, sample, tree_bytes)
-from hymba_jax.infer.engine import flush
+from hymba_jax.infer.engine import decode_loop, flush
 from hymba_jax.model import HymbaForCausalLM, param_shapes
 
 # Window 5 (text runs to 40 positions), a global layer, a KV-sharing group of three, d_conv 3, 4 meta tokens.
@@ -264,3 +264,21 @@ def test_cache_sizes_of_the_paper_models():
     assert hymba.meta_kv == 17 * 128 * per_position
     assert hymba.ssm == 32 * 3200 * 16 * 4 and hymba.conv == 32 * 3 * 3200 * 2
     assert 10.5 < llama.total / hymba.total < 11.5
+
+
+def test_decode_loop_updates_the_cache_in_place(params):
+    """The compiled generation loop keeps one copy of the cache: its outputs alias the donated cache, and its
+    temporaries are smaller than the largest K/V buffer, which a per-step copy (a buffer written after being
+    read, or concatenated with the new key) would need at least."""
+    batch, max_len = 2, 2048
+    cache = jax.eval_shape(lambda m: init_cache(CONFIG, m, batch, max_len), meta_state(CONFIG, params))
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.arange(batch, dtype=jnp.uint32)))
+    compiled = decode_loop.lower(CONFIG, params, cache, jax.ShapeDtypeStruct((batch, CONFIG.vocab_size), jnp.float32),
+                                 keys, jnp.full((8,), -1, jnp.int32), Sampling().arrays(), jnp.int32(4),
+                                 max_out=4).compile()
+    memory = compiled.memory_analysis()
+    largest = max(tree_bytes(state.kv.k) for state in cache.layers if state.kv is not None)
+    print(f"cache {tree_bytes(cache)}, aliased {memory.alias_size_in_bytes}, temporaries {memory.temp_size_in_bytes}, "
+          f"largest buffer {largest}")
+    assert memory.alias_size_in_bytes >= tree_bytes(cache)
+    assert memory.temp_size_in_bytes < largest

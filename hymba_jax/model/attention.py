@@ -3,6 +3,7 @@ cross-layer KV sharing (a consumer layer reuses its producer's post-RoPE keys an
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
-from hymba_jax.ops.attention import fused_attention
+from hymba_jax.ops.attention import cache_attention, decode_kernel_fits, fused_attention
 from hymba_jax.ops.auto import attention_backend
 
 
@@ -57,24 +58,56 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
     q (B, T, H, dk); k (B, S, KV, dk); v (B, S, KV, dv); mask (B|1, T, P + S) bool over the P prefix keys
     then the S keys. prefix: keys/values (B|1, P, KV, d) before k/v (the meta tokens, or a decode cache),
-    attended in place rather than concatenated to k/v, so a large cache is read once and never copied.
-    Query head h uses KV head h // (H / KV). Returns (B, T, H, dv) in q's dtype.
+    attended in place rather than concatenated to k/v, so a large cache is read once and never copied:
+    each block of keys gets its own logits, and the softmax is taken across the blocks (shared maximum
+    and denominator) without concatenating them; the output is normalised after the value products.
+    Query head h uses KV head h // (H / KV); the query heads of one KV head form a (G, T) block of one
+    batched matmul per (row, KV head), no KV head is repeated. Returns (B, T, H, dv) in q's dtype.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     acc = accum_dtype(q.dtype)
-    keys = [k] if prefix is None else [prefix.k, k]
-    logits = jnp.concatenate([jnp.einsum("btkgd,bskd->bkgts", q, block, preferred_element_type=acc)
-                              for block in keys], axis=-1)
-    logits = logits * (1.0 / head_dim ** 0.5)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    splits = jnp.split(probs, [prefix.k.shape[1]], axis=-1) if prefix is not None else [probs]
-    out = jnp.einsum("bkgts,bskd->btkgd", splits[-1], v)
-    if prefix is not None:
-        out = out + jnp.einsum("bkgts,bskd->btkgd", splits[0], prefix.v)
-    return out.reshape(batch, length, heads, v.shape[-1])
+    blocks = [KV(k, v)] if prefix is None else [prefix, KV(k, v)]
+    masks = [mask] if prefix is None else jnp.split(mask, [prefix.k.shape[1]], axis=-1)
+    logits = []
+    for block, block_mask in zip(blocks, masks):
+        block_logits = jnp.einsum("btkgd,bskd->bkgts", q, block.k, preferred_element_type=acc)
+        block_logits = block_logits * (1.0 / head_dim ** 0.5)
+        logits.append(jnp.where(block_mask[:, None, None], block_logits, jnp.finfo(acc).min))
+    top = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in logits])
+    weights = [jnp.exp(x - top) for x in logits]
+    total = sum(jnp.sum(w, axis=-1) for w in weights)                              # (B, KV, G, T)
+    out = sum(jnp.einsum("bkgts,bskd->btkgd", w.astype(v.dtype), block.v).astype(acc)
+              for w, block in zip(weights, blocks))
+    out = out / jnp.moveaxis(total, 3, 1)[..., None]
+    return out.astype(q.dtype).reshape(batch, length, heads, v.shape[-1])
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, prefix: KV, *,
+                     interpret: bool = False) -> jax.Array:
+    """`dot_product_attention` for one query position (T = 1) after a cache, through the Pallas kernel.
+
+    q (B, 1, H, dk); k, v (B, 1, KV, d) this position's own key and value; mask (B, 1, P + 1); prefix
+    (B, P, KV, d): the cache buffers as the engine passes them, a transposed view of buffers stored
+    (B, KV, P, d). They are transposed back here (XLA cancels the pair), so the kernel reads each buffer
+    in place, once, for all G = H / KV query heads of a KV head, and no logits or probabilities are
+    stored. Its partial softmax is merged with the position's own key here. Returns (B, 1, H, dv).
+    """
+    batch, _, heads, head_dim = q.shape
+    kv_heads, slots = k.shape[2], prefix.k.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    acc, top, total = cache_attention(q, jnp.swapaxes(prefix.k, 1, 2), jnp.swapaxes(prefix.v, 1, 2),
+                                      mask[:, 0, :slots], interpret=interpret)
+    f32 = jnp.float32
+    own = jnp.einsum("bkgd,bskd->bkgs", q, k, preferred_element_type=f32) * (1.0 / head_dim ** 0.5)
+    own = jnp.where(mask[:, :, slots:][:, None], own, jnp.finfo(f32).min)               # (B, KV, G, 1)
+    new_top = jnp.maximum(top, jnp.max(own, axis=-1))
+    weights = jnp.exp(own - new_top[..., None])
+    rescale = jnp.exp(top - new_top)
+    out = acc * rescale[..., None] + jnp.einsum("bkgs,bskd->bkgd", weights.astype(v.dtype), v).astype(f32)
+    out = out / (total * rescale + jnp.sum(weights, axis=-1))[..., None]
+    return out.astype(q.dtype).reshape(batch, 1, heads, v.shape[-1])
 
 
 class AttentionBranch(nn.Module):
@@ -107,7 +140,13 @@ class AttentionBranch(nn.Module):
         else:
             kv = shared_kv
         backend = attention_backend(cfg.attention_backend, cfg.dtype)
-        if backend == "xla":
+        # A decode step (one query after a cache of its batch): with a fused backend, the decode kernel
+        # (cuDNN's would need the cache copied next to the new key, for one query); else XLA.
+        decode = prefix_kv is not None and q.shape[1] == 1 and prefix_kv.k.shape[0] == q.shape[0]
+        if decode and backend != "xla" and decode_kernel_fits(prefix_kv.k.shape[1], cfg.qk_head_dim,
+                                                              cfg.v_head_dim):
+            out = decode_attention(q, kv.k, kv.v, mask, prefix_kv)
+        elif backend == "xla" or decode:
             out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
         else:
             out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=backend)

@@ -17,7 +17,7 @@ from hymba_jax.config import HymbaConfig
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import Dense, accum_dtype, logical_param
 from hymba_jax.ops.auto import scan_backend
-from hymba_jax.ops.scan import selective_scan
+from hymba_jax.ops.scan import selective_scan, selective_step, skip_and_gate
 
 
 class SSMState(NamedTuple):
@@ -120,12 +120,20 @@ class SSMBranch(nn.Module):
 
         acc = accum_dtype(u.dtype)
         A = -jnp.exp(a_log.astype(acc))
+        tail = jnp.concatenate([jnp.broadcast_to(context, xs.shape[:1] + context.shape[1:]), xs], axis=1)
+        if prefix is not None and doc_pos is None and u.shape[1] == 1:
+            # A decode step: the recurrence once, no scan; with lengths, a row taking no token keeps its
+            # state (delta = 0 above) and its conv inputs.
+            last, y = selective_step(prefix.ssm, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], dt_bias)
+            y = skip_and_gate(y, x[:, 0], d_skip, z[:, 0])[:, None]
+            conv = tail[:, 1:] if lengths is None else jnp.where((lengths > 0)[:, None, None], tail[:, 1:],
+                                                                 tail[:, :-1])
+            return y, SSMState(conv=conv, ssm=last)
         y, last = selective_scan(
             x, dt, A, B, C, d_skip.astype(acc), z, dt_bias.astype(acc),
             reset=None if doc_pos is None else doc_pos == 0,
             initial_state=None if prefix is None else prefix.ssm,
             backend=scan_backend(cfg.scan_backend, cfg.dtype))
-        tail = jnp.concatenate([jnp.broadcast_to(context, xs.shape[:1] + context.shape[1:]), xs], axis=1)
         if lengths is None:
             conv = tail[:, tail.shape[1] - (cfg.d_conv - 1):]
         else:   # the d_conv - 1 inputs before position lengths[b]: tail[b, lengths[b] : lengths[b] + K - 1]

@@ -96,12 +96,38 @@ def _scan_terms(x, dt, A, B, dt_bias, reset, initial_state):
     return a, b
 
 
-def _scan_output(h, x, C, D, z):
+def skip_and_gate(y: Array, x: Array, D: Array, z: Optional[Array]) -> Array:
+    """(y + D * x) * silu(z) in fp32 (at least), returned in x's dtype: the scan output from the state
+    readout y = sum_n h C (any shape ending in D, like x and z)."""
     f32 = jnp.promote_types(x.dtype, jnp.float32)   # fp32, or fp64 in float64 checks
-    y = jnp.einsum("bldn,bln->bld", h, C.astype(f32)) + D.astype(f32) * x.astype(f32)
+    y = y + D.astype(f32) * x.astype(f32)
     if z is not None:
         y = y * jax.nn.silu(z.astype(f32))
     return y.astype(x.dtype)
+
+
+def _scan_output(h, x, C, D, z):
+    f32 = jnp.promote_types(x.dtype, jnp.float32)
+    return skip_and_gate(jnp.einsum("bldn,bln->bld", h, C.astype(f32)), x, D, z)
+
+
+def selective_step(h: Array, x: Array, dt: Array, A: Array, B: Array, C: Array,
+                   dt_bias: Optional[Array] = None) -> tuple[Array, Array]:
+    """One position of the recurrence, straight from its definition (no scan, no time axis).
+
+    h (B, D, N) the state before, fp32; x, dt (B, D); A (D, N); B, C (B, N); dt_bias (D,) or None.
+    Returns the state after (B, D, N) and the readout sum_n h C (B, D), both fp32 (fp64 for fp64 x); the
+    D skip and the gate are `skip_and_gate`'s. The decode step uses it directly: its (B, D, N) terms are
+    elementwise, so XLA computes state and readout in one pass over the state.
+    """
+    f32 = jnp.promote_types(x.dtype, jnp.float32)
+    delta = dt.astype(f32)
+    if dt_bias is not None:
+        delta = delta + dt_bias.astype(f32)
+    delta = jax.nn.softplus(delta)                                                    # (B, D)
+    h = (jnp.exp(delta[..., None] * A.astype(f32)) * h.astype(f32)
+         + (delta * x.astype(f32))[..., None] * B.astype(f32)[:, None])
+    return h, jnp.einsum("bdn,bn->bd", h, C.astype(f32))
 
 
 @register_backend("associative")
@@ -127,19 +153,12 @@ def sequential_scan(x, dt, A, B, C, D, z, dt_bias, reset, initial_state):
         h0 = jnp.broadcast_to(initial_state.astype(f32), h0.shape)
     if reset is None:
         reset = jnp.zeros((batch, length), bool)
-    bias = jnp.zeros(A.shape[:1], f32) if dt_bias is None else dt_bias.astype(f32)
 
     def step(h, inputs):
         x_t, dt_t, B_t, C_t, reset_t = inputs
         h = jnp.where(reset_t[:, None, None], h0, h)
-        delta = jax.nn.softplus(dt_t.astype(f32) + bias)                       # (B, D)
-        h = jnp.exp(delta[..., None] * A) * h + (delta * x_t.astype(f32))[..., None] * B_t.astype(f32)[:, None]
-        y_t = jnp.einsum("bdn,bn->bd", h, C_t.astype(f32))
-        return h, y_t
+        return selective_step(h, x_t, dt_t, A, B_t, C_t, dt_bias)
 
     time_major = [jnp.moveaxis(t, 1, 0) for t in (x, dt, B, C, reset)]
     last, ys = jax.lax.scan(step, h0, time_major)
-    y = jnp.moveaxis(ys, 0, 1) + D.astype(f32) * x.astype(f32)
-    if z is not None:
-        y = y * jax.nn.silu(z.astype(f32))
-    return y.astype(x.dtype), last
+    return skip_and_gate(jnp.moveaxis(ys, 0, 1), x, D, z), last

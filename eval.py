@@ -6,11 +6,12 @@
     python eval.py --config.hf_checkpoint=PATH \
         --config.task=benchmarks --config.tasks=arc_easy,piqa --config.task_data_dir=DIR --config.limit=100
 
-Tasks are registered in TASKS (name -> function(config, model) -> result dict); `--config.task` picks
-one. 'perplexity' computes the token-weighted cross-entropy exactly as the training loop's validation
-(same packing, batches and code), so on a workdir it reproduces the final validation loss. The result
-is printed as JSON and written to `--config.output` (default: <workdir>/eval_<task>.json).
-`--workdir DIR` is train.py's flag and the same as `--config.workdir=DIR`.
+Evaluations are registered in EVALUATIONS (name -> function(config, model) -> result dict);
+`--config.task` picks one. 'perplexity' computes the token-weighted cross-entropy exactly as the training
+loop's validation (same packing, batches and code), so on a workdir it reproduces the final validation
+loss. 'benchmarks' runs the paper's tasks in lm-evaluation-harness formats (hymba_jax.downstream). The
+result is printed as JSON and written to `--config.output` (default: <workdir>/eval_<task>.json).
+`--workdir DIR` is train.py's flag and the same as `--config.workdir=DIR` (hymba_jax/cli.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from typing import Any, Callable, Optional
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from hymba_jax import compilation_cache
+from hymba_jax import cli, compilation_cache
 from hymba_jax.config import HymbaConfig
 from hymba_jax.data import default_data_config
 from hymba_jax.loading import load_model, load_tokenizer
@@ -55,6 +54,9 @@ def eval_config() -> ml_collections.ConfigDict:
     c.tasks = ""              # task=benchmarks: comma-separated harness-format tasks ('' = the paper's suite)
     c.task_data_dir = ""      # task=benchmarks: folder of <task>.jsonl ('' = Hugging Face datasets cache)
     c.limit = 0               # task=benchmarks: first N documents per task (0 = all)
+    c.num_fewshot = ""        # task=benchmarks: shots per task where not the paper's, e.g. 'mmlu=0,piqa=5'
+    c.tokens_per_batch = 8192  # task=benchmarks: tokens per scoring forward (rows = this // length bucket)
+    c.add_bos = True          # task=benchmarks: start every context with the BOS id (as the harness does)
     # An HF checkpoint's data settings (a workdir brings its own); data.tokenizer '': its tokenizer.model.
     c.data = default_data_config()
     c.compilation_cache_dir = compilation_cache.DEFAULT_DIR   # compiled programs kept across runs; '' = off
@@ -77,13 +79,10 @@ def load_for_evaluation(config: ml_collections.ConfigDict) -> LoadedModel:
     """The model named by --workdir (--config.workdir) or --config.hf_checkpoint, with fp32 weights placed on
     all devices, and its tokenizer: the training data's for a workdir; --config.data.tokenizer, else the
     checkpoint's tokenizer.model, for a Hugging Face checkpoint."""
-    if bool(config.workdir) == bool(config.hf_checkpoint):
-        raise SystemExit("config error: give exactly one of --workdir (or --config.workdir) and "
-                         "--config.hf_checkpoint")
+    source = cli.model_source(config)
     mesh = make_mesh({"data": -1})
     backends = {k: config[k] for k in ("scan_backend", "attention_backend") if config[k]}
-    model_cfg, params = load_model(config.workdir or config.hf_checkpoint, config.dtype or None, mesh=mesh,
-                                   **backends)
+    model_cfg, params = load_model(source, config.dtype or None, mesh=mesh, **backends)
     try:
         tokenizer = load_tokenizer(config.workdir) if config.workdir else load_tokenizer(
             config.hf_checkpoint, config.data.tokenizer)
@@ -145,40 +144,36 @@ def unigram(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
 
 
 def benchmarks(config: ml_collections.ConfigDict, model: LoadedModel) -> dict:
-    """The paper's benchmarks in lm-evaluation-harness formats (hymba_jax.eval, docs/evaluation.md);
+    """The paper's benchmarks in lm-evaluation-harness formats (hymba_jax.downstream, docs/evaluation.md);
     prompts longer than seq_len keep their last tokens. Prints a table; the result holds every metric."""
-    from hymba_jax.eval import PAPER_SUITE, Scorer, evaluate, format_table
+    from hymba_jax.downstream import PAPER_SUITE, Scorer, evaluate, format_table
 
     tasks = [t for t in config.tasks.split(",") if t] or list(PAPER_SUITE)
-    scorer = Scorer(model.config, model.params, max_length=model.seq_len, progress=jax.process_index() == 0)
+    try:
+        shots = {k: int(v) for k, v in (kv.split("=") for kv in config.num_fewshot.split(",") if kv)}
+    except ValueError:
+        raise SystemExit(f"config error: num_fewshot={config.num_fewshot!r}: expected task=shots pairs like "
+                         "'mmlu=0,piqa=5'") from None
+    scorer = Scorer(model.config, model.params, max_length=model.seq_len, tokens_per_batch=config.tokens_per_batch,
+                    progress=jax.process_index() == 0)
     result = evaluate(scorer, model.tokenizer, tasks, data_dir=config.task_data_dir or None,
-                      limit=config.limit or None)
+                      limit=config.limit or None, num_fewshot=shots, add_bos=config.add_bos)
     if jax.process_index() == 0:
         print(format_table(result))
     return result
 
 
-TASKS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {
+EVALUATIONS: dict[str, Callable[[ml_collections.ConfigDict, LoadedModel], dict]] = {
     "perplexity": perplexity, "unigram": unigram, "benchmarks": benchmarks}
 
-_CONFIG = config_flags.DEFINE_config_dict("config", eval_config(), "evaluation settings", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir to evaluate, as in train.py (the same as "
-                               "--config.workdir)")
+_CONFIG = cli.define_config(eval_config(), "evaluation settings", where="eval.py:eval_config")
+_WORKDIR = cli.define_workdir("training workdir to evaluate, as in train.py (the same as --config.workdir)")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs each restore at INFO; `-v 0` shows them
-    config = _CONFIG.value
-    if _WORKDIR.value is not None:               # one setting, two spellings: they may not disagree
-        if config.workdir and config.workdir != _WORKDIR.value:
-            raise SystemExit(f"config error: --workdir={_WORKDIR.value} and --config.workdir={config.workdir} "
-                             "disagree; give one of them")
-        config.workdir = _WORKDIR.value
-    if config.task not in TASKS:
-        raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(TASKS)}")
+def main() -> None:
+    config = cli.settings(_CONFIG, _WORKDIR)
+    if config.task not in EVALUATIONS:
+        raise SystemExit(f"config error: task={config.task!r}: expected one of {sorted(EVALUATIONS)}")
     cache_dir = compilation_cache.enable(config.compilation_cache_dir)
     try:
         model = load_for_evaluation(config)
@@ -188,7 +183,7 @@ def main(argv):
         print(f"{describe_kernels(resolve_kernels(model.config), model.config)}; compilation cache "
               f"{cache_dir or 'off'}", file=sys.stderr)
     result = {"task": config.task, "source": config.workdir or config.hf_checkpoint,
-              **TASKS[config.task](config, model)}
+              **EVALUATIONS[config.task](config, model)}
     output: Optional[str] = config.output or (
         str(Path(config.workdir) / f"eval_{config.task}.json") if config.workdir else None)
     if jax.process_index() == 0:
@@ -198,4 +193,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from hymba_jax.train.config import TrainConfigError, unknown_override
+from hymba_jax import cli
+from hymba_jax.train.config import TrainConfigError, base_config
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-try:   # config_flags applies the --config.<key> overrides here, at definition
-    _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
-                                              "training config file (configs/*.py)", lock_config=True)
-except (KeyError, AttributeError):
-    raise SystemExit(f"config error: {unknown_override(sys.argv)}") from None
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/hymba-tiny", "directory for checkpoints, logs and plots")
+_CONFIG = cli.define_config(os.path.join(_HERE, "configs", "tiny.py"), "training config file (configs/*.py)",
+                            known=base_config(), where="hymba_jax/train/config.py:base_config")
+_WORKDIR = cli.define_workdir("directory for checkpoints, logs and plots", default="/tmp/hymba-tiny")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: HOST:PORT of process 0")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: how many processes in all")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's id in [0, num_processes)")
@@ -42,11 +38,7 @@ _START_OVER = flags.DEFINE_bool("start_over", False, "start from step 0 in a wor
                                 "deleted); without it the run resumes, or refuses when it cannot")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs each checkpoint at INFO; `-v 0` shows them
+def main() -> None:
     import jax
 
     from hymba_jax import distributed
@@ -70,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from hymba_jax.config import hymba_tiny
-from hymba_jax.eval.recall import RecallVocab, make_accuracy_fn, mqar_batch, needle_batch, recall_accuracy
+from hymba_jax.downstream.recall import RecallVocab, make_accuracy_fn, mqar_batch, needle_batch, recall_accuracy
 from hymba_jax.model.lm import HymbaForCausalLM, init_params
 
 

@@ -2,7 +2,7 @@
 
 Writes synthetic documents in each task's JSONL schema (random words, lengths like the real tasks),
 loads a model (default: the 1.5B preset with random weights, bf16), compiles each bucket once (timed
-separately) and runs `hymba_jax.eval.evaluate` over all tasks with the character tokenizer.
+separately) and runs `hymba_jax.downstream.evaluate` over all tasks with the character tokenizer.
 
     python benchmarks/eval_suite.py --checkpoint preset:hymba_1p5b --docs 32 --output runs/eval_suite.json
 """
@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from hymba_jax.eval import AsciiTokenizer, PAPER_SUITE, Scorer, evaluate, format_table
+from hymba_jax.downstream import AsciiTokenizer, PAPER_SUITE, Scorer, evaluate, format_table
 from hymba_jax.loading import load_model
 
 LEXICON_SEED = 7

@@ -4,8 +4,8 @@ against one GPU at the same per-GPU batch (weak scaling).
     PYTHONPATH=. python benchmarks/scaling.py --preset hymba_125m --seq 2048 --batch_per_device 8 \
         --meshes 1:data=1 2:data=2 2:fsdp=2 --steps 10 --json $OUT/scaling.json
 
-A run is DEVICES:MESH (mesh axes as in config.mesh). Every run uses the real sharded train state and
-`make_train_step` (AdamW with clipping, z-loss, donated state, bf16 compute, fp32 master weights) on
+A run is DEVICES:MESH (mesh axes as in config.mesh). Every run uses train.py's program
+(`build_train_program`: AdamW with clipping, z-loss, donated sharded state, bf16 compute, fp32 master weights) on
 synthetic packed rows (random tokens, 4 documents per row). The first run (the baseline) is compiled and
 timed first while the others compile on host threads; the other runs are then timed one after another:
 2 warm-up steps, then the median of --steps steps. Efficiency = tokens/s / (devices x tokens/s of the
@@ -21,25 +21,24 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from hardware import matmul_rate
 from hymba_jax.config import get_preset
 from hymba_jax.model.lm import init_params
-from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, collective_operands, make_mesh
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, collective_operands, make_mesh
 from hymba_jax.train.metrics import flops_per_token
-from hymba_jax.train.optimizer import make_optimizer, make_schedule
-from hymba_jax.train.state import create_train_state, state_shardings
-from hymba_jax.train.step import BATCH_KEYS, make_train_step
+from hymba_jax.train.program import build_train_program
 
 
-def optimizer_config(num_steps: int) -> ml_collections.ConfigDict:
-    """configs/hymba_125m.py's optimizer (only the keys make_optimizer/make_schedule read)."""
-    return ml_collections.ConfigDict(dict(num_steps=num_steps, optimizer=dict(
-        learning_rate=3e-3, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.01,
-        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)))
+def program_config(num_steps: int) -> ml_collections.ConfigDict:
+    """The keys `build_train_program` reads: configs/hymba_125m.py's optimizer and z-loss with a 10-step
+    warmup, no gradient accumulation, the default axis rules."""
+    return ml_collections.ConfigDict(dict(
+        num_steps=num_steps, grad_accum_steps=1, z_loss=1e-4, axis_rules=DEFAULT_AXIS_RULES,
+        optimizer=dict(learning_rate=3e-3, schedule="wsd", warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.01,
+                       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)))
 
 
 def synthetic_batch(rows: int, seq: int, vocab: int, docs: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
@@ -74,9 +73,7 @@ def main():
 
     cfg = get_preset(args.preset, dtype="bfloat16", param_dtype="float32", remat=args.remat,
                      attention_backend=args.attention, scan_backend=args.scan)
-    config = optimizer_config(1000)
-    tx, schedule = make_optimizer(config), make_schedule(config)
-    rules = DEFAULT_AXIS_RULES
+    config = program_config(1000)
     log(f"{jax.device_count()} x {jax.devices()[0].device_kind}; jax {jax.__version__}; {args.preset} "
         f"seq {args.seq}, {args.batch_per_device} rows per device")
 
@@ -84,17 +81,10 @@ def main():
     for spec in args.meshes:
         n, shape = parse_run(spec)
         mesh = make_mesh(shape, devices=jax.devices()[:n])
-        shardings = state_shardings(cfg, tx, mesh, rules)
-        bsh = batch_sharding(mesh, rules)
-        step = make_train_step(cfg, tx, schedule, grad_accum_steps=1, z_loss=1e-4, mesh=mesh,
-                               state_shardings=shardings, batch_sharding=bsh, rules=rules)
-        shapes = jax.eval_shape(lambda r: create_train_state(cfg, tx, mesh, rules, r)[0], jax.random.key(0))
-        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                                shardings)
+        program = build_train_program(config, cfg, mesh)
         rows = args.batch_per_device * n
-        batch = {k: jax.ShapeDtypeStruct((rows, args.seq), jnp.float32 if k == "weights" else jnp.int32,
-                                          sharding=bsh) for k in BATCH_KEYS}
-        runs.append(dict(spec=spec, devices=n, mesh=mesh, bsh=bsh, rows=rows, lowered=step.lower(abstract, batch)))
+        lowered = program.train_step().lower(program.abstract_state(), program.abstract_batch(rows, args.seq))
+        runs.append(dict(spec=spec, devices=n, mesh=mesh, program=program, rows=rows, lowered=lowered))
     log("lowered")
 
     def compile_one(run):
@@ -112,9 +102,9 @@ def main():
         if time.perf_counter() - start > args.deadline_s:
             log(f"deadline: skipping {run['spec']}")
             return
-        state, _ = create_train_state(cfg, tx, run["mesh"], rules, jax.random.key(0), params=params)
+        state = run["program"].init_state(jax.random.key(0), params=params)
         host = synthetic_batch(run["rows"], args.seq, cfg.vocab_size)
-        batch = {k: jax.device_put(v, run["bsh"]) for k, v in host.items()}
+        batch = {k: jax.device_put(v, run["program"].batch_sharding) for k, v in host.items()}
         times, losses = [], []
         for i in range(args.steps + 2):
             t = time.perf_counter()

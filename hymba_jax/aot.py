@@ -8,8 +8,8 @@ Needs libtpu matching the installed jax (kept out of the project's environment, 
     pip install --no-deps --target .tpu_site "libtpu==0.0.42.*"        # jax 0.10.2
     PYTHONPATH=.tpu_site python -m hymba_jax.aot --config configs/hymba_1p5b.py --topology v5p:4x4x4
 
-The train state, batch and step are exactly train.py's (`make_train_step` with the config's mesh, rules,
-remat, dtypes and gradient accumulation); nothing is allocated or run. The memory is what XLA's
+The train state, batch and step are exactly train.py's (`build_train_program`: the config's optimizer,
+mesh, rules, remat, dtypes and gradient accumulation); nothing is allocated or run. The memory is what XLA's
 compiled module needs on each chip: arguments (this chip's shard of the train state and batch),
 outputs (the new state; donated, so they alias the arguments), temporaries (activations, gradients,
 collectives' buffers) and code. FLOPs are XLA's count for one chip's program of one step.
@@ -23,16 +23,14 @@ import sys
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from hymba_jax.ops.auto import resolve_kernels
-from hymba_jax.parallel import batch_sharding, collective_operands, make_mesh
-from hymba_jax.train.config import model_config, validate_config
+from hymba_jax.parallel import MeshError, collective_operands, make_mesh
+from hymba_jax.train.config import TrainConfigError, model_config, validate_config
 from hymba_jax.train.metrics import flops_per_token
-from hymba_jax.train.optimizer import make_optimizer, make_schedule
-from hymba_jax.train.state import create_train_state, state_shardings
-from hymba_jax.train.step import BATCH_KEYS, compile_fitting, make_train_step
+from hymba_jax.train.program import build_train_program
+from hymba_jax.train.step import StepDoesNotFit, needed_bytes
 
 # HBM per chip (bytes), by the topology name's generation prefix.
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
@@ -52,6 +50,7 @@ class AotReport:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
+    total_bytes: int        # what the chip needs (train.step.needed_bytes): the sum above less the aliases
     hbm_bytes: Optional[int]
     flops: float            # XLA's count for this chip's program
     model_flops: float      # the 6N + attention formula (train.metrics) for this chip's share of the batch
@@ -60,11 +59,6 @@ class AotReport:
     scan_backend: str       # the kernels compiled ("auto" resolved for the TPU)
     attention_backend: str
     remat: str              # as compiled ("auto": none if it fits the chip's HBM, else full)
-
-    @property
-    def total_bytes(self) -> int:
-        """Peak-resident estimate: inputs + outputs not aliased to inputs + temporaries + code."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
     def summary(self) -> str:
         gib = lambda b: f"{b / 2**30:8.2f} GiB"
@@ -107,27 +101,15 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
     validate_config(config)
     mesh = make_mesh(dict(config.mesh), devices=devices, dcn_shape=dict(config.dcn_mesh))
     cfg = resolve_kernels(model_config(config, config.model.vocab_size or vocab_size), devices[0].platform)
-    rules = config.axis_rules
-    tx = make_optimizer(config)
-    shardings = state_shardings(cfg, tx, mesh, rules)
-    shapes = jax.eval_shape(lambda r: create_train_state(cfg, tx, mesh, rules, r)[0], jax.random.key(0))
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    bsh = batch_sharding(mesh, rules)
-    batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len),
-                                     jnp.float32 if k == "weights" else jnp.int32, sharding=bsh)
-             for k in BATCH_KEYS}
+    program = build_train_program(config, cfg, mesh)
+    state = program.abstract_state()
     generation = topology.split(":")[0]
-    make_step = lambda c: make_train_step(c, tx, make_schedule(config), grad_accum_steps=config.grad_accum_steps,
-                                          z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
-                                          batch_sharding=bsh, rules=rules)
     start = time.perf_counter()
     try:
-        compiled, cfg, notes = compile_fitting(make_step, cfg, (state, batch), HBM_BYTES.get(generation))
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        raise SystemExit(f"{topology}: the train step DOES NOT FIT ({str(e).split(':', 1)[-1].strip()[:300]}); "
-                         "try --config.model.remat=full (or dots), a smaller batch_size or more chips") from None
+        compiled, cfg, notes = program.compile(cfg, (state, program.abstract_batch(config.batch_size, config.seq_len)),
+                                               HBM_BYTES.get(generation))
+    except StepDoesNotFit as e:
+        raise SystemExit(f"{topology}: DOES NOT FIT: {e}") from None
     seconds = time.perf_counter() - start
     print("\n".join(notes), file=sys.stderr)
     memory = compiled.memory_analysis()
@@ -136,42 +118,41 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, topolog
     tokens_per_chip = config.batch_size * config.seq_len / len(devices)
     return AotReport(
         topology=topology, chips=len(devices), mesh=dict(mesh.shape),
-        params=sum(x.size for x in jax.tree.leaves(shapes.params)),
+        params=sum(x.size for x in jax.tree.leaves(state.params)),
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=HBM_BYTES.get(generation),
+        code_bytes=memory.generated_code_size_in_bytes, total_bytes=needed_bytes(memory),
+        hbm_bytes=HBM_BYTES.get(generation),
         flops=float(cost.get("flops", 0.0)), model_flops=flops_per_token(cfg, config.seq_len) * tokens_per_chip,
         collectives={k: len(v) for k, v in collective_operands(compiled.as_text()).items()}, compile_s=seconds,
         scan_backend=cfg.scan_backend, attention_backend=cfg.attention_backend, remat=cfg.remat)
 
 
-def main(argv):
+def main() -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
     devices = tpu_devices(FLAGS.topology, FLAGS.num_slices)
-    report = compile_train_step(FLAGS.config, devices, FLAGS.topology, FLAGS.vocab_size)
+    try:
+        report = compile_train_step(FLAGS.config, devices, FLAGS.topology, FLAGS.vocab_size)
+    except (TrainConfigError, MeshError) as e:
+        raise SystemExit(f"config error: {e}") from None
     print(report.summary())
     if FLAGS.json:
-        print(json.dumps({**dataclasses.asdict(report), "total_bytes": report.total_bytes}))
+        print(json.dumps(dataclasses.asdict(report)))
 
 
-def _define_flags():
+if __name__ == "__main__":
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+    from hymba_jax import cli
+    from hymba_jax.train.config import base_config
+
+    cli.define_config(None, "training config file (configs/*.py), as in train.py", known=base_config(),
+                      where="hymba_jax/train/config.py:base_config")
     flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology, e.g. v5p:4x4x4, v4:2x2x2, v5e:4x4, v6e:4x4")
     flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (set config.dcn_mesh to use them)")
     flags.DEFINE_integer("vocab_size", DEFAULT_VOCAB, "vocabulary when the config leaves model.vocab_size unset")
     flags.DEFINE_bool("json", False, "also print the report as one JSON line")
     flags.mark_flags_as_required(["config"])
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main, argv=sys.argv)
+    cli.run(main)

@@ -5,8 +5,8 @@ directory, a training workdir, or a preset with random weights (benchmarks).
     tokenizer = load_tokenizer(source)             # the source's own, or tokenizer='ascii' / a .model path
     template = load_chat_template(source, tokenizer)   # the chat template it was fine-tuned with
 
-eval.py, `python -m hymba_jax.eval`, the lm-eval adapter, generation and the benchmarks all load through
-here, so the same source and dtypes give the same model everywhere.
+eval.py, generate.py, the lm-eval adapter and the benchmarks all load through here, so the same source and
+dtypes give the same model everywhere.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def load_tokenizer(source: str, tokenizer: str = ""):
     models) or a SentencePiece .model path; '' the source's own: tokenizer.model in a Hugging Face
     checkpoint directory, the training data's tokenizer for a workdir (its file, or the one trained on the
     default corpus, from the cache). Errors say what to pass."""
-    from hymba_jax.eval.tokenizer import AsciiTokenizer
+    from hymba_jax.downstream.tokenizer import AsciiTokenizer
 
     if tokenizer == "ascii":
         return AsciiTokenizer()

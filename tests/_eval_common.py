@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from hymba_jax.eval import Scorer
+from hymba_jax.downstream import Scorer
 from hymba_jax.loading import load_model
 from conftest import TINY_A
 

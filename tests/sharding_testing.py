@@ -20,12 +20,10 @@ import jax
 import numpy as np
 
 from hymba_jax.data import Tokenizer, make_dataset
-from hymba_jax.parallel import batch_sharding, collective_operands, make_mesh, shard_batch
+from hymba_jax.parallel import collective_operands, make_mesh, shard_batch
 from hymba_jax.train.checkpoint import Checkpointer
 from hymba_jax.train.config import model_config
-from hymba_jax.train.optimizer import make_optimizer, make_schedule
-from hymba_jax.train.state import create_train_state, state_shardings
-from hymba_jax.train.step import make_eval_step, make_train_step
+from hymba_jax.train.program import build_train_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_testing import REPO, apply_overrides, small_overrides, write_small_corpus  # noqa: E402
@@ -73,27 +71,19 @@ def main(out_path: str, workdir: str, meshes: str) -> None:
     corpus, spm = write_small_corpus(work / "corpus")
     overrides = small_overrides(corpus, spm, work / "cache")
     overrides.update({f"model.{k}": v for k, v in MODEL.items()})
-    overrides.update({"batch_size": 8, "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 0})
+    overrides.update({"batch_size": 8, "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 0, "z_loss": 1e-4})
     config = apply_overrides(get_config(), overrides)
     tokenizer = Tokenizer.from_file(spm)
     cfg = model_config(config, tokenizer.vocab_size)
     data = iter(make_dataset(config.data, tokenizer, split="train", global_batch_size=8, seq_len=32, seed=0))
     batches = [next(data) for _ in range(3)]
-    tx, schedule = make_optimizer(config), make_schedule(config)
-    rules = config.axis_rules
     results: dict = {"meshes": {}}
     runs = {}
 
-    def setup(mesh):
-        state, shardings = create_train_state(cfg, tx, mesh, rules, jax.random.key(0))
-        bsh = batch_sharding(mesh, rules)
-        step = make_train_step(cfg, tx, schedule, grad_accum_steps=1, z_loss=1e-4, mesh=mesh,
-                               state_shardings=shardings, batch_sharding=bsh, rules=rules)
-        return state, shardings, bsh, step
-
     def train(mesh, steps=(0, 1)):
-        state, shardings, bsh, step = setup(mesh)
-        compiled = step.lower(state, shard_batch(batches[0], bsh)).compile()
+        program = build_train_program(config, cfg, mesh)
+        state, bsh = program.init_state(jax.random.key(0)), program.batch_sharding
+        compiled = program.train_step().lower(state, shard_batch(batches[0], bsh)).compile()
         run = lambda state, i: compiled(state, shard_batch(batches[i], bsh))
         losses, norms = [], []
         for i in steps:
@@ -129,25 +119,22 @@ def main(out_path: str, workdir: str, meshes: str) -> None:
         }
 
     # Forward-only collectives under pure tensor parallelism: what docs/sharding.md explains.
-    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 4}, devices=jax.devices()[:4])
-    shardings = state_shardings(cfg, tx, mesh, rules)
-    bsh = batch_sharding(mesh, rules)
-    eval_step = make_eval_step(cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=bsh, rules=rules)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda: ref_state.params), shardings.params)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in batches[0].items()}
-    results["forward_tensor4"] = collective_operands(eval_step.lower(abstract, batch).compile().as_text())
+    program = build_train_program(config, cfg, make_mesh({"data": 1, "fsdp": 1, "tensor": 4},
+                                                         devices=jax.devices()[:4]))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sharding)
+             for k, v in batches[0].items()}
+    results["forward_tensor4"] = collective_operands(
+        program.eval_step().lower(program.abstract_state().params, batch).compile().as_text())
 
     tick("forward HLO")
     # Checkpoint written from 1 device, restored onto fsdp=2 x tensor=4 and back onto 1 device.
-    results["checkpoint"] = checkpoint_round_trip(config, cfg, tx, rules, ref_state, ref_params, data, work,
-                                                  ref_run, runs["fsdp=2,tensor=4"], one)
+    results["checkpoint"] = checkpoint_round_trip(config, cfg, ref_state, ref_params, data, work, ref_run,
+                                                  runs["fsdp=2,tensor=4"], one)
     tick("checkpoints")
     Path(out_path).write_text(json.dumps(results, indent=1))
 
 
-def checkpoint_round_trip(config, cfg, tx, rules, ref_state, ref_params, data, work, run_on_1, run_on_8,
-                          one) -> dict:
+def checkpoint_round_trip(config, cfg, ref_state, ref_params, data, work, run_on_1, run_on_8, one) -> dict:
     """Save after two steps on 1 device; restore on fsdp=2 x tensor=4 and take the third step there; save
     that and restore it on 1 device, to compare with the third step taken on 1 device."""
     shapes = jax.eval_shape(lambda: ref_state)
@@ -155,8 +142,8 @@ def checkpoint_round_trip(config, cfg, tx, rules, ref_state, ref_params, data, w
     saver.save(ref_state, data, config, cfg)
     saver.close()
     eight = make_mesh(MESHES["fsdp=2,tensor=4"])
-    restored = Checkpointer(work / "ckpt_from_1").restore_latest(state_shardings(cfg, tx, eight, rules), shapes,
-                                                                  data)
+    restored = Checkpointer(work / "ckpt_from_1").restore_latest(
+        build_train_program(config, cfg, eight).state_shardings, shapes, data)
     summary = {
         "restored_step": int(restored.step),
         "restored_on_8_max_diff": max(float(np.max(np.abs(np.asarray(v) - ref_params[k])))
@@ -167,7 +154,8 @@ def checkpoint_round_trip(config, cfg, tx, rules, ref_state, ref_params, data, w
     saver = Checkpointer(work / "ckpt_from_8", async_save=False)
     saver.save(state8, data, config, cfg)
     saver.close()
-    back = Checkpointer(work / "ckpt_from_8").restore_latest(state_shardings(cfg, tx, one, rules), shapes, data)
+    back = Checkpointer(work / "ckpt_from_8").restore_latest(build_train_program(config, cfg, one).state_shardings,
+                                                             shapes, data)
     ref3 = flat(jax.device_get(state1.params))
     summary.update({
         "loss_step3_on_8": float(metrics8["loss"]), "loss_step3_on_1": float(metrics1["loss"]),

@@ -12,26 +12,26 @@ import sys
 
 import pytest
 
-from hymba_jax.eval import AsciiTokenizer, Request, evaluate, generate_texts, loglikelihood_texts
+from hymba_jax.downstream import AsciiTokenizer, Request, evaluate, generate_texts, loglikelihood_texts
 
 from _eval_common import DATA, FIXTURE, MAX_LENGTH, REPO, tiny_scorer
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is optional (pip install hymba-jax[eval])")
-TASKS = ["hymba_test_arc", "hymba_test_lambada", "hymba_test_gen", "hymba_test_rolling"]
+HARNESS_TASKS = ["hymba_test_arc", "hymba_test_lambada", "hymba_test_gen", "hymba_test_rolling"]
 
 
 @pytest.fixture(scope="module")
 def harness_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lm_eval")
     env = dict(os.environ, HF_HOME=str(out / "hf"), HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "hymba_jax.eval.harness", "run", "--model", "hymba_jax", "--model_args",
-           f"checkpoint={FIXTURE},tokenizer=ascii,max_length={MAX_LENGTH}", "--tasks", *TASKS,
+    cmd = [sys.executable, "-m", "hymba_jax.downstream.harness", "run", "--model", "hymba_jax", "--model_args",
+           f"checkpoint={FIXTURE},tokenizer=ascii,max_length={MAX_LENGTH}", "--tasks", *HARNESS_TASKS,
            "--include_path", ".", "--output_path", str(out / "results"), "--log_samples"]
     proc = subprocess.run(cmd, cwd=DATA, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.load(open(glob.glob(str(out / "results" / "*" / "results_*.json"))[0]))["results"]
     samples = {t: [json.loads(line) for line in open(glob.glob(str(out / "results" / "*" / f"samples_{t}_*.jsonl"))[0])]
-               for t in TASKS}
+               for t in HARNESS_TASKS}
     for rows in samples.values():
         rows.sort(key=lambda r: r["doc_id"])
     return results, samples

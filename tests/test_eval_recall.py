@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hymba_jax.eval.recall import RecallBatch, RecallVocab, mqar_batch, needle_batch, recall_accuracy
+from hymba_jax.downstream.recall import RecallBatch, RecallVocab, mqar_batch, needle_batch, recall_accuracy
 
 VOCAB = RecallVocab(101, num_keys=20, num_values=20)
 

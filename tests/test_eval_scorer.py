@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hymba_jax.eval import greedy_generate
-from hymba_jax.eval.scorer import default_buckets, rolling_windows
+from hymba_jax.downstream import greedy_generate
+from hymba_jax.downstream.scorer import default_buckets, rolling_windows
 from hymba_jax.model.lm import HymbaForCausalLM
 
 from _eval_common import tiny_scorer

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from hymba_jax.eval import AsciiTokenizer, PAPER_SUITE, encode_pair, evaluate, format_table, get_task
-from hymba_jax.eval.data import load_task_data
-from hymba_jax.eval.metrics import aggregate, contains, multiple_choice
-from hymba_jax.eval.scorer import LogLikelihood
-from hymba_jax.eval.tasks import fewshot_examples
+from hymba_jax.downstream import AsciiTokenizer, PAPER_SUITE, encode_pair, evaluate, format_table, get_task
+from hymba_jax.downstream.data import load_task_data
+from hymba_jax.downstream.metrics import aggregate, contains, multiple_choice
+from hymba_jax.downstream.scorer import LogLikelihood
+from hymba_jax.downstream.tasks import fewshot_examples
 
 from _eval_common import DATA, tiny_scorer
 
@@ -146,3 +146,33 @@ def test_full_suite_runs_on_the_tiny_model():
             assert value > 1.0 if metric == "perplexity" else 0.0 <= value <= 1.0
         assert row["num_docs"] == (1 if name == "arc_challenge" else 2)
     assert out["results"]["mmlu"]["num_fewshot"] == 5 and out["results"]["squad_completion"]["num_fewshot"] == 1
+
+
+@pytest.mark.slow   # two processes each compile the tiny model's scoring buckets (70 s on the shared CPU)
+def test_eval_py_benchmarks_is_the_library_run(tmp_path):
+    """`python eval.py --config.task=benchmarks` (the one command for a benchmark run) gives the library's
+    numbers for the same checkpoint, tokenizer, length and shots; its settings parse from the command line."""
+    import json
+    import subprocess
+    import sys
+
+    from hymba_jax.downstream import Scorer
+    from hymba_jax.loading import load_model
+    from _eval_common import FIXTURE, REPO
+
+    out = tmp_path / "result.json"
+    flags = [f"--config.hf_checkpoint={FIXTURE}", "--config.task=benchmarks", "--config.tasks=arc_easy,piqa",
+             f"--config.task_data_dir={DATA}", "--config.data.tokenizer=ascii", "--config.seq_len=32",
+             "--config.num_fewshot=piqa=1", "--config.tokens_per_batch=256", f"--config.output={out}",
+             "--config.compilation_cache_dir="]
+    proc = subprocess.run([sys.executable, str(REPO / "eval.py"), *flags], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())["results"]
+    config, params = load_model(str(FIXTURE))
+    want = evaluate(Scorer(config, params, max_length=32, tokens_per_batch=256, progress=False), AsciiTokenizer(),
+                    ["arc_easy", "piqa"], data_dir=str(DATA), num_fewshot={"piqa": 1})["results"]
+    assert got["piqa"]["num_fewshot"] == 1 and got["arc_easy"]["num_docs"] == want["arc_easy"]["num_docs"]
+    for task in want:
+        for metric in get_task(task).metrics:
+            assert got[task][metric] == pytest.approx(want[task][metric], abs=1e-6), (task, metric)

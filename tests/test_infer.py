@@ -4,6 +4,8 @@ generation, the CLI on the released-layout fixture, sampling filters and cache-s
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,11 @@ from hymba_jax.infer import (Generator, Sampling, cache_bytes, cache_size, exten
                              logits_of, meta_state, sample, tree_bytes)
 from hymba_jax.infer.engine import decode_loop, flush
 from hymba_jax.model import HymbaForCausalLM, param_shapes
+
+from train_testing import REPO
+
+sys.path.insert(0, str(REPO))
+from generate import generate, generate_config  # noqa: E402   generate.py, the command line
 
 # Window 5 (text runs to 40 positions), a global layer, a KV-sharing group of three, d_conv 3, 4 meta tokens.
 CONFIG = hymba_tiny(num_layers=4, sliding_window=5, global_layers=(0,), kv_reuse_groups=((1, 2, 3),), d_conv=3)
@@ -174,27 +181,39 @@ def test_prefill_checks_its_inputs_and_takes_a_wider_token_array(params):
         prefill(CONFIG, params, init_cache(CONFIG, meta, 2, 64), bad, lengths, 8)
 
 
-def test_cli_generates_from_the_fixture(tiny_a_dir, tiny_a_expected, capsys):
-    """Greedy generation through the CLI from the released-layout fixture: the first token is the released
-    model's argmax after the prompt, the rest are what the library generates, and all are printed."""
-    from hymba_jax.infer.generate import main
+def settings(**values):
+    config = generate_config()
+    config.update(values)
+    return config
+
+
+def test_cli_generates_from_the_fixture(tiny_a_dir, tiny_a_expected):
+    """Greedy generation through `python generate.py` (flags parsed as users give them) from the
+    released-layout fixture: the first token is the released model's argmax after the prompt, the rest are
+    what the library generates, and all are printed."""
     from hymba_jax.loading import load_model
 
     prompt = tiny_a_expected["input_ids"][0, :12].tolist()
-    outputs = main(["--checkpoint", str(tiny_a_dir), "--prompt_ids", ",".join(map(str, prompt)),
-                    "--max_new_tokens", "8", "--stop_ids", ""])
-    printed = capsys.readouterr().out.split()
-    assert [int(t) for t in printed] == outputs[0] and len(outputs[0]) == 8
-    assert outputs[0][0] == int(np.argmax(tiny_a_expected["logits"][0, 11]))
+    proc = subprocess.run([sys.executable, str(REPO / "generate.py"), f"--config.hf_checkpoint={tiny_a_dir}",
+                           "--prompt_ids", ",".join(map(str, prompt)), "--config.max_new_tokens=8",
+                           "--config.stop_ids=", "--config.compilation_cache_dir="],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [int(t) for t in proc.stdout.split()]
+    assert len(printed) == 8 and printed[0] == int(np.argmax(tiny_a_expected["logits"][0, 11]))
     config, params = load_model(str(tiny_a_dir), "float32")
-    assert outputs == Generator(config, params).generate([prompt], 8)
+    assert [printed] == Generator(config, params).generate([prompt], 8)
 
 
-def test_cli_needs_a_tokenizer_for_text(tiny_a_dir):
-    from hymba_jax.infer.generate import main
-
+def test_cli_refusals(tiny_a_dir):
     with pytest.raises(SystemExit, match="tokenizer"):
-        main(["--checkpoint", str(tiny_a_dir), "--prompt", "hello"])
+        generate(settings(hf_checkpoint=str(tiny_a_dir)), prompts=["hello"])
+    with pytest.raises(SystemExit, match="exactly one of --workdir"):
+        generate(settings(), prompt_ids=[[1, 2]])
+    with pytest.raises(SystemExit, match="not both"):
+        generate(settings(hf_checkpoint=str(tiny_a_dir)), prompts=["hello"], prompt_ids=[[1, 2]])
+    with pytest.raises(SystemExit, match="stop_ids='1,x'"):
+        generate(settings(hf_checkpoint=str(tiny_a_dir), stop_ids="1,x"), prompt_ids=[[1, 2]])
 
 
 def test_cli_takes_text_on_an_export_that_carries_its_tokenizer(tmp_path, tiny_a, capsys):
@@ -203,7 +222,6 @@ def test_cli_takes_text_on_an_export_that_carries_its_tokenizer(tmp_path, tiny_a
     import sentencepiece as spm
 
     from hymba_jax.hf import save_hf_checkpoint
-    from hymba_jax.infer.generate import main
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([f"line {i} of some text to learn from, the quick brown fox jumps over the lazy dog"
@@ -212,8 +230,8 @@ def test_cli_takes_text_on_an_export_that_carries_its_tokenizer(tmp_path, tiny_a
         pad_id=3, minloglevel=2)
     config, params = tiny_a
     save_hf_checkpoint(tmp_path / "export", config, params, dtype=jnp.float32, tokenizer=tmp_path / "sp.model")
-    outputs = main(["--checkpoint", str(tmp_path / "export"), "--prompt", "some text", "--max_new_tokens", "4",
-                    "--stop_ids", ""])
+    outputs = generate(settings(hf_checkpoint=str(tmp_path / "export"), max_new_tokens=4, stop_ids=""),
+                       prompts=["some text"])
     assert len(outputs[0]) == 4 and capsys.readouterr().out.strip()
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hymba_jax.eval import AsciiTokenizer
+from hymba_jax.downstream import AsciiTokenizer
 from hymba_jax.hf import load_hf_checkpoint, save_hf_checkpoint
 from hymba_jax.loading import load_model, load_tokenizer
 from hymba_jax.parallel import make_mesh

@@ -26,12 +26,10 @@ import numpy as np
 import pytest
 
 from hymba_jax.data import Tokenizer, make_dataset
-from hymba_jax.parallel import batch_sharding, make_mesh, shard_batch
+from hymba_jax.parallel import make_mesh, shard_batch
 from hymba_jax.train.config import model_config
 from hymba_jax.train.metrics import METRICS_FILE, read_metrics
-from hymba_jax.train.optimizer import make_optimizer, make_schedule
-from hymba_jax.train.state import create_train_state
-from hymba_jax.train.step import make_train_step
+from hymba_jax.train.program import build_train_program
 
 from train_testing import REPO, apply_overrides, config_file, small_run, subprocess_env
 
@@ -92,11 +90,9 @@ def one_process_losses(overrides: dict) -> list[float]:
                                 shard_options=grain.sharding.ShardOptions(i, 2, drop_remainder=True)))
               for i in range(2)]
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    tx = make_optimizer(config)
-    state, shardings = create_train_state(cfg, tx, mesh, config.axis_rules, jax.random.key(config.seed))
-    sharding = batch_sharding(mesh, config.axis_rules)
-    step = make_train_step(cfg, tx, make_schedule(config), grad_accum_steps=1, z_loss=config.z_loss, mesh=mesh,
-                           state_shardings=shardings, batch_sharding=sharding, rules=config.axis_rules)
+    program = build_train_program(config, cfg, mesh)
+    state, step = program.init_state(jax.random.key(config.seed)), program.train_step()
+    sharding = program.batch_sharding
     losses = []
     for _ in range(NUM_STEPS):
         parts = [next(s) for s in shards]

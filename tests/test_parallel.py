@@ -45,15 +45,12 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from hymba_jax.config import hymba_tiny
-    from hymba_jax.parallel import DEFAULT_AXIS_RULES as R, batch_sharding, make_mesh, shard_batch
+    from hymba_jax.parallel import make_mesh, shard_batch
     from hymba_jax.train.config import base_config
-    from hymba_jax.train.optimizer import make_optimizer, make_schedule
-    from hymba_jax.train.state import create_train_state
-    from hymba_jax.train.step import make_train_step
+    from hymba_jax.train.program import build_train_program
 
     cfg = hymba_tiny(vocab_size=64, num_heads=4, num_kv_heads=2)
-    config = base_config(); config.num_steps = 10; config.optimizer.warmup_steps = 1
-    tx = make_optimizer(config)
+    config = base_config(); config.num_steps = 10; config.optimizer.warmup_steps = 1; config.grad_accum_steps = 2
     rng = np.random.default_rng(0)
     batch = dict(inputs=rng.integers(0, 64, (8, 16)).astype(np.int32), targets=rng.integers(0, 64, (8, 16)).astype(np.int32),
                  segment_ids=np.repeat(np.arange(1, 3), 8)[None].repeat(8, 0).astype(np.int32), weights=np.ones((8, 16), np.float32))
@@ -61,10 +58,8 @@ SCRIPT = textwrap.dedent("""
     for shape in ({{"data": 1, "fsdp": 1, "tensor": 1}}, {{"data": 2, "fsdp": 2, "tensor": 2}}):
         devices = jax.devices()[:1] if shape["data"] == 1 else None
         mesh = make_mesh(shape, devices)
-        state, sh = create_train_state(cfg, tx, mesh, R, jax.random.key(0))
-        bs = batch_sharding(mesh, R)
-        step = make_train_step(cfg, tx, make_schedule(config), grad_accum_steps=2, z_loss=0.0, mesh=mesh,
-                               state_shardings=sh, batch_sharding=bs)
+        program = build_train_program(config, cfg, mesh)
+        state, bs, step = program.init_state(jax.random.key(0)), program.batch_sharding, program.train_step()
         for _ in range(2):
             state, m = step(state, shard_batch(batch, bs))
         losses[mesh.size] = float(m["loss"])

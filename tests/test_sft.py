@@ -5,6 +5,7 @@ their file and line."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ from hymba_jax.data import chat
 from hymba_jax.data.config import DataConfigError, validate_data_config
 from hymba_jax.model.lm import HymbaForCausalLM
 from hymba_jax.train.step import loss_sums
-from train_testing import SMALL_MODEL, write_small_corpus
+from train_testing import REPO, SMALL_MODEL, write_small_corpus
 from conftest import random_params
 
 CONVERSATIONS = [
@@ -246,10 +247,13 @@ def test_chat_settings_are_checked():
 
 
 def test_generate_chat_renders_the_checkpoints_template(files, tmp_path, monkeypatch):
-    """`generate --chat` sends exactly the fine-tuning prompt ids (template from the export) and stops at eos."""
+    """`generate.py --config.chat=True` sends exactly the fine-tuning prompt ids (template from the export)
+    and stops at eos."""
     from hymba_jax.hf import save_hf_checkpoint
-    from hymba_jax.infer import generate
     from hymba_jax.loading import load_chat_template
+
+    sys.path.insert(0, str(REPO))
+    import generate     # generate.py, the command line
 
     directory, tokenizer = files
     config = hymba_tiny(**SMALL_MODEL, vocab_size=tokenizer.vocab_size)
@@ -268,8 +272,10 @@ def test_generate_chat_renders_the_checkpoints_template(files, tmp_path, monkeyp
             return [[5] for _ in prompts]
 
     monkeypatch.setattr(generate, "Generator", Recorder)
-    generate.main(["--checkpoint", str(tmp_path / "export"), "--chat", "--system", "Be brief.",
-                   "--prompt", "Name a colour.", "--max_new_tokens", "2", "--compilation_cache_dir", ""])
+    settings = generate.generate_config()
+    settings.update(hf_checkpoint=str(tmp_path / "export"), chat=True, system="Be brief.", max_new_tokens=2,
+                    compilation_cache_dir="")
+    generate.generate(settings, prompts=["Name a colour."])
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     want = tokenizer.encode_exact("[system] Be brief.") + [tokenizer.eos_id] + \
         tokenizer.encode_exact("[user] Name a colour.") + [tokenizer.eos_id] + tokenizer.encode_exact("[assistant] ")
@@ -299,4 +305,4 @@ def test_generated_tasks_are_right_and_held_out(tmp_path):
             assert answer == str(max(map(int, question.removeprefix("Which is larger, ").removesuffix("?").split(" or "))))
         else:
             assert answer == question.removeprefix("Repeat after me: ")
-    assert {r["task"] for r in splits["train"]} == set(tasks.TASKS)
+    assert {r["task"] for r in splits["train"]} == set(tasks.GENERATED_TASKS)

@@ -3,6 +3,7 @@ accumulation, bf16 vs fp32), checkpoints (corruption fallback, restore_params), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -15,13 +16,12 @@ import pytest
 from hymba_jax.config import hymba_tiny
 from hymba_jax.data import Tokenizer, make_dataset
 from hymba_jax.model.lm import HymbaForCausalLM, param_shapes
-from hymba_jax.parallel import batch_sharding, make_mesh, shard_batch
+from hymba_jax.parallel import make_mesh, shard_batch
 from hymba_jax.train import metrics
 from hymba_jax.train.checkpoint import Checkpointer, CheckpointRestoreWarning, restore_params
 from hymba_jax.train.config import TrainConfigError, base_config, model_config, validate_config
 from hymba_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
-from hymba_jax.train.state import create_train_state
-from hymba_jax.train.step import make_train_step
+from hymba_jax.train.program import build_train_program
 
 from train_testing import REPO, apply_overrides, small_overrides, write_small_corpus
 
@@ -57,11 +57,9 @@ class Setup:
         self.config = config
         self.mesh = make_mesh({"data": -1})
         self.model_cfg = model_config(config, 512)
-        self.tx = make_optimizer(config)
-        state, self.shardings = create_train_state(self.model_cfg, self.tx, self.mesh, config.axis_rules,
-                                                   jax.random.key(0))
-        self.initial = jax.device_get(state)
-        self.batch_sharding = batch_sharding(self.mesh, config.axis_rules)
+        self.program = build_train_program(config, self.model_cfg, self.mesh)
+        self.shardings, self.batch_sharding = self.program.state_shardings, self.program.batch_sharding
+        self.initial = jax.device_get(self.program.init_state(jax.random.key(0)))
         self._steps = {}
 
     def state(self):
@@ -71,10 +69,8 @@ class Setup:
     def step(self, grad_accum_steps: int = 1, dtype: str = "float32"):
         key = (grad_accum_steps, dtype)
         if key not in self._steps:
-            self._steps[key] = make_train_step(
-                self.model_cfg.replace(dtype=dtype), self.tx, make_schedule(self.config),
-                grad_accum_steps=grad_accum_steps, z_loss=self.config.z_loss, mesh=self.mesh,
-                state_shardings=self.shardings, batch_sharding=self.batch_sharding)
+            program = dataclasses.replace(self.program, grad_accum_steps=grad_accum_steps)
+            self._steps[key] = program.train_step(self.model_cfg.replace(dtype=dtype))
         return self._steps[key]
 
     def run(self, batch, **kw):
@@ -302,10 +298,13 @@ def test_unknown_keys_name_the_key():
 def test_command_line_errors_before_compiling(tmp_path):
     """Unknown override keys (with the closest keys) and invalid values stop train.py at once, in one
     message and no traceback."""
-    for flag, expected in (("--config.optimizer.warmup_stepz=3", "did you mean --config.optimizer.warmup_steps?"),
-                           ("--config.lerning_rate=1", "did you mean --config.optimizer.learning_rate?"),
-                           ("--config.model.num_heads=5", "model.num_kv_heads")):
-        result = subprocess.run([sys.executable, str(REPO / "train.py"), "--workdir", str(tmp_path), flag],
+    explicit = ["--config", str(REPO / "configs" / "tiny.py")]   # overrides then fail at parsing, not definition
+    for flags, expected in (
+            (["--config.optimizer.warmup_stepz=3"], "did you mean --config.optimizer.warmup_steps?"),
+            ([*explicit, "--config.optimizer.warmup_stepz=3"], "did you mean --config.optimizer.warmup_steps?"),
+            (["--config.lerning_rate=1"], "did you mean --config.optimizer.learning_rate?"),
+            (["--config.model.num_heads=5"], "model.num_kv_heads")):
+        result = subprocess.run([sys.executable, str(REPO / "train.py"), "--workdir", str(tmp_path), *flags],
                                 capture_output=True, text=True, timeout=120, cwd=REPO)
         assert result.returncode != 0
         assert expected in result.stderr + result.stdout

@@ -14,15 +14,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hymba_jax.data import Tokenizer, make_dataset
-from hymba_jax.parallel import batch_sharding, make_mesh, shard_batch
+from hymba_jax.parallel import make_mesh, shard_batch
 from hymba_jax.train.checkpoint import (Checkpointer, CheckpointError, CheckpointRestoreWarning, read_workdir_config,
                                         restore_params)
 from hymba_jax.train.config import model_config
 from hymba_jax.train.loop import TrainingError, train
 from hymba_jax.train.metrics import METRICS_FILE, read_metrics
-from hymba_jax.train.optimizer import make_optimizer, make_schedule
-from hymba_jax.train.state import create_train_state, state_shardings
-from hymba_jax.train.step import make_train_step
+from hymba_jax.train.program import build_train_program
 
 from train_testing import REPO, apply_overrides, small_overrides, write_small_corpus
 
@@ -51,14 +49,10 @@ class Small:
         self.config = small_config(corpus)
         self.mesh = make_mesh({"data": -1})
         self.model_cfg = model_config(self.config, 512)
-        self.tx = make_optimizer(self.config)
-        state, self.shardings = create_train_state(self.model_cfg, self.tx, self.mesh, self.config.axis_rules,
-                                                   jax.random.key(0))
-        self.initial = jax.device_get(state)
-        self.batch_sharding = batch_sharding(self.mesh, self.config.axis_rules)
-        self.step = make_train_step(self.model_cfg, self.tx, make_schedule(self.config), grad_accum_steps=1,
-                                    z_loss=0.0, mesh=self.mesh, state_shardings=self.shardings,
-                                    batch_sharding=self.batch_sharding)
+        program = build_train_program(self.config, self.model_cfg, self.mesh)
+        self.shardings, self.batch_sharding = program.state_shardings, program.batch_sharding
+        self.initial = jax.device_get(program.init_state(jax.random.key(0)))
+        self.step = program.train_step()
         self.data = make_dataset(self.config.data, Tokenizer.from_file(corpus[1]), split="train",
                                  global_batch_size=4, seq_len=32, seed=0)
 
@@ -82,14 +76,11 @@ class Small:
 
     def restore(self, workdir, model_cfg=None):
         """restore_latest as the loop calls it, for this model or another `model_cfg`."""
-        model_cfg = model_cfg or self.model_cfg
-        rules = self.config.axis_rules
-        shapes = jax.eval_shape(lambda r: create_train_state(model_cfg, self.tx, self.mesh, rules, r)[0],
-                                jax.random.key(0))
+        program = build_train_program(self.config, model_cfg or self.model_cfg, self.mesh)
         ckpt = Checkpointer(workdir)
         try:
-            return ckpt.restore_latest(state_shardings(model_cfg, self.tx, self.mesh, rules), shapes,
-                                       iter(self.data), model_config=model_cfg)
+            return ckpt.restore_latest(program.state_shardings, program.abstract_state(), iter(self.data),
+                                       model_config=program.model_config)
         finally:
             ckpt.close()
 

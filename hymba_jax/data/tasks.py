@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hymba_jax.data import chat, records
 
-TASKS = ("add", "larger", "repeat")
+GENERATED_TASKS = ("add", "larger", "repeat")
 
 
 def _word(rng: random.Random) -> str:
@@ -30,7 +30,7 @@ def _word(rng: random.Random) -> str:
 
 def example(rng: random.Random) -> tuple[str, str, str]:
     """(task, question, answer) of one generated example."""
-    task = rng.choice(TASKS)
+    task = rng.choice(GENERATED_TASKS)
     if task == "add":
         a, b = rng.randrange(100), rng.randrange(100)
         return task, f"What is {a} + {b}?", str(a + b)

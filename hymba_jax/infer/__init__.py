@@ -3,7 +3,7 @@
     from hymba_jax.infer import Generator, Sampling
     outputs = Generator(config, params).generate(prompts, max_new_tokens=64, sampling=Sampling(0.8, top_p=0.95))
 
-See docs/inference.md. `python -m hymba_jax.infer.generate` is the command line.
+See docs/inference.md. `python generate.py` (the repository root) is the command line.
 """
 
 from hymba_jax.infer.cache import (Cache, CacheSize, cache_bytes, cache_size, init_cache, kv_capacity, meta_state,

@@ -1,9 +1,10 @@
-"""Pretraining: config validation, optimizer, sharded train state, steps, checkpoints, metrics, loop.
+"""Pretraining: config validation, optimizer, sharded train state, steps, the train program that assembles
+them (program.py: the one builder the loop, AOT, benchmarks and tests use), checkpoints, metrics, loop.
 
     from hymba_jax.train import restore_params, train
     model_config, params = restore_params(workdir)     # load a trained workdir (latest good checkpoint)
 
-The exports load on first use, so `hymba_jax.train.step` / `.state` can be imported without the data
+The exports load on first use, so `hymba_jax.train.program` / `.step` / `.state` can be imported without the data
 pipeline's packages (grain, TFDS), e.g. by benchmarks on a machine that lacks them.
 """
 

@@ -8,8 +8,7 @@ preset's value). `validate_config` checks every value before anything is traced 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -193,32 +192,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
          f"must be at most the model's {limit} text positions (max_position_embeddings "
          f"{cfg.max_position_embeddings} - {cfg.num_meta_tokens} meta tokens); raise model.max_position_embeddings "
          "or shorten seq_len")
-
-
-def unknown_override(argv: Sequence[str]) -> str:
-    """The message for a `--config.<key>=` override in `argv` that names no key: the key and the closest
-    ones (config_flags itself fails with a long traceback, before train.py's main runs)."""
-    keys = _dotted_keys(base_config())
-    for arg in argv:
-        if arg.startswith("--config."):
-            key = arg[len("--config."):].split("=")[0]
-            if key not in keys:
-                leaf = key.split(".")[-1]
-                leaves = difflib.get_close_matches(leaf, [k.split(".")[-1] for k in keys], cutoff=0.8)
-                close = (difflib.get_close_matches(key, keys, n=3, cutoff=0.8)
-                         or [k for k in keys if k.split(".")[-1] in leaves])
-                hint = f"; did you mean {' or '.join(f'--config.{k}' for k in close[:3])}?" if close else ""
-                return f"--config.{key}: no such config key{hint} (every key: hymba_jax/train/config.py:base_config)"
-    return "a --config override cannot be applied (run with --helpfull to see the keys)"
-
-
-def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in config.items():
-        keys.append(prefix + key)
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += _dotted_keys(value, f"{prefix}{key}.")
-    return keys
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

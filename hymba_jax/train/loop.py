@@ -31,15 +31,14 @@ from hymba_jax import compilation_cache
 from hymba_jax.data import load_tokenizer, make_dataset
 from hymba_jax.hf import load_hf_checkpoint
 from hymba_jax.ops.auto import default_platform, describe as describe_kernels, resolve_kernels
-from hymba_jax.parallel import batch_sharding, data_parallel_size, make_mesh, shard_batch
+from hymba_jax.parallel import data_parallel_size, make_mesh, shard_batch
 from hymba_jax.train import validation
 from hymba_jax.train.checkpoint import CHECKPOINT_DIR, Checkpointer
 from hymba_jax.train.config import TrainConfigError, model_config, validate_config
 from hymba_jax.train.metrics import (LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger,
                                      flops_per_token, peak_flops_per_device, plot_loss_curve)
-from hymba_jax.train.optimizer import make_optimizer, make_schedule
-from hymba_jax.train.state import TrainState, create_train_state, state_shardings
-from hymba_jax.train.step import compile_fitting, make_eval_step, make_train_step
+from hymba_jax.train.program import TrainProgram, build_train_program
+from hymba_jax.train.state import TrainState
 
 
 class TrainingError(RuntimeError):
@@ -108,10 +107,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     check_batch_layout(config, mesh)
     tokenizer = load_tokenizer(config.data)
     model_cfg = model_config(config, tokenizer.vocab_size)
-    rules = config.axis_rules
-    tx, schedule = make_optimizer(config), make_schedule(config)
-    shardings = state_shardings(model_cfg, tx, mesh, rules)
-    batch_sh = batch_sharding(mesh, rules)
+    program = build_train_program(config, model_cfg, mesh)
+    batch_sh = program.batch_sharding
     workdir.mkdir(parents=True, exist_ok=True)
     if start_over:
         _move_aside(workdir)
@@ -120,18 +117,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
                                    seq_len=config.seq_len, seed=config.seed))
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
-        state = _initial_state(config, model_cfg, tx, mesh, shardings, checkpointer, train_iter)
+        state = _initial_state(config, program, checkpointer, train_iter)
     except BaseException:
         checkpointer.close()
         raise
     start = int(jax.device_get(state.step))
 
     kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
-    make_step = lambda cfg: make_train_step(cfg, tx, schedule, grad_accum_steps=config.grad_accum_steps,
-                                            z_loss=config.z_loss, mesh=mesh, state_shardings=shardings,
-                                            batch_sharding=batch_sh, rules=rules)
-    eval_step = make_eval_step(kernels_cfg, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sh,
-                               rules=rules)
+    eval_step = program.eval_step(kernels_cfg)
     logger = MetricsLogger(workdir, start, config.num_steps)
     logger.message(f"model {model_cfg.num_layers} layers x {model_cfg.hidden_size}, "
                    f"{_count(state.params) / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
@@ -157,8 +150,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     with _StopRequest() as stop, _closing(checkpointer, logger):
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
-        compiled, kernels_cfg, notes = compile_fitting(make_step, kernels_cfg,
-                                                       (state, shard_batch(batch, batch_sh)), device_memory_limit())
+        compiled, kernels_cfg, notes = program.compile(kernels_cfg, (state, shard_batch(batch, batch_sh)),
+                                                       device_memory_limit())
         for note in notes:
             logger.message(note)
         logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,
@@ -258,20 +251,19 @@ def _move_aside(workdir: Path) -> None:
         multihost_utils.sync_global_devices("start_over")
 
 
-def _initial_state(config, model_cfg, tx, mesh, shardings: TrainState, checkpointer: Checkpointer,
+def _initial_state(config: ml_collections.ConfigDict, program: TrainProgram, checkpointer: Checkpointer,
                    train_iter) -> TrainState:
-    shapes = jax.eval_shape(lambda r: create_train_state(model_cfg, tx, mesh, config.axis_rules, r)[0],
-                            jax.random.key(config.seed))
-    state = checkpointer.restore_latest(shardings, shapes, train_iter, model_config=model_cfg)
+    """The latest restorable checkpoint's state, else a new one (from `config.init_from_hf` when set)."""
+    state = checkpointer.restore_latest(program.state_shardings, program.abstract_state(), train_iter,
+                                        model_config=program.model_config)
     if state is not None:
         return state
     params = None
     if config.init_from_hf:
-        _, params = load_hf_checkpoint(config.init_from_hf, dtype=model_cfg.param_dtype,
-                                       shardings=lambda _: shardings.params)
+        _, params = load_hf_checkpoint(config.init_from_hf, dtype=program.model_config.param_dtype,
+                                       shardings=lambda _: program.state_shardings.params)
         logging.info("initialised from %s", config.init_from_hf)
-    state, _ = create_train_state(model_cfg, tx, mesh, config.axis_rules, jax.random.key(config.seed), params)
-    return state
+    return program.init_state(jax.random.key(config.seed), params)
 
 
 def device_memory_limit() -> Optional[int]:

@@ -49,18 +49,16 @@ def state_shardings(model_config: HymbaConfig, tx: optax.GradientTransformation,
     return TrainState(step=replicated, params=params, opt_state=opt)
 
 
-def create_train_state(model_config: HymbaConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                       rules: AxisRules, rng: jax.Array, params: Optional[Any] = None
-                       ) -> tuple[TrainState, TrainState]:
-    """(state, its shardings). Random init from `rng`, or from `params` (e.g. a Hugging Face checkpoint),
-    which are placed on their shardings before the optimizer state is built next to them."""
-    shardings = state_shardings(model_config, tx, mesh, rules)
-
+def create_train_state(model_config: HymbaConfig, tx: optax.GradientTransformation, shardings: TrainState,
+                       rng: jax.Array, params: Optional[Any] = None) -> TrainState:
+    """A new state on `shardings` (`state_shardings`). Random init from `rng`, or from `params` (e.g. a
+    Hugging Face checkpoint), which are placed on their shardings before the optimizer state is built next
+    to them."""
     def from_params(p):
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     if params is None:       # made on their shardings, layer by layer; handed over to the state
         params = init_params(model_config, rng, shardings=shardings.params)
-        return jax.jit(from_params, out_shardings=shardings, donate_argnums=0)(params), shardings
+        return jax.jit(from_params, out_shardings=shardings, donate_argnums=0)(params)
     params = jax.device_put(params, shardings.params)
-    return jax.jit(from_params, out_shardings=shardings)(params), shardings
+    return jax.jit(from_params, out_shardings=shardings)(params)

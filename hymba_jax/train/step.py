@@ -118,13 +118,15 @@ def make_eval_step(model_config: HymbaConfig, *, mesh: Mesh, param_shardings,
 REMAT_AUTO = ("none", "full")   # remat="auto": the fastest first, then the one that needs least memory
 
 
-def needed_bytes(compiled) -> Optional[int]:
-    """Bytes per device a compiled step needs (arguments + unaliased outputs + temporaries), if XLA says."""
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return None
+class StepDoesNotFit(RuntimeError):
+    """The compiler ran out of device memory for the train step (the message says what to change)."""
+
+
+def needed_bytes(memory) -> int:
+    """Bytes per device a compiled program needs, from its `memory_analysis()`: arguments + outputs not
+    aliased to (donated) arguments + temporaries + generated code."""
     return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
+            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
 
 
 def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: HymbaConfig, args: tuple,
@@ -135,7 +137,8 @@ def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: Hymba
     8 x 2048 runs 19.0k tokens/s with 94.7 GiB, full remat 17.4k with 51.2 GiB) and rebuilt with full
     remat when it needs more than `memory_limit` bytes per device (or the compiler runs out of device
     memory, as XLA:TPU does at compile time). Any other remat value is compiled as it is. The notes say
-    what was tried and how long each took.
+    what was tried and how long each took. Raises StepDoesNotFit when the compiler runs out of device
+    memory for the last choice.
     """
     choices = REMAT_AUTO if model_config.remat == "auto" else (model_config.remat,)
     notes: list[str] = []
@@ -148,11 +151,17 @@ def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: Hymba
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as e:
-            if last or "RESOURCE_EXHAUSTED" not in str(e):
+            if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
+            if last:
+                raise StepDoesNotFit(
+                    f"the train step with remat {remat} does not fit in device memory "
+                    f"({str(e).split(':', 1)[-1].strip()[:300]}); try model.remat=full (or dots), a smaller "
+                    "batch_size, more grad_accum_steps or more devices") from None
             notes.append(f"remat {remat} does not fit in device memory: trying {choices[i + 1]}")
             continue
-        need = needed_bytes(compiled)
+        memory = compiled.memory_analysis()
+        need = None if memory is None else needed_bytes(memory)
         timing = (f"traced in {traced_s:.1f} s, compiled in {time.perf_counter() - clock - traced_s:.1f} s"
                   + ("" if need is None else f", needs {need / 2**30:.1f} GiB per device"))
         if not last and need is not None and memory_limit and need > memory_limit:

@@ -6,12 +6,12 @@ import time
 from typing import Mapping, Optional, Sequence
 
 
-from hymba_jax.eval import metrics
-from hymba_jax.eval.data import load_task_data
-from hymba_jax.eval.generate import greedy_generate
-from hymba_jax.eval.scorer import LogLikelihood, Scorer
-from hymba_jax.eval.tasks import Request, get_task, fewshot_examples
-from hymba_jax.eval.tokenizer import Tokenizer
+from hymba_jax.downstream import metrics
+from hymba_jax.downstream.data import load_task_data
+from hymba_jax.downstream.greedy import greedy_generate
+from hymba_jax.downstream.scorer import LogLikelihood, Scorer
+from hymba_jax.downstream.tasks import Request, get_task, fewshot_examples
+from hymba_jax.downstream.tokenizer import Tokenizer
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, add_bos: bool = True

@@ -139,7 +139,7 @@ def _arc(name: str, hf_name: str) -> Task:
                 fewshot_split="train")
 
 
-TASKS: dict[str, Task] = {t.name: t for t in [
+BENCHMARK_TASKS: dict[str, Task] = {t.name: t for t in [
     _arc("arc_easy", "ARC-Easy"),
     _arc("arc_challenge", "ARC-Challenge"),
     Task("piqa", "multiple_choice", text=lambda d: f"Question: {d['goal']}\nAnswer:",
@@ -168,9 +168,9 @@ PAPER_SUITE = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "
 
 def get_task(name: str) -> Task:
     try:
-        return TASKS[name]
+        return BENCHMARK_TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(BENCHMARK_TASKS)}") from None
 
 
 def fewshot_examples(task: Task, docs: Sequence[dict], pool: Sequence[dict], num_fewshot: int,

@@ -3,11 +3,11 @@
 Optional: needs `pip install hymba-jax[eval]` (lm-eval >= 0.4). The harness has no plugin discovery for
 models, so run its CLI through this module, which registers the model first:
 
-    python -m hymba_jax.eval.harness --model hymba_jax \\
+    python -m hymba_jax.downstream.harness --model hymba_jax \\
         --model_args checkpoint=/path/to/hf_checkpoint,tokenizer=/path/to/tokenizer.model \\
         --tasks arc_easy,piqa
 
-(the arguments are lm_eval's). From Python: `import hymba_jax.eval.harness` and then
+(the arguments are lm_eval's). From Python: `import hymba_jax.downstream.harness` and then
 `lm_eval.simple_evaluate(model="hymba_jax", model_args=...)`. Model arguments: checkpoint (HF directory,
 training workdir or preset:NAME), tokenizer ('' = the checkpoint's own, 'ascii', or a path), dtype (compute;
 the weights stay fp32), max_length, tokens_per_batch, add_bos. Both load through hymba_jax.loading.
@@ -20,9 +20,9 @@ from typing import Optional
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from hymba_jax.eval.evaluator import generate_texts
-from hymba_jax.eval.scorer import Scorer
-from hymba_jax.eval.tasks import Request
+from hymba_jax.downstream.evaluator import generate_texts
+from hymba_jax.downstream.scorer import Scorer
+from hymba_jax.downstream.tasks import Request
 from hymba_jax.loading import load_model, load_tokenizer
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from hymba_jax.eval.scorer import Scorer
+from hymba_jax.downstream.scorer import Scorer
 from hymba_jax.infer.engine import Generator
 
 PREFILL_CHUNK = 512

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from hymba_jax.eval.tasks import Task
+from hymba_jax.downstream.tasks import Task
 
 
 class TaskData(NamedTuple):
@@ -48,7 +48,7 @@ def _hf_split(task: Task, split: str) -> list[dict]:
     except Exception as e:  # datasets raises many types for a missing cache entry
         raise FileNotFoundError(f"{task.name}: no local file and {path}/{name} split {split!r} is not in the "
                                 f"Hugging Face cache ({type(e).__name__}: {e}); write "
-                                f"<data_dir>/{task.name}.jsonl (schema in hymba_jax/eval/tasks.py)") from None
+                                f"<data_dir>/{task.name}.jsonl (schema in hymba_jax/downstream/tasks.py)") from None
 
 
 def load_task_data(task: Task, data_dir: Optional[str | os.PathLike] = None, limit: Optional[int] = None

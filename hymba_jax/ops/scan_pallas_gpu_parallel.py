@@ -1,0 +1,359 @@
+"""The 'pallas_gpu_parallel' scan backend: the fused scan (see scan_fused) parallel over time inside each
+Pallas Triton program.
+
+Grid (batch, channel blocks); a program walks the sequence in tiles of T steps x bD channels. Inside a
+tile, for each of the N states (a static Python loop), the recurrence h_t = a_t h_{t-1} + b_t runs as one
+Triton block scan over the tile's time axis (`tile_scan`, lowered to `tt.scan`: serial within a thread,
+shuffles within a warp, shared memory across warps), so each decay exp(delta A) is computed once and the
+T x bD elements of a tile are spread over all threads, instead of one thread walking one channel's steps
+one by one (`pallas_gpu`). The state entering a tile and each reset are folded into the tile's first
+element and the reset rows (a = 0, b = a h_start + b), so the scan starts from zero.
+
+State between tiles goes through memory, not registers: the forward writes each tile's N start states
+(B, tiles + 1, N, D), which the backward also reads, and the next tile reads them back after a barrier;
+the backward's d/dh carry and its sums over time (dA, dh0, dD, d dt_bias) are likewise read-modify-written
+in their outputs once per tile. (Kept in registers, N carries of a (1, bD) row each cost bD / 2 registers
+per thread in the layouts Triton picks for bf16 tiles.)
+
+Backward, per tile in reverse: recompute h from the stored start state (one forward tile scan), then the
+adjoint dh_t = C_t g_t + a_{t+1} dh_{t+1} as one reverse tile scan of (value, product, first decay)
+triples, which needs no shifted decay. a_t h_{t-1} = h_t - b_t, so no shifted state either. dB and dC
+are summed over the program's channels and written as (B, channel blocks, N, L) partials, summed outside.
+`interpret=True` runs the same kernels on the CPU (tests): `tile_scan` is then `lax.associative_scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
+
+from hymba_jax.ops.scan import register_backend
+from hymba_jax.ops.scan_fused import Canon, Kernels, channel_block, fused_scan, sigmoid, softplus
+from hymba_jax.ops.scan_pallas_gpu import _grow, _pow2_state
+
+try:  # the Triton compiler parameters and lowering (absent from some jaxlib builds)
+    from jax.experimental.pallas import triton as plgpu
+    from jax._src.pallas.triton import lowering as triton_lowering
+    from jax._src.lib.triton import dialect as tt_dialect
+    from jax._src.lib.mlir import ir
+except ImportError:  # pragma: no cover
+    plgpu = triton_lowering = tt_dialect = ir = None
+
+CHUNK = 64              # time steps per tile of the training kernels (forward and backward)
+INFERENCE_CHUNK = 128   # the forward's tile when no backward follows
+BLOCK_D = 16            # channels per program (16 bf16 channels: one 32-byte sector per row)
+NUM_WARPS = 4
+
+
+# --------------------------------------------------------------------------------------------------
+# tile_scan: an inclusive scan along one axis of a tile, lowered to Triton's tt.scan.
+
+def _linear(earlier, later):
+    """Compose h -> a h + b maps: first `earlier`, then `later`."""
+    (a1, b1), (a2, b2) = earlier, later
+    return a1 * a2, a2 * b1 + b2
+
+
+def _adjoint(earlier, later):
+    """Segments of the adjoint recurrence dh_t = c_t + a_{t+1} dh_{t+1}. A segment [i..j] is
+    (v, p, f): v = sum_s (prod_{i<r<=s} a_r) c_s, p = prod_{i<r<=j} a_r, f = a_i (its first decay, which
+    links it to the segment before it). A reverse scan gives v = dh_t for the suffix [t..end]."""
+    (v1, p1, f1), (v2, p2, f2) = earlier, later
+    link = p1 * f2
+    return v1 + link * v2, link * p2, f1
+
+
+_COMBINES: dict[str, Callable] = {"linear": _linear, "adjoint": _adjoint}
+
+tile_scan_p = Primitive("hymba_tile_scan")
+tile_scan_p.multiple_results = True
+
+
+def tile_scan(kind: str, operands: tuple, *, axis: int = 0, reverse: bool = False) -> list:
+    """Inclusive scan of `operands` (same shapes, fp32) along `axis` with the combine `kind` (written
+    for (earlier, later) elements); reverse=True scans from the end (suffixes)."""
+    return tile_scan_p.bind(*operands, kind=kind, axis=axis, reverse=reverse)
+
+
+def _tile_scan_impl(*operands, kind, axis, reverse):
+    fn = _COMBINES[kind]
+    # lax.associative_scan(reverse=True) calls its function with (later, earlier).
+    combine = (lambda x, y: fn(y, x)) if reverse else fn
+    return list(jax.lax.associative_scan(combine, tuple(operands), axis=axis, reverse=reverse))
+
+
+tile_scan_p.def_impl(_tile_scan_impl)
+tile_scan_p.def_abstract_eval(lambda *avals, **_: list(avals))
+mlir.register_lowering(tile_scan_p, mlir.lower_fun(_tile_scan_impl, multiple_results=True))
+
+
+def _tile_scan_triton(ctx, *operands, kind, axis, reverse):
+    """tt.scan's region gets (accumulated..., current...). A reverse tt.scan is flip(scan(flip(x))), so
+    there the accumulated operands are the later elements."""
+    fn = _COMBINES[kind]
+    n = len(operands)
+
+    def region(*args):
+        acc, cur = tuple(args[:n]), tuple(args[n:])
+        return fn(cur, acc) if reverse else fn(acc, cur)
+
+    scalar = jax.ShapeDtypeStruct((), ctx.avals_in[0].dtype)
+    closed = jax.make_jaxpr(region)(*([scalar] * (2 * n)))
+    if closed.consts:
+        raise NotImplementedError("tile_scan combine functions must not capture constants")
+    element = triton_lowering._element_type(operands[0].type)
+    op = tt_dialect.ScanOp(list(operands), axis, reverse)
+    entry = op.regions[0].blocks.append(*([element] * (2 * n)))
+    with ir.InsertionPoint.at_block_begin(entry):
+        results = triton_lowering.lower_jaxpr_to_triton_ir(ctx.context, closed.jaxpr, None, *entry.arguments)
+        tt_dialect.scan_return(results)
+    op.verify()
+    return list(op.result)
+
+
+if triton_lowering is not None:
+    triton_lowering.register_lowering(tile_scan_p)(_tile_scan_triton)
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernels.
+
+def _call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
+    def body(*refs):
+        kernel(dict(zip(names_in + names_out, refs)))
+
+    params = None
+    if plgpu is not None and not cfg["interpret"]:
+        params = plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=1)
+    return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          compiler_params=params, interpret=cfg["interpret"], name=name)
+
+
+def _barrier(cfg):
+    """Order a tile's writes of carried values before the next tile's reads (other threads may hold them)."""
+    if not cfg["interpret"]:
+        plgpu.debug_barrier()
+
+
+def _inputs(c: Canon):
+    """Kernel operands. B and C are transposed to (B, N, Lp, 1): one state's column over a tile is
+    contiguous and loads as (T, 1)."""
+    names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias", "h0"]
+    values = dict(c._asdict(), B=jnp.swapaxes(c.B, 1, 2)[..., None], C=jnp.swapaxes(c.C, 1, 2)[..., None])
+    return names, [values[k] for k in names]
+
+
+def _specs(length: int, n: int, block: int, n_tiles: int) -> dict:
+    row = pl.BlockSpec((None, length, block), lambda b, j: (b, 0, j))
+    col = pl.BlockSpec((None, n, length, 1), lambda b, j: (b, 0, 0, 0))
+    return dict(
+        row=row, col=col,
+        flag=pl.BlockSpec((None, length, 1), lambda b, j: (b, 0, 0)),
+        param=pl.BlockSpec((n, block), lambda b, j: (0, j)),
+        vec=pl.BlockSpec((1, block), lambda b, j: (0, j)),
+        state=pl.BlockSpec((None, n, block), lambda b, j: (b, 0, j)),
+        batch_vec=pl.BlockSpec((None, 1, block), lambda b, j: (b, 0, j)),
+        starts=pl.BlockSpec((None, n_tiles + 1, n, block), lambda b, j: (b, 0, 0, j)),
+        partial=pl.BlockSpec((None, None, n, length, 1), lambda b, j: (b, j, 0, 0, 0)))
+
+
+def _in_specs(names, s):
+    kinds = dict(x=s["row"], dt=s["row"], z=s["row"], dy=s["row"], B=s["col"], C=s["col"], reset=s["flag"],
+                 A=s["param"], D=s["vec"], bias=s["vec"], h0=s["state"], starts=s["starts"], dlast=s["state"])
+    return [kinds[k] for k in names]
+
+
+def _tile_loads(refs, rows, has_z: bool, names=("x", "dt", "z")):
+    out = {k: refs[k][rows, :].astype(jnp.float32) for k in names if k != "z" or has_z}
+    out["reset"] = refs["reset"][rows, :] > 0                                      # (T, 1)
+    out["delta"] = softplus(out["dt"] + refs["bias"][...])
+    out["u"] = out["delta"] * out["x"]
+    return out
+
+
+def _state_tile(refs, s: dict, rows, i: int, h_start, first):
+    """The tile's states of state index i (T, bD) from the state before the tile (1, bD), with resets;
+    also returns the decays a and inputs b (unfolded)."""
+    a = jnp.exp(s["delta"] * refs["A"][pl.ds(i, 1), :])
+    b = s["u"] * refs["B"][i, rows, :].astype(jnp.float32)
+    start = s["reset"] | first
+    h_prev = jnp.where(s["reset"], refs["h0"][pl.ds(i, 1), :], h_start)
+    _, h = tile_scan("linear", (jnp.where(start, 0.0, a), jnp.where(start, a * h_prev + b, b)))
+    return h, a, b
+
+
+def _forward(c: Canon, keep_starts: bool, cfg):
+    batch, length, width = c.x.shape
+    n = c.A.shape[0]
+    # The start states also carry the state between tiles, so they are always written; with a backward
+    # pass to follow, the tiles are the backward's (it reads a start state per tile).
+    chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
+    block = channel_block(width, cfg["block_d"])
+    n_tiles = length // chunk
+    has_z = c.z is not None
+    names_in, operands = _inputs(c)
+    s = _specs(length, n, block, n_tiles)
+    names_out = ["y", "starts"]
+    out_shape = [jax.ShapeDtypeStruct(c.x.shape, c.x.dtype),
+                 jax.ShapeDtypeStruct((batch, n_tiles + 1, n, width), jnp.float32)]
+
+    def kernel(refs):
+        starts = refs["starts"]
+        for i in range(n):
+            starts[0, pl.ds(i, 1), :] = refs["h0"][pl.ds(i, 1), :]
+        _barrier(cfg)
+        iota = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+        first, last = iota == 0, iota == chunk - 1
+
+        def body(k, carry):
+            rows = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
+            s_ = _tile_loads(refs, rows, has_z)
+            y = refs["D"][...] * s_["x"]
+            for i in range(n):
+                h, _, _ = _state_tile(refs, s_, rows, i, starts[k, pl.ds(i, 1), :], first)
+                y = y + h * refs["C"][i, rows, :].astype(jnp.float32)
+                starts[k + 1, pl.ds(i, 1), :] = jnp.sum(jnp.where(last, h, 0.0), axis=0, keepdims=True)
+            if has_z:
+                y = y * (s_["z"] * sigmoid(s_["z"]))
+            refs["y"][rows, :] = y.astype(refs["y"].dtype)
+            _barrier(cfg)
+            return carry
+
+        jax.lax.fori_loop(0, n_tiles, body, 0)
+
+    y, starts = _call("selective_scan_parallel_forward", kernel, names_in, names_out, out_shape,
+                      _in_specs(names_in, s), [s["row"], s["starts"]], (batch, width // block), cfg)(*operands)
+    return y, starts, starts[:, -1]
+
+
+def _backward(c: Canon, starts, dy, dlast, cfg):
+    batch, length, width = c.x.shape
+    n = c.A.shape[0]
+    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    n_tiles, n_blocks = length // chunk, width // block
+    has_z = c.z is not None
+    names_in, operands = _inputs(c)
+    names_in = names_in + ["starts", "dy", "dlast"]
+    operands = operands + [starts, dy, dlast]
+    s = _specs(length, n, block, starts.shape[1] - 1)
+    f32 = jnp.float32
+    names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + ["dB", "dC", "dA", "dD", "dbias", "dh0", "dcarry"]
+    shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
+                  dz=(c.x.shape, c.z.dtype if has_z else None),
+                  dB=((batch, n_blocks, n, length, 1), f32), dC=((batch, n_blocks, n, length, 1), f32),
+                  dA=((batch, n, width), f32), dD=((batch, 1, width), f32), dbias=((batch, 1, width), f32),
+                  dh0=((batch, n, width), f32), dcarry=((batch, n, width), f32))
+    specs = dict(dx=s["row"], ddt=s["row"], dz=s["row"], dB=s["partial"], dC=s["partial"], dA=s["state"],
+                 dD=s["batch_vec"], dbias=s["batch_vec"], dh0=s["state"], dcarry=s["state"])
+
+    def kernel(refs):
+        dcarry, dA, dh0 = refs["dcarry"], refs["dA"], refs["dh0"]
+        zeros = jnp.zeros((1, block), f32)
+        for i in range(n):
+            dcarry[pl.ds(i, 1), :] = refs["dlast"][pl.ds(i, 1), :]
+            dA[pl.ds(i, 1), :] = zeros
+            dh0[pl.ds(i, 1), :] = zeros
+        refs["dD"][...] = zeros
+        refs["dbias"][...] = zeros
+        _barrier(cfg)
+        iota = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+        first, last = iota == 0, iota == chunk - 1
+        ones = jnp.ones((chunk, block), f32)
+
+        def body(kk, carry):
+            k = n_tiles - 1 - kk
+            rows = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
+            s_ = _tile_loads(refs, rows, has_z, ("x", "dt", "z", "dy"))
+            x, delta, u, dy_ = s_["x"], s_["delta"], s_["u"], s_["dy"]
+            if has_z:
+                zs = sigmoid(s_["z"])
+                g = dy_ * (s_["z"] * zs)
+                y_pre = refs["D"][...] * x
+            else:
+                g = dy_
+            du = jnp.zeros_like(x)
+            dA_delta = jnp.zeros_like(x)         # sum over states of q A (the delta gradient through the decays)
+            for i in range(n):
+                state = pl.ds(i, 1)
+                h, a, b = _state_tile(refs, s_, rows, i, refs["starts"][k, state, :], first)
+                C_i = refs["C"][i, rows, :].astype(f32)
+                B_i = refs["B"][i, rows, :].astype(f32)
+                if has_z:
+                    y_pre = y_pre + h * C_i
+                refs["dC"][i, rows, :] = jnp.sum(h * g, axis=1, keepdims=True)
+                c_ = C_i * g + jnp.where(last, dcarry[state, :], 0.0)
+                dh, _, _ = tile_scan("adjoint", (c_, ones, jnp.where(s_["reset"], 0.0, a)), reverse=True)
+                refs["dB"][i, rows, :] = jnp.sum(dh * u, axis=1, keepdims=True)
+                du = du + dh * B_i
+                q = dh * (h - b)                                   # dh_t a_t h_{t-1}
+                dA[state, :] = dA[state, :] + jnp.sum(q * delta, axis=0, keepdims=True)
+                dA_delta = dA_delta + q * refs["A"][state, :]
+                dh_prev = dh * a                                   # d loss / d h_{t-1} through step t
+                dh0[state, :] = dh0[state, :] + jnp.sum(jnp.where(s_["reset"], dh_prev, 0.0), axis=0,
+                                                        keepdims=True)
+                dcarry[state, :] = jnp.sum(jnp.where(first & ~s_["reset"], dh_prev, 0.0), axis=0,
+                                           keepdims=True)
+            dv = (dA_delta + du * x) * sigmoid(s_["dt"] + refs["bias"][...])
+            refs["ddt"][rows, :] = dv.astype(refs["ddt"].dtype)
+            refs["dx"][rows, :] = (du * delta + g * refs["D"][...]).astype(refs["dx"].dtype)
+            if has_z:
+                refs["dz"][rows, :] = (dy_ * y_pre * (zs * (1.0 + s_["z"] * (1.0 - zs)))).astype(refs["dz"].dtype)
+            refs["dD"][...] = refs["dD"][...] + jnp.sum(g * x, axis=0, keepdims=True)
+            refs["dbias"][...] = refs["dbias"][...] + jnp.sum(dv, axis=0, keepdims=True)
+            _barrier(cfg)
+            return carry
+
+        jax.lax.fori_loop(0, n_tiles, body, 0)
+
+    out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
+    outs = dict(zip(names_out, _call("selective_scan_parallel_backward", kernel, names_in, names_out, out_shape,
+                                     _in_specs(names_in, s), [specs[k] for k in names_out],
+                                     (batch, n_blocks), cfg)(*operands)))
+    return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
+                 jnp.swapaxes(outs["dB"].sum(1)[..., 0], 1, 2).astype(c.B.dtype),
+                 jnp.swapaxes(outs["dC"].sum(1)[..., 0], 1, 2).astype(c.C.dtype),
+                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"] + outs["dcarry"])
+
+
+def _forward_any_state(c: Canon, keep_starts: bool, cfg):
+    n = c.A.shape[0]
+    y, starts, last = _forward(_pow2_state(c), keep_starts, cfg)
+    return y, starts[:, :, :n], last[:, :n]
+
+
+def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
+    n = c.A.shape[0]
+    m = pl.next_power_of_2(n)
+    g = _backward(_pow2_state(c), _grow(starts, 2, m), dy, _grow(dlast, 1, m), cfg)
+    return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(chunk: int = CHUNK, inference_chunk: int = INFERENCE_CHUNK, block_d: int = BLOCK_D,
+            num_warps: int = NUM_WARPS, interpret: bool = False) -> Kernels:
+    """chunk: time steps per tile of the training kernels; inference_chunk: the forward's tile when no
+    backward follows; block_d: channels per program (the largest power of two <= it dividing d_inner).
+    All powers of two (Triton tiles)."""
+    for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk), ("block_d", block_d)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"pallas_gpu_parallel {name}={value}: must be a power of two")
+    cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
+               interpret=interpret)
+    return Kernels(max(chunk, inference_chunk), functools.partial(_forward_any_state, cfg=cfg),
+                   functools.partial(_backward_any_state, cfg=cfg))
+
+
+@register_backend("pallas_gpu_parallel")
+def pallas_gpu_parallel_scan(x, dt, A, B, C, D, z, dt_bias, reset, initial_state):
+    return fused_scan(kernels(), x, dt, A, B, C, D, z, dt_bias, reset, initial_state)
+
+
+def with_kernels(**options):
+    """The backend with other tile sizes, or in interpret mode (`interpret=True`, for CPU tests)."""
+    return functools.partial(fused_scan, kernels(**options))

@@ -1,19 +1,26 @@
 """The 'pallas_gpu_parallel' scan backend: the fused scan (see scan_fused) parallel over time inside each
-Pallas Triton program.
+Pallas Triton program. Not chosen by `auto`: on the H200 its first layout was 6x slower than `pallas_gpu`
+(docs/performance.md, "Time-parallel kernel"); this channel-major layout is not yet timed on a GPU.
 
-Grid (batch, channel blocks); a program walks the sequence in tiles of T steps x bD channels. Inside a
+Grid (batch, channel blocks); a program walks the sequence in tiles of bD channels x T steps. Inside a
 tile, for each of the N states (a static Python loop), the recurrence h_t = a_t h_{t-1} + b_t runs as one
-Triton block scan over the tile's time axis (`tile_scan`, lowered to `tt.scan`: serial within a thread,
-shuffles within a warp, shared memory across warps), so each decay exp(delta A) is computed once and the
-T x bD elements of a tile are spread over all threads, instead of one thread walking one channel's steps
-one by one (`pallas_gpu`). The state entering a tile and each reset are folded into the tile's first
-element and the reset rows (a = 0, b = a h_start + b), so the scan starts from zero.
+Triton block scan along the tile's time axis (`tile_scan`, lowered to `tt.scan`: serial within a thread,
+shuffles within a warp, shared memory across warps), so each decay exp(delta A) is computed once and a
+tile's elements are spread over all threads, instead of one thread walking one channel's steps one by one
+(`pallas_gpu`). The state entering a tile and each reset are folded into the tile's first element and
+the reset steps (a = 0, b = a h_start + b), so the scan starts from zero.
+
+Layout: the kernels work channel-major, (B, D, L) with time contiguous (the wrapper transposes). A
+tile's loads are then contiguous along time, so Triton gives each thread consecutive steps and the scan is
+mostly serial within threads. The first version kept the model's (B, L, D) layout: its (T, bD) tiles put
+one step per lane, so every element paid log2(32) shuffle rounds per scan (PTX: 4.9k shuffles against 288
+exps per tile loop) and it ran 6x slower than `pallas_gpu`.
 
 State between tiles goes through memory, not registers: the forward writes each tile's N start states
-(B, tiles + 1, N, D), which the backward also reads, and the next tile reads them back after a barrier;
+(B, tiles + 1, D, N), which the backward also reads, and the next tile reads them back after a barrier;
 the backward's d/dh carry and its sums over time (dA, dh0, dD, d dt_bias) are likewise read-modify-written
-in their outputs once per tile. (Kept in registers, N carries of a (1, bD) row each cost bD / 2 registers
-per thread in the layouts Triton picks for bf16 tiles.)
+in their outputs once per tile. (Kept in registers, N carries of a bD-channel column each would cost
+several registers per thread in Triton's replicated layouts.)
 
 Backward, per tile in reverse: recompute h from the stored start state (one forward tile scan), then the
 adjoint dh_t = C_t g_t + a_{t+1} dh_{t+1} as one reverse tile scan of (value, product, first decay)
@@ -141,26 +148,32 @@ def _barrier(cfg):
         plgpu.debug_barrier()
 
 
+def _t(a):
+    """(B, L, D) <-> (B, D, L): the kernels work channel-major, time contiguous (see the module doc)."""
+    return None if a is None else jnp.swapaxes(a, 1, 2)
+
+
 def _inputs(c: Canon):
-    """Kernel operands. B and C are transposed to (B, N, Lp, 1): one state's column over a tile is
-    contiguous and loads as (T, 1)."""
+    """Kernel operands, channel-major: x, dt, z (B, D, Lp); B, C (B, N, Lp); reset (B, 1, Lp); A (D, N);
+    D, bias (D, 1); h0 (B, D, N). A tile of one state is then (bD, T) with time contiguous, and B_t, C_t
+    and the reset flags of a tile are (1, T) rows."""
     names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias", "h0"]
-    values = dict(c._asdict(), B=jnp.swapaxes(c.B, 1, 2)[..., None], C=jnp.swapaxes(c.C, 1, 2)[..., None])
+    values = dict(x=_t(c.x), dt=_t(c.dt), z=_t(c.z), B=_t(c.B), C=_t(c.C), reset=_t(c.reset), A=c.A.T,
+                  D=c.D.T, bias=c.bias.T, h0=_t(c.h0))
     return names, [values[k] for k in names]
 
 
 def _specs(length: int, n: int, block: int, n_tiles: int) -> dict:
-    row = pl.BlockSpec((None, length, block), lambda b, j: (b, 0, j))
-    col = pl.BlockSpec((None, n, length, 1), lambda b, j: (b, 0, 0, 0))
     return dict(
-        row=row, col=col,
-        flag=pl.BlockSpec((None, length, 1), lambda b, j: (b, 0, 0)),
-        param=pl.BlockSpec((n, block), lambda b, j: (0, j)),
-        vec=pl.BlockSpec((1, block), lambda b, j: (0, j)),
-        state=pl.BlockSpec((None, n, block), lambda b, j: (b, 0, j)),
-        batch_vec=pl.BlockSpec((None, 1, block), lambda b, j: (b, 0, j)),
-        starts=pl.BlockSpec((None, n_tiles + 1, n, block), lambda b, j: (b, 0, 0, j)),
-        partial=pl.BlockSpec((None, None, n, length, 1), lambda b, j: (b, j, 0, 0, 0)))
+        row=pl.BlockSpec((None, block, length), lambda b, j: (b, j, 0)),
+        col=pl.BlockSpec((None, n, length), lambda b, j: (b, 0, 0)),
+        flag=pl.BlockSpec((None, 1, length), lambda b, j: (b, 0, 0)),
+        param=pl.BlockSpec((block, n), lambda b, j: (j, 0)),
+        vec=pl.BlockSpec((block, 1), lambda b, j: (j, 0)),
+        state=pl.BlockSpec((None, block, n), lambda b, j: (b, j, 0)),
+        batch_vec=pl.BlockSpec((None, block, 1), lambda b, j: (b, j, 0)),
+        starts=pl.BlockSpec((None, n_tiles + 1, block, n), lambda b, j: (b, 0, j, 0)),
+        partial=pl.BlockSpec((None, None, n, length), lambda b, j: (b, j, 0, 0)))
 
 
 def _in_specs(names, s):
@@ -169,22 +182,23 @@ def _in_specs(names, s):
     return [kinds[k] for k in names]
 
 
-def _tile_loads(refs, rows, has_z: bool, names=("x", "dt", "z")):
-    out = {k: refs[k][rows, :].astype(jnp.float32) for k in names if k != "z" or has_z}
-    out["reset"] = refs["reset"][rows, :] > 0                                      # (T, 1)
+def _tile_loads(refs, steps, has_z: bool, names=("x", "dt", "z")):
+    out = {k: refs[k][:, steps].astype(jnp.float32) for k in names if k != "z" or has_z}     # (bD, T)
+    out["reset"] = refs["reset"][:, steps] > 0                                                # (1, T)
     out["delta"] = softplus(out["dt"] + refs["bias"][...])
     out["u"] = out["delta"] * out["x"]
     return out
 
 
-def _state_tile(refs, s: dict, rows, i: int, h_start, first):
-    """The tile's states of state index i (T, bD) from the state before the tile (1, bD), with resets;
-    also returns the decays a and inputs b (unfolded)."""
-    a = jnp.exp(s["delta"] * refs["A"][pl.ds(i, 1), :])
-    b = s["u"] * refs["B"][i, rows, :].astype(jnp.float32)
+def _state_tile(refs, s: dict, steps, i: int, h_start, first):
+    """The tile's states of state index i (bD, T) from the state before the tile (bD, 1), with resets;
+    also returns the decays a and the inputs b (unfolded)."""
+    state = pl.ds(i, 1)
+    a = jnp.exp(s["delta"] * refs["A"][:, state])
+    b = s["u"] * refs["B"][state, steps].astype(jnp.float32)
     start = s["reset"] | first
-    h_prev = jnp.where(s["reset"], refs["h0"][pl.ds(i, 1), :], h_start)
-    _, h = tile_scan("linear", (jnp.where(start, 0.0, a), jnp.where(start, a * h_prev + b, b)))
+    h_prev = jnp.where(s["reset"], refs["h0"][:, state], h_start)
+    _, h = tile_scan("linear", (jnp.where(start, 0.0, a), jnp.where(start, a * h_prev + b, b)), axis=1)
     return h, a, b
 
 
@@ -200,28 +214,29 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     names_in, operands = _inputs(c)
     s = _specs(length, n, block, n_tiles)
     names_out = ["y", "starts"]
-    out_shape = [jax.ShapeDtypeStruct(c.x.shape, c.x.dtype),
-                 jax.ShapeDtypeStruct((batch, n_tiles + 1, n, width), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((batch, width, length), c.x.dtype),
+                 jax.ShapeDtypeStruct((batch, n_tiles + 1, width, n), jnp.float32)]
 
     def kernel(refs):
         starts = refs["starts"]
         for i in range(n):
-            starts[0, pl.ds(i, 1), :] = refs["h0"][pl.ds(i, 1), :]
+            starts[0, :, pl.ds(i, 1)] = refs["h0"][:, pl.ds(i, 1)]
         _barrier(cfg)
-        iota = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+        iota = jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         first, last = iota == 0, iota == chunk - 1
 
         def body(k, carry):
-            rows = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
-            s_ = _tile_loads(refs, rows, has_z)
+            steps = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
+            s_ = _tile_loads(refs, steps, has_z)
             y = refs["D"][...] * s_["x"]
             for i in range(n):
-                h, _, _ = _state_tile(refs, s_, rows, i, starts[k, pl.ds(i, 1), :], first)
-                y = y + h * refs["C"][i, rows, :].astype(jnp.float32)
-                starts[k + 1, pl.ds(i, 1), :] = jnp.sum(jnp.where(last, h, 0.0), axis=0, keepdims=True)
+                state = pl.ds(i, 1)
+                h, _, _ = _state_tile(refs, s_, steps, i, starts[k, :, state], first)
+                y = y + h * refs["C"][state, steps].astype(jnp.float32)
+                starts[k + 1, :, state] = jnp.sum(jnp.where(last, h, 0.0), axis=1, keepdims=True)
             if has_z:
                 y = y * (s_["z"] * sigmoid(s_["z"]))
-            refs["y"][rows, :] = y.astype(refs["y"].dtype)
+            refs["y"][:, steps] = y.astype(refs["y"].dtype)
             _barrier(cfg)
             return carry
 
@@ -229,7 +244,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
     y, starts = _call("selective_scan_parallel_forward", kernel, names_in, names_out, out_shape,
                       _in_specs(names_in, s), [s["row"], s["starts"]], (batch, width // block), cfg)(*operands)
-    return y, starts, starts[:, -1]
+    return _t(y), starts, _t(starts[:, -1])
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
@@ -240,36 +255,37 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     has_z = c.z is not None
     names_in, operands = _inputs(c)
     names_in = names_in + ["starts", "dy", "dlast"]
-    operands = operands + [starts, dy, dlast]
+    operands = operands + [starts, _t(dy), _t(dlast)]
     s = _specs(length, n, block, starts.shape[1] - 1)
     f32 = jnp.float32
     names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + ["dB", "dC", "dA", "dD", "dbias", "dh0", "dcarry"]
-    shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
-                  dz=(c.x.shape, c.z.dtype if has_z else None),
-                  dB=((batch, n_blocks, n, length, 1), f32), dC=((batch, n_blocks, n, length, 1), f32),
-                  dA=((batch, n, width), f32), dD=((batch, 1, width), f32), dbias=((batch, 1, width), f32),
-                  dh0=((batch, n, width), f32), dcarry=((batch, n, width), f32))
+    big = (batch, width, length)
+    shapes = dict(dx=(big, c.x.dtype), ddt=(big, c.dt.dtype), dz=(big, c.z.dtype if has_z else None),
+                  dB=((batch, n_blocks, n, length), f32), dC=((batch, n_blocks, n, length), f32),
+                  dA=((batch, width, n), f32), dD=((batch, width, 1), f32), dbias=((batch, width, 1), f32),
+                  dh0=((batch, width, n), f32), dcarry=((batch, width, n), f32))
     specs = dict(dx=s["row"], ddt=s["row"], dz=s["row"], dB=s["partial"], dC=s["partial"], dA=s["state"],
                  dD=s["batch_vec"], dbias=s["batch_vec"], dh0=s["state"], dcarry=s["state"])
 
     def kernel(refs):
         dcarry, dA, dh0 = refs["dcarry"], refs["dA"], refs["dh0"]
-        zeros = jnp.zeros((1, block), f32)
+        zeros = jnp.zeros((block, 1), f32)
         for i in range(n):
-            dcarry[pl.ds(i, 1), :] = refs["dlast"][pl.ds(i, 1), :]
-            dA[pl.ds(i, 1), :] = zeros
-            dh0[pl.ds(i, 1), :] = zeros
+            state = pl.ds(i, 1)
+            dcarry[:, state] = refs["dlast"][:, state]
+            dA[:, state] = zeros
+            dh0[:, state] = zeros
         refs["dD"][...] = zeros
         refs["dbias"][...] = zeros
         _barrier(cfg)
-        iota = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+        iota = jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
         first, last = iota == 0, iota == chunk - 1
-        ones = jnp.ones((chunk, block), f32)
+        ones = jnp.ones((block, chunk), f32)
 
         def body(kk, carry):
             k = n_tiles - 1 - kk
-            rows = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
-            s_ = _tile_loads(refs, rows, has_z, ("x", "dt", "z", "dy"))
+            steps = pl.ds(pl.multiple_of(k * chunk, chunk), chunk)
+            s_ = _tile_loads(refs, steps, has_z, ("x", "dt", "z", "dy"))
             x, delta, u, dy_ = s_["x"], s_["delta"], s_["u"], s_["dy"]
             if has_z:
                 zs = sigmoid(s_["z"])
@@ -281,31 +297,31 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             dA_delta = jnp.zeros_like(x)         # sum over states of q A (the delta gradient through the decays)
             for i in range(n):
                 state = pl.ds(i, 1)
-                h, a, b = _state_tile(refs, s_, rows, i, refs["starts"][k, state, :], first)
-                C_i = refs["C"][i, rows, :].astype(f32)
-                B_i = refs["B"][i, rows, :].astype(f32)
+                h, a, b = _state_tile(refs, s_, steps, i, refs["starts"][k, :, state], first)
+                C_i = refs["C"][state, steps].astype(f32)
+                B_i = refs["B"][state, steps].astype(f32)
                 if has_z:
                     y_pre = y_pre + h * C_i
-                refs["dC"][i, rows, :] = jnp.sum(h * g, axis=1, keepdims=True)
-                c_ = C_i * g + jnp.where(last, dcarry[state, :], 0.0)
-                dh, _, _ = tile_scan("adjoint", (c_, ones, jnp.where(s_["reset"], 0.0, a)), reverse=True)
-                refs["dB"][i, rows, :] = jnp.sum(dh * u, axis=1, keepdims=True)
+                refs["dC"][state, steps] = jnp.sum(h * g, axis=0, keepdims=True)
+                c_ = C_i * g + jnp.where(last, dcarry[:, state], 0.0)
+                dh, _, _ = tile_scan("adjoint", (c_, ones, jnp.where(s_["reset"], 0.0, a)), axis=1, reverse=True)
+                refs["dB"][state, steps] = jnp.sum(dh * u, axis=0, keepdims=True)
                 du = du + dh * B_i
                 q = dh * (h - b)                                   # dh_t a_t h_{t-1}
-                dA[state, :] = dA[state, :] + jnp.sum(q * delta, axis=0, keepdims=True)
-                dA_delta = dA_delta + q * refs["A"][state, :]
+                dA[:, state] = dA[:, state] + jnp.sum(q * delta, axis=1, keepdims=True)
+                dA_delta = dA_delta + q * refs["A"][:, state]
                 dh_prev = dh * a                                   # d loss / d h_{t-1} through step t
-                dh0[state, :] = dh0[state, :] + jnp.sum(jnp.where(s_["reset"], dh_prev, 0.0), axis=0,
+                dh0[:, state] = dh0[:, state] + jnp.sum(jnp.where(s_["reset"], dh_prev, 0.0), axis=1,
                                                         keepdims=True)
-                dcarry[state, :] = jnp.sum(jnp.where(first & ~s_["reset"], dh_prev, 0.0), axis=0,
+                dcarry[:, state] = jnp.sum(jnp.where(first & ~s_["reset"], dh_prev, 0.0), axis=1,
                                            keepdims=True)
             dv = (dA_delta + du * x) * sigmoid(s_["dt"] + refs["bias"][...])
-            refs["ddt"][rows, :] = dv.astype(refs["ddt"].dtype)
-            refs["dx"][rows, :] = (du * delta + g * refs["D"][...]).astype(refs["dx"].dtype)
+            refs["ddt"][:, steps] = dv.astype(refs["ddt"].dtype)
+            refs["dx"][:, steps] = (du * delta + g * refs["D"][...]).astype(refs["dx"].dtype)
             if has_z:
-                refs["dz"][rows, :] = (dy_ * y_pre * (zs * (1.0 + s_["z"] * (1.0 - zs)))).astype(refs["dz"].dtype)
-            refs["dD"][...] = refs["dD"][...] + jnp.sum(g * x, axis=0, keepdims=True)
-            refs["dbias"][...] = refs["dbias"][...] + jnp.sum(dv, axis=0, keepdims=True)
+                refs["dz"][:, steps] = (dy_ * y_pre * (zs * (1.0 + s_["z"] * (1.0 - zs)))).astype(refs["dz"].dtype)
+            refs["dD"][...] = refs["dD"][...] + jnp.sum(g * x, axis=1, keepdims=True)
+            refs["dbias"][...] = refs["dbias"][...] + jnp.sum(dv, axis=1, keepdims=True)
             _barrier(cfg)
             return carry
 
@@ -315,22 +331,22 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     outs = dict(zip(names_out, _call("selective_scan_parallel_backward", kernel, names_in, names_out, out_shape,
                                      _in_specs(names_in, s), [specs[k] for k in names_out],
                                      (batch, n_blocks), cfg)(*operands)))
-    return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
-                 jnp.swapaxes(outs["dB"].sum(1)[..., 0], 1, 2).astype(c.B.dtype),
-                 jnp.swapaxes(outs["dC"].sum(1)[..., 0], 1, 2).astype(c.C.dtype),
-                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"] + outs["dcarry"])
+    return Canon(_t(outs["dx"]), _t(outs["ddt"]), _t(outs.get("dz")),
+                 _t(outs["dB"].sum(1)).astype(c.B.dtype), _t(outs["dC"].sum(1)).astype(c.C.dtype),
+                 None, outs["dA"].sum(0).T, outs["dD"].sum(0).T, outs["dbias"].sum(0).T,
+                 _t(outs["dh0"] + outs["dcarry"]))
 
 
 def _forward_any_state(c: Canon, keep_starts: bool, cfg):
     n = c.A.shape[0]
     y, starts, last = _forward(_pow2_state(c), keep_starts, cfg)
-    return y, starts[:, :, :n], last[:, :n]
+    return y, starts[..., :n], last[:, :n]
 
 
 def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
     n = c.A.shape[0]
     m = pl.next_power_of_2(n)
-    g = _backward(_pow2_state(c), _grow(starts, 2, m), dy, _grow(dlast, 1, m), cfg)
+    g = _backward(_pow2_state(c), _grow(starts, 3, m), dy, _grow(dlast, 1, m), cfg)
     return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
 
 

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover
     plgpu = triton_lowering = tt_dialect = ir = None
 
 CHUNK = 64              # time steps per tile of the training kernels (forward and backward)
-INFERENCE_CHUNK = 128   # the forward's tile when no backward follows
+INFERENCE_CHUNK = 64    # the forward's tile when no backward follows (128: 255 registers and spills, ptxas)
 BLOCK_D = 16            # channels per program (16 bf16 channels: one 32-byte sector per row)
 NUM_WARPS = 4
 
@@ -182,9 +182,18 @@ def _in_specs(names, s):
     return [kinds[k] for k in names]
 
 
+def _broadcast_row(ref, i: int, steps, block: int):
+    """Row i of ref over the tile's steps, loaded as a (bD, T) tile (every channel reads the same row):
+    a (1, T) load would make Triton lay the tile out with one step per thread (its coalescing gives each
+    of the 128 threads one of the row's 128 elements), which the whole tile then follows."""
+    chans = jnp.full((block, 1), i, jnp.int32)
+    times = steps.start + jax.lax.broadcasted_iota(jnp.int32, (1, steps.size), 1)
+    return ref[chans, times].astype(jnp.float32)
+
+
 def _tile_loads(refs, steps, has_z: bool, names=("x", "dt", "z")):
     out = {k: refs[k][:, steps].astype(jnp.float32) for k in names if k != "z" or has_z}     # (bD, T)
-    out["reset"] = refs["reset"][:, steps] > 0                                                # (1, T)
+    out["reset"] = _broadcast_row(refs["reset"], 0, steps, out["x"].shape[0]) > 0
     out["delta"] = softplus(out["dt"] + refs["bias"][...])
     out["u"] = out["delta"] * out["x"]
     return out
@@ -195,7 +204,7 @@ def _state_tile(refs, s: dict, steps, i: int, h_start, first):
     also returns the decays a and the inputs b (unfolded)."""
     state = pl.ds(i, 1)
     a = jnp.exp(s["delta"] * refs["A"][:, state])
-    b = s["u"] * refs["B"][state, steps].astype(jnp.float32)
+    b = s["u"] * _broadcast_row(refs["B"], i, steps, s["u"].shape[0])
     start = s["reset"] | first
     h_prev = jnp.where(s["reset"], refs["h0"][:, state], h_start)
     _, h = tile_scan("linear", (jnp.where(start, 0.0, a), jnp.where(start, a * h_prev + b, b)), axis=1)
@@ -232,7 +241,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             for i in range(n):
                 state = pl.ds(i, 1)
                 h, _, _ = _state_tile(refs, s_, steps, i, starts[k, :, state], first)
-                y = y + h * refs["C"][state, steps].astype(jnp.float32)
+                y = y + h * _broadcast_row(refs["C"], i, steps, block)
                 starts[k + 1, :, state] = jnp.sum(jnp.where(last, h, 0.0), axis=1, keepdims=True)
             if has_z:
                 y = y * (s_["z"] * sigmoid(s_["z"]))
@@ -298,8 +307,8 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             for i in range(n):
                 state = pl.ds(i, 1)
                 h, a, b = _state_tile(refs, s_, steps, i, refs["starts"][k, :, state], first)
-                C_i = refs["C"][state, steps].astype(f32)
-                B_i = refs["B"][state, steps].astype(f32)
+                C_i = _broadcast_row(refs["C"], i, steps, block)
+                B_i = _broadcast_row(refs["B"], i, steps, block)
                 if has_z:
                     y_pre = y_pre + h * C_i
                 refs["dC"][state, steps] = jnp.sum(h * g, axis=0, keepdims=True)

@@ -94,8 +94,9 @@ def main():
     parser.add_argument("--backends", default="associative,chunked,pallas_gpu,pallas_gpu_parallel")
     parser.add_argument("--variants", default="2:32:1,8:32:1,4:64:2",
                         help="pallas_gpu chunk:block_d:num_warps variants to time")
-    parser.add_argument("--parallel-variants", default="",
-                        help="pallas_gpu_parallel chunk:inference_chunk:block_d:num_warps variants to time")
+    parser.add_argument("--parallel-variants", default="64:64:16:4:16:4,64:64:4:1:4:1,64:64:8:2:8:2",
+                        help="pallas_gpu_parallel variants to time, chunk:inference_chunk:block_d:num_warps:"
+                             "backward_block_d:backward_num_warps")
     parser.add_argument("--check", action="store_true", help="compare with 'sequential' first")
     parser.add_argument("--check-shape", default="2x1000x320", help="batch x length x width of the check")
     parser.add_argument("--json", default=None, help="write all results here")
@@ -111,9 +112,10 @@ def main():
             backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(
                 chunk=chunk, inference_chunk=chunk, block_d=block, num_warps=warps)
         for variant in filter(None, args.parallel_variants.split(",")):
-            chunk, inference_chunk, block, warps = map(int, variant.split(":"))
+            chunk, inference_chunk, block, warps, bwd_block, bwd_warps = map(int, variant.split(":"))
             backends[f"pallas_gpu_parallel[{variant}]"] = scan_pallas_gpu_parallel.with_kernels(
-                chunk=chunk, inference_chunk=inference_chunk, block_d=block, num_warps=warps)
+                chunk=chunk, inference_chunk=inference_chunk, block_d=block, num_warps=warps,
+                backward_block_d=bwd_block, backward_num_warps=bwd_warps)
     else:
         backends.pop("pallas_gpu", None)
         backends.pop("pallas_gpu_parallel", None)

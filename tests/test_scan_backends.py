@@ -26,9 +26,9 @@ BACKENDS = {
     # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
     "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
     "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True),
-    # time tiles of 8 steps with a backward pass, of 16 without
+    # time tiles of 8 steps with a backward pass, of 16 without; other channel blocks forward and backward
     "pallas_gpu_parallel": scan_pallas_gpu_parallel.with_kernels(chunk=8, inference_chunk=16, block_d=8,
-                                                                 interpret=True),
+                                                                 backward_block_d=4, interpret=True),
 }
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 

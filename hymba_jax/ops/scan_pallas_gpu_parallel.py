@@ -53,9 +53,15 @@ except ImportError:  # pragma: no cover
     plgpu = triton_lowering = tt_dialect = ir = None
 
 CHUNK = 64              # time steps per tile of the training kernels (forward and backward)
-INFERENCE_CHUNK = 64    # the forward's tile when no backward follows (128: 255 registers and spills, ptxas)
-BLOCK_D = 16            # channels per program (16 bf16 channels: one 32-byte sector per row)
-NUM_WARPS = 4
+INFERENCE_CHUNK = 64    # the forward's tile when no backward follows (128 at 16 channels: spills, ptxas)
+# Channels per program and warps, forward and backward (PTX from Triton 3.9 for sm_90, docs/performance.md;
+# not yet timed on a GPU). Forward: one warp of 4 channels, which Triton lays out as 8 consecutive steps
+# per thread, 8 lanes along time and 4 along channels: no shared memory, 2 barriers, 192 shuffles per
+# 64-step tile. Backward: its dB and dC are written as one (B, L, N) partial per channel block, 0.42 GB
+# together at 8 x 2048 x 3200 with 16 channels (1.7 GB with 4), so it takes 16 channels over 4 warps and
+# pays shared-memory sums over channels instead.
+BLOCK_D, NUM_WARPS = 4, 1
+BACKWARD_BLOCK_D, BACKWARD_NUM_WARPS = 16, 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,13 +137,13 @@ if triton_lowering is not None:
 # --------------------------------------------------------------------------------------------------
 # The kernels.
 
-def _call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
+def _call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg, num_warps: int):
     def body(*refs):
         kernel(dict(zip(names_in + names_out, refs)))
 
     params = None
     if plgpu is not None and not cfg["interpret"]:
-        params = plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=1)
+        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           compiler_params=params, interpret=cfg["interpret"], name=name)
 
@@ -252,14 +258,15 @@ def _forward(c: Canon, keep_starts: bool, cfg):
         jax.lax.fori_loop(0, n_tiles, body, 0)
 
     y, starts = _call("selective_scan_parallel_forward", kernel, names_in, names_out, out_shape,
-                      _in_specs(names_in, s), [s["row"], s["starts"]], (batch, width // block), cfg)(*operands)
+                      _in_specs(names_in, s), [s["row"], s["starts"]], (batch, width // block), cfg,
+                      cfg["num_warps"])(*operands)
     return _t(y), starts, _t(starts[:, -1])
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    chunk, block = cfg["chunk"], channel_block(width, cfg["backward_block_d"])
     n_tiles, n_blocks = length // chunk, width // block
     has_z = c.z is not None
     names_in, operands = _inputs(c)
@@ -339,7 +346,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
     outs = dict(zip(names_out, _call("selective_scan_parallel_backward", kernel, names_in, names_out, out_shape,
                                      _in_specs(names_in, s), [specs[k] for k in names_out],
-                                     (batch, n_blocks), cfg)(*operands)))
+                                     (batch, n_blocks), cfg, cfg["backward_num_warps"])(*operands)))
     return Canon(_t(outs["dx"]), _t(outs["ddt"]), _t(outs.get("dz")),
                  _t(outs["dB"].sum(1)).astype(c.B.dtype), _t(outs["dC"].sum(1)).astype(c.C.dtype),
                  None, outs["dA"].sum(0).T, outs["dD"].sum(0).T, outs["dbias"].sum(0).T,
@@ -361,15 +368,18 @@ def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
 
 @functools.lru_cache(maxsize=None)
 def kernels(chunk: int = CHUNK, inference_chunk: int = INFERENCE_CHUNK, block_d: int = BLOCK_D,
-            num_warps: int = NUM_WARPS, interpret: bool = False) -> Kernels:
+            num_warps: int = NUM_WARPS, backward_block_d: int = BACKWARD_BLOCK_D,
+            backward_num_warps: int = BACKWARD_NUM_WARPS, interpret: bool = False) -> Kernels:
     """chunk: time steps per tile of the training kernels; inference_chunk: the forward's tile when no
-    backward follows; block_d: channels per program (the largest power of two <= it dividing d_inner).
-    All powers of two (Triton tiles)."""
-    for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk), ("block_d", block_d)):
+    backward follows; block_d, num_warps: the forward's channels per program (the largest power of two
+    <= it dividing d_inner) and warps; backward_block_d, backward_num_warps: the backward's. Tiles and
+    blocks are powers of two (Triton tensors)."""
+    for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk), ("block_d", block_d),
+                        ("backward_block_d", backward_block_d)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu_parallel {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
-               interpret=interpret)
+               backward_block_d=backward_block_d, backward_num_warps=backward_num_warps, interpret=interpret)
     return Kernels(max(chunk, inference_chunk), functools.partial(_forward_any_state, cfg=cfg),
                    functools.partial(_backward_any_state, cfg=cfg))
 

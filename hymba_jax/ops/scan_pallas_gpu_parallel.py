@@ -27,6 +27,8 @@ adjoint dh_t = C_t g_t + a_{t+1} dh_{t+1} as one reverse tile scan of (value, pr
 triples, which needs no shifted decay. a_t h_{t-1} = h_t - b_t, so no shifted state either. dB and dC
 are summed over the program's channels and written as (B, channel blocks, N, L) partials, summed outside.
 `interpret=True` runs the same kernels on the CPU (tests): `tile_scan` is then `lax.associative_scan`.
+Its Triton lowering uses Pallas' private lowering API (`jax._src.pallas.triton.lowering`; the same
+signatures in jax 0.10.2, where it lowers on the CPU, and 0.11.2, where it ran on the H200).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from hardware import copy_bandwidth, exp_rate, matmul_rate, timeit
-from hymba_jax.ops import scan_pallas_gpu
+from hymba_jax.ops import scan_pallas_gpu, scan_pallas_gpu_parallel
 from hymba_jax.ops.scan import available_backends, selective_scan
 
 
@@ -91,10 +91,14 @@ def main():
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--width", type=int, default=3200)
     parser.add_argument("--state", type=int, default=16)
-    parser.add_argument("--backends", default="associative,chunked,pallas_gpu")
+    parser.add_argument("--backends", default="associative,chunked,pallas_gpu,pallas_gpu_parallel")
     parser.add_argument("--variants", default="2:32:1,8:32:1,4:64:2",
                         help="pallas_gpu chunk:block_d:num_warps variants to time")
+    parser.add_argument("--parallel-variants", default="64:64:16:4:16:4,64:64:4:1:4:1,64:64:8:2:8:2",
+                        help="pallas_gpu_parallel variants to time, chunk:inference_chunk:block_d:num_warps:"
+                             "backward_block_d:backward_num_warps")
     parser.add_argument("--check", action="store_true", help="compare with 'sequential' first")
+    parser.add_argument("--check-shape", default="2x1000x320", help="batch x length x width of the check")
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -107,18 +111,30 @@ def main():
             chunk, block, warps = map(int, variant.split(":"))
             backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(
                 chunk=chunk, inference_chunk=chunk, block_d=block, num_warps=warps)
+        for variant in filter(None, args.parallel_variants.split(",")):
+            chunk, inference_chunk, block, warps, bwd_block, bwd_warps = map(int, variant.split(":"))
+            backends[f"pallas_gpu_parallel[{variant}]"] = scan_pallas_gpu_parallel.with_kernels(
+                chunk=chunk, inference_chunk=inference_chunk, block_d=block, num_warps=warps,
+                backward_block_d=bwd_block, backward_num_warps=bwd_warps)
     else:
         backends.pop("pallas_gpu", None)
+        backends.pop("pallas_gpu_parallel", None)
     unknown = [b for b in backends.values() if isinstance(b, str) and b not in available_backends()]
     if unknown:
         raise SystemExit(f"unknown backends {unknown}; available: {available_backends()}")
 
     if args.check:
+        cb, cl, cd = map(int, args.check_shape.split("x"))
         for dtype in (jnp.float32, jnp.bfloat16):
-            title = f"check_{jnp.dtype(dtype).name}_2x1000x320"
+            title = f"check_{jnp.dtype(dtype).name}_{args.check_shape}"
             results[title] = {}
             for name, backend in backends.items():
-                errs = check({name: backend}, 2, 1000, 320, args.state, dtype)[name]
+                try:
+                    errs = check({name: backend}, cb, cl, cd, args.state, dtype)[name]
+                except Exception as e:  # noqa: BLE001 - a failing backend is reported, the others still run
+                    results[title][name] = f"{type(e).__name__}: {str(e)[:2000]}"
+                    print(f"{title} {name:24s} FAILED: {results[title][name]}", flush=True)
+                    continue
                 results[title][name] = errs
                 worst = max(errs, key=errs.get)
                 print(f"{title} {name:24s} max rel err vs sequential {errs[worst]:.2e} ({worst}); "

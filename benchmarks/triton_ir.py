@@ -1,0 +1,104 @@
+"""Inspect the Triton kernels of the Pallas GPU scan backends without a GPU: lower the scan (forward and
+forward+backward) for CUDA on the CPU, save each kernel's Triton IR, and, where the `triton` package is
+importable, compile it for sm_90 and report ptxas' registers and spills and the PTX instruction counts
+that decide these kernels' speed (shuffles, barriers, shared memory, exps).
+
+    PYTHONPATH=. python benchmarks/triton_ir.py --out /tmp/ttir                      # IR only
+    pip install --target /tmp/tri triton==3.9.0
+    PYTHONPATH=.:/tmp/tri python benchmarks/triton_ir.py --out /tmp/ttir --compile   # + PTX counts
+
+Counts are per kernel, i.e. per tile loop body plus the prologue. Compiling takes 20 s to several
+minutes per kernel on a CPU. The IR comes from this machine's jax, the compiler from the `triton` package:
+the device's own Triton may choose other layouts, so time the kernels on the device before trusting this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+from jax._src.pallas.triton import lowering
+
+from hymba_jax.ops import scan_pallas_gpu, scan_pallas_gpu_parallel
+from scan import make_inputs, scan_fn
+
+PTX_COUNTS = ("shfl.sync", "bar.sync", "ld.shared", "st.shared", "ex2.approx", "ld.global", "st.global",
+              "ld.local", "st.local")
+
+
+def dump_kernels(backend, batch: int, length: int, width: int, state: int, out: str, tag: str) -> list[str]:
+    """Lower forward and forward+backward for CUDA; write each Pallas kernel's Triton IR under `out`."""
+    paths = []
+    original = lowering.lower_jaxpr_to_triton_module
+
+    def capture(jaxpr, *args, **kwargs):
+        result = original(jaxpr, *args, **kwargs)
+        path = os.path.join(out, f"{tag}_{len(paths)}.ttir")
+        with open(path, "w") as fh:
+            fh.write(result.module.operation.get_asm(enable_debug_info=False))
+        paths.append(path)
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        args = make_inputs(jax.random.key(0), batch, length, width, state, jnp.bfloat16)
+        x, dt, A, B, C, D, z, bias, reset, h0 = args
+        forward, grad = scan_fn(backend)
+        forward.trace(*args).lower(lowering_platforms=("cuda",))
+        wy, wl = jnp.ones(x.shape, jnp.float32), jnp.ones((batch, width, state), jnp.float32)
+        grad.trace(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = original
+    return paths
+
+
+def compile_and_count(path: str, num_warps: int) -> str:
+    """Compile Triton IR for sm_90 with the `triton` package; ptxas -v summary and PTX counts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=1))
+    ptx = kernel.asm["ptx"]
+    with open(path + ".ptx", "w") as fh:
+        fh.write(ptx)
+    with open(path + ".ttgir", "w") as fh:
+        fh.write(kernel.asm["ttgir"])
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(p for p in (os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
+    done = subprocess.run([ptxas, "-arch=sm_90a", "-v", path + ".ptx", "-o", os.devnull],
+                          capture_output=True, text=True)
+    summary = " | ".join(line.split("info    : ")[-1] for line in done.stderr.splitlines()
+                         if "registers" in line or "spill" in line)
+    counts = " ".join(f"{name} {ptx.count(name)}" for name in PTX_COUNTS)
+    return f"{summary or done.stderr.strip()[-300:]}\n    {counts}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="pallas_gpu_parallel", choices=("pallas_gpu", "pallas_gpu_parallel"))
+    parser.add_argument("--options", default="",
+                        help="kernel options, e.g. chunk=64,block_d=4,num_warps=1,backward_num_warps=4")
+    parser.add_argument("--shape", default="8x2048x3200x16", help="batch x length x d_inner x d_state")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--compile", action="store_true", help="compile with the triton package (sm_90)")
+    args = parser.parse_args()
+    module = scan_pallas_gpu if args.backend == "pallas_gpu" else scan_pallas_gpu_parallel
+    options = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))}
+    warps = options.get("num_warps", module.NUM_WARPS)
+    # pallas_gpu_parallel's backward kernel (the last of the three) has its own warps
+    backward_warps = options.get("backward_num_warps", getattr(module, "BACKWARD_NUM_WARPS", warps))
+    os.makedirs(args.out, exist_ok=True)
+    batch, length, width, state = map(int, args.shape.split("x"))
+    paths = dump_kernels(module.with_kernels(**options), batch, length, width, state, args.out, args.backend)
+    for i, path in enumerate(paths):
+        print(path, f"{os.path.getsize(path) / 1e3:.0f} kB of Triton IR", flush=True)
+        if args.compile:
+            print("   ", compile_and_count(path, backward_warps if i == len(paths) - 1 else warps), flush=True)
+
+
+if __name__ == "__main__":
+    main()

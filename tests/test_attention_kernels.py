@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from hymba_jax.config import ConfigError, hymba_tiny
-from hymba_jax.model.attention import KV, attention_mask, dot_product_attention, with_prefix
+from hymba_jax.model.attention import KV, attend, attention_mask, dot_product_attention, text_mask, with_prefix
 from hymba_jax.ops.attention import fused_attention
 
 B, T, M, H, KVH, DK, DV = 2, 12, 3, 4, 2, 8, 16
@@ -52,3 +52,61 @@ def test_fused_matches_reference(window, packed):
 def test_config_refuses_unknown_backend():
     with pytest.raises(ConfigError, match="attention_backend"):
         hymba_tiny(attention_backend="flash")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile-skipping attention: splash (TPU kernels, here in the Pallas interpreter) for the text keys, the meta
+# tokens in XLA, merged through the log-sum-exp. Tiles of 128 over 256 text positions: a window of 64 skips
+# the tiles below the band, so the block-sparse bookkeeping is exercised, not only the elementwise mask.
+
+SB, ST, SM, SH, SKV, SDK, SDV = 1, 256, 16, 2, 1, 64, 128
+
+
+@pytest.mark.parametrize("window,packed", [(None, False), (64, False), (64, True)],
+                         ids=["global", "window", "window-packed"])
+def test_splash_matches_reference(window, packed):
+    """Outputs and the gradients of q, k, v and the meta keys/values in fp32: splash + merge against
+    `dot_product_attention` on the same TextMask (packed: a document boundary inside a tile, at 100)."""
+    from hymba_jax.ops.attention import merged_attention, xla_prefix_part
+    from hymba_jax.ops.attention_splash import splash_part
+
+    ks = jax.random.split(jax.random.key(1), 6)
+    q = jax.random.normal(ks[0], (SB, ST, SH, SDK))
+    k = jax.random.normal(ks[1], (SB, ST, SKV, SDK))
+    v = jax.random.normal(ks[2], (SB, ST, SKV, SDV))
+    meta = (jax.random.normal(ks[3], (1, SM, SKV, SDK)), jax.random.normal(ks[4], (1, SM, SKV, SDV)))
+    seg = jnp.array([[0] * 100 + [1] * 156]) if packed else None
+    mask = text_mask(ST, window=window, segments=seg, num_prefix=SM)
+    w = jax.random.normal(ks[5], (SB, ST, SH, SDV))
+    scale = SDK ** -0.5
+    kernel = lambda q_, k_, v_, mk, mv: merged_attention(
+        splash_part(window=window, scale=scale, block=128, interpret=True), xla_prefix_part(scale),
+        q_, k_, v_, (mk, mv), seg)
+    reference = lambda q_, k_, v_, mk, mv: dot_product_attention(q_, k_, v_, mask.dense, KV(mk, mv))
+    run = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5))(q, k, v, *meta)
+    assert rel(kernel(q, k, v, *meta), reference(q, k, v, *meta)) < 1e-5
+    for g, r in zip(run(kernel)[1], run(reference)[1]):
+        assert g.shape == r.shape
+        assert rel(g, r) < 1e-5
+
+
+def test_splash_needs_whole_tiles():
+    from hymba_jax.ops.attention_splash import block_size
+
+    assert block_size(2048) == 512 and block_size(384) == 384 and block_size(640) == 128
+    with pytest.raises(ValueError, match="multiple of 128"):
+        block_size(200)
+
+
+def test_skipping_backends_fall_back_to_dense_masks(monkeypatch):
+    """A plain mask array (decode, the meta pass) never reaches a skipping kernel: 'splash' runs the XLA
+    reference on it; a TextMask whose prefix is not the given K/V is refused."""
+    ks = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(ks[0], (B, T, H, DK))
+    k = jax.random.normal(ks[1], (B, T, KVH, DK))
+    v = jax.random.normal(ks[2], (B, T, KVH, DV))
+    index = jnp.arange(T)[None]
+    dense = attention_mask(index, index, window=None)
+    assert rel(attend(q, k, v, dense, None, "splash"), dot_product_attention(q, k, v, dense)) == 0
+    with pytest.raises(ValueError, match="prefix"):
+        attend(q, k, v, text_mask(T, window=None, segments=None, num_prefix=M), None, "splash")

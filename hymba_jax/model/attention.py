@@ -3,7 +3,8 @@ cross-layer KV sharing (a consumer layer reuses its producer's post-RoPE keys an
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import dataclasses
+from typing import NamedTuple, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
-from hymba_jax.ops.attention import fused_attention
+from hymba_jax.ops.attention import SKIPPING_BACKENDS, fused_attention, skipping_attention
 from hymba_jax.ops.auto import attention_backend
 
 
@@ -49,6 +50,33 @@ def with_prefix(mask: jax.Array, num_prefix: int) -> jax.Array:
         return mask
     visible = jnp.ones(mask.shape[:-1] + (num_prefix,), bool)
     return jnp.concatenate([visible, mask], axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TextMask:
+    """The mask of a pass over text positions 0..T-1 (queries and keys the same tokens) after
+    `num_prefix` always-visible keys (the meta tokens), in two forms: `dense` (B|1, T, P + T) bool for
+    the dense backends, and its structure (causal or a `window`, `segments` (B, T) for packed documents
+    or None) for the kernels that skip masked tiles (`SKIPPING_BACKENDS`). Build it with `text_mask`."""
+
+    dense: jax.Array
+    segments: Optional[jax.Array]
+    window: Optional[int] = dataclasses.field(metadata=dict(static=True))
+    num_prefix: int = dataclasses.field(metadata=dict(static=True))
+
+
+def text_mask(length: int, *, window: Optional[int], segments: Optional[jax.Array], num_prefix: int
+              ) -> TextMask:
+    """The `TextMask` of `length` text positions: `attention_mask` over them (documents apart where
+    `segments` (B, T) differ) behind `num_prefix` always-visible keys."""
+    index = jnp.arange(length)[None]
+    dense = with_prefix(attention_mask(index, index, window=window, query_segment=segments,
+                                       key_segment=segments), num_prefix)
+    return TextMask(dense, segments, window, num_prefix)
+
+
+Mask = Union[jax.Array, TextMask]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -106,9 +134,22 @@ class AttentionBranch(nn.Module):
             kv = KV(apply_rope(k, positions, base), v)
         else:
             kv = shared_kv
-        backend = attention_backend(cfg.attention_backend, cfg.dtype)
-        if backend == "xla":
-            out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
-        else:
-            out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=backend)
+        out = attend(q, kv.k, kv.v, mask, prefix_kv, attention_backend(cfg.attention_backend, cfg.dtype))
         return out.reshape(out.shape[:2] + (-1,)), kv
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, prefix: Optional[KV], backend: str
+           ) -> jax.Array:
+    """Attention of q (B, T, H, dk) over [prefix | k, v] on a concrete backend (see `dot_product_attention`
+    for the shapes). A tile-skipping backend needs a `TextMask` whose prefix is `prefix`; any other mask (a
+    decode step's, the meta tokens' own pass) runs densely: on cuDNN for 'cudnn_skip', in XLA for 'splash'.
+    """
+    if backend in SKIPPING_BACKENDS and isinstance(mask, TextMask):
+        if mask.num_prefix != (0 if prefix is None else prefix.k.shape[1]):
+            raise ValueError(f"attention: the mask has {mask.num_prefix} prefix keys but the prefix K/V has "
+                             f"{0 if prefix is None else prefix.k.shape[1]}")
+        return skipping_attention(q, k, v, prefix, mask.segments, window=mask.window, backend=backend)
+    dense = mask.dense if isinstance(mask, TextMask) else mask
+    if backend in ("cudnn", "cudnn_skip"):
+        return fused_attention(q, k, v, dense, prefix, implementation="cudnn")
+    return dot_product_attention(q, k, v, dense, prefix)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.attention import KV, attention_mask, with_prefix
+from hymba_jax.model.attention import KV, attention_mask, text_mask
 from hymba_jax.model.block import HymbaLayer, LayerState
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import accum_dtype, logical_param
@@ -97,12 +97,9 @@ class HymbaForCausalLM(nn.Module):
             # as for positions, the conv and the SSM (all restart where the id changes).
             positions, query_segment = meta_len + doc_pos, jnp.cumsum(doc_pos == 0, axis=1)
         windows = {cfg.is_global(i): cfg.attention_window(i) for i in range(cfg.num_layers)}
-        text_masks = {
-            is_global: with_prefix(attention_mask(text_index, text_index, window=window,
-                                                  query_segment=query_segment, key_segment=query_segment),
-                                   meta_len)
-            for is_global, window in windows.items()
-        }
+        text_masks = {is_global: text_mask(input_ids.shape[1], window=window, segments=query_segment,
+                                           num_prefix=meta_len)
+                      for is_global, window in windows.items()}
         xm = meta_states = meta_hidden = None
         if meta_len:
             xm, meta_states, meta_hidden = self.meta_pass(collect_hidden=return_hidden_states)

@@ -6,7 +6,8 @@ tokens always visible, global causal, window 1024, and window 1024 over packed d
 
 Candidates (`--candidates`): 'xla' (the reference), 'cudnn' (dense mask), 'cudnn_skip' (cuDNN's causal /
 window masks, meta tokens in a second cuDNN call, merged through the log-sum-exp), and its variants
-'_pad' (q/k heads zero-padded to 128) and '_xlameta' (meta tokens in XLA), e.g. 'cudnn_skip_pad_xlameta'.
+'_pad' (q/k heads zero-padded to 128) and '_xlameta' (meta tokens in XLA), e.g.
+'cudnn_skip_pad_xlameta'.
 Errors are relative Frobenius norms against the XLA reference in fp32 on the same bf16 inputs (the bf16
 XLA reference's own error, printed in its row, is what the bf16 roundings of the computation cost). A candidate that fails prints
 its error and the others go on.

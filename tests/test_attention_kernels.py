@@ -110,3 +110,20 @@ def test_skipping_backends_fall_back_to_dense_masks(monkeypatch):
     assert rel(attend(q, k, v, dense, None, "splash"), dot_product_attention(q, k, v, dense)) == 0
     with pytest.raises(ValueError, match="prefix"):
         attend(q, k, v, text_mask(T, window=None, segments=None, num_prefix=M), None, "splash")
+
+
+@pytest.mark.parametrize("window,packed", [(None, False), (4, True)], ids=["global", "window-packed"])
+def test_cudnn_skip_shapes_and_gradient_plumbing(window, packed):
+    """cuDNN does not run on the CPU; the abstract evaluation of 'cudnn_skip' forward and backward checks
+    what the CPU can: the private primitives take these arguments, the log-sum-exp comes back (B, H, T)
+    fp32, and every input gets a gradient of its shape (the H200 numbers are in docs/performance.md)."""
+    bf = jnp.bfloat16
+    q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((B, T, H, DK), (B, T, KVH, DK), (B, T, KVH, DV)))
+    meta = KV(jax.ShapeDtypeStruct((1, M, KVH, DK), bf), jax.ShapeDtypeStruct((1, M, KVH, DV), bf))
+    seg = jnp.array([[0] * 5 + [1] * 7, [0] * 12]) if packed else None
+    mask = text_mask(T, window=window, segments=seg, num_prefix=M)
+    loss = lambda q_, k_, v_, p: jnp.sum(attend(q_, k_, v_, mask, p, "cudnn_skip").astype(jnp.float32))
+    out = jax.eval_shape(lambda *a: attend(*a, mask, meta, "cudnn_skip"), q, k, v)
+    assert (out.shape, out.dtype) == ((B, T, H, DV), bf)
+    grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), q, k, v, meta)
+    assert [(g.shape, g.dtype) for g in jax.tree.leaves(grads)] == [(t.shape, bf) for t in (q, k, v, *meta)]

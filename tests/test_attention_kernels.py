@@ -127,3 +127,55 @@ def test_cudnn_skip_shapes_and_gradient_plumbing(window, packed):
     assert (out.shape, out.dtype) == ((B, T, H, DV), bf)
     grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), q, k, v, meta)
     assert [(g.shape, g.dtype) for g in jax.tree.leaves(grads)] == [(t.shape, bf) for t in (q, k, v, *meta)]
+
+
+SHARDED_SPLASH = """
+import json
+import jax, jax.numpy as jnp
+from hymba_jax.model.attention import KV, dot_product_attention, text_mask
+from hymba_jax.ops.attention import merged_attention, per_device, xla_prefix_part
+from hymba_jax.ops.attention_splash import splash_part
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, make_mesh, sharding_context
+
+mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
+b, t, m, h, kvh, dk, dv = 2, 256, 16, 4, 2, 64, 128
+ks = jax.random.split(jax.random.key(5), 6)
+q, k = jax.random.normal(ks[0], (b, t, h, dk)), jax.random.normal(ks[1], (b, t, kvh, dk))
+v = jax.random.normal(ks[2], (b, t, kvh, dv))
+meta = KV(jax.random.normal(ks[3], (1, m, kvh, dk)), jax.random.normal(ks[4], (1, m, kvh, dv)))
+w = jax.random.normal(ks[5], (b, t, h, dv))
+seg = jnp.array([[0] * 100 + [1] * 156, [0] * 200 + [1] * 56])
+mask = text_mask(t, window=64, segments=seg, num_prefix=m)
+part = splash_part(window=64, scale=dk ** -0.5, block=128, interpret=True)
+kernel = lambda *a: per_device(lambda *c: merged_attention(part, xla_prefix_part(dk ** -0.5), *c), *a[:3], KV(*a[3:]), seg)
+reference = lambda *a: dot_product_attention(*a[:3], mask.dense, KV(*a[3:]))
+grad = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5))
+args = (q, k, v, *meta)
+ref = jax.jit(grad(reference))(*args)
+args = jax.device_put(args, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+sharded = jax.jit(sharding_context(mesh, DEFAULT_AXIS_RULES)(grad(kernel)))
+jaxpr = str(jax.make_jaxpr(sharded)(*args))
+got = sharded(*args)
+rel = lambda a, r: float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r))
+print(json.dumps(dict(shard_maps=jaxpr.count("shard_map"), loss=rel(got[0], ref[0]),
+                      grads=[rel(g, r) for g, r in zip(got[1], ref[1])])))
+"""
+
+
+@pytest.mark.slow
+def test_splash_runs_per_device_under_a_mesh():
+    """On 4 simulated devices (data 2 x tensor 2), inside the sharding context, splash runs in shard_map on
+    each device's rows and heads (2 query heads over 1 KV head each); the loss and the gradients of q, k, v
+    and the meta keys/values (summed across the data axis) equal the unsharded reference's in fp32."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shard_maps"] >= 1, result
+    assert result["loss"] < 1e-5 and max(result["grads"]) < 1e-5, result     # the loss: a sum that cancels

@@ -98,9 +98,10 @@ def test_splash_needs_whole_tiles():
         block_size(200)
 
 
-def test_skipping_backends_fall_back_to_dense_masks(monkeypatch):
-    """A plain mask array (decode, the meta pass) never reaches a skipping kernel: 'splash' runs the XLA
-    reference on it; a TextMask whose prefix is not the given K/V is refused."""
+def test_skipping_backends_fall_back_to_dense_masks():
+    """A plain mask array (decode, the meta pass) never reaches a skipping kernel, nor a length splash
+    cannot tile: 'splash' runs the XLA reference on them; a TextMask whose prefix is not the given K/V is
+    refused."""
     ks = jax.random.split(jax.random.key(2), 3)
     q = jax.random.normal(ks[0], (B, T, H, DK))
     k = jax.random.normal(ks[1], (B, T, KVH, DK))
@@ -108,6 +109,8 @@ def test_skipping_backends_fall_back_to_dense_masks(monkeypatch):
     index = jnp.arange(T)[None]
     dense = attention_mask(index, index, window=None)
     assert rel(attend(q, k, v, dense, None, "splash"), dot_product_attention(q, k, v, dense)) == 0
+    untileable = text_mask(T, window=None, segments=None, num_prefix=0)          # T = 12: no 128-tiles
+    assert rel(attend(q, k, v, untileable, None, "splash"), dot_product_attention(q, k, v, untileable.dense)) == 0
     with pytest.raises(ValueError, match="prefix"):
         attend(q, k, v, text_mask(T, window=None, segments=None, num_prefix=M), None, "splash")
 

@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec
 from hymba_jax.parallel import spec_axes
 
 SKIPPING_BACKENDS = ("cudnn_skip", "splash")
+SPLASH_TILE = 128     # splash tiles the text keys in whole 128-lane vregs: other lengths run densely
 ATTENTION_BACKENDS = ("xla", "cudnn") + SKIPPING_BACKENDS   # for HymbaConfig.attention_backend ("auto" picks one)
 
 

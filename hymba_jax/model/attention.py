@@ -117,8 +117,8 @@ class AttentionBranch(nn.Module):
     @nn.compact
     def __call__(self, u: jax.Array, positions: jax.Array, mask: Mask, prefix_kv: Optional[KV],
                  shared_kv: Optional[KV]) -> tuple[jax.Array, KV]:
-        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T) or its TextMask; prefix_kv
-        (B|1, S_prefix, ...) or None.
+        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T) or its TextMask;
+        prefix_kv (B|1, S_prefix, ...) or None.
 
         Returns the attention output (B, T, heads * v_head_dim) and this pass's K/V (own or shared).
         """

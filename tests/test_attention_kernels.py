@@ -119,7 +119,8 @@ def test_skipping_backends_fall_back_to_dense_masks():
 def test_cudnn_skip_shapes_and_gradient_plumbing(window, packed):
     """cuDNN does not run on the CPU; the abstract evaluation of 'cudnn_skip' forward and backward checks
     what the CPU can: the private primitives take these arguments, the log-sum-exp comes back (B, H, T)
-    fp32, and every input gets a gradient of its shape (the H200 numbers are in docs/performance.md)."""
+    fp32, every input gets a gradient of its shape, and the cuDNN calls carry the intended masks (the
+    H200 itself: docs/performance.md)."""
     bf = jnp.bfloat16
     q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((B, T, H, DK), (B, T, KVH, DK), (B, T, KVH, DV)))
     meta = KV(jax.ShapeDtypeStruct((1, M, KVH, DK), bf), jax.ShapeDtypeStruct((1, M, KVH, DV), bf))
@@ -130,6 +131,14 @@ def test_cudnn_skip_shapes_and_gradient_plumbing(window, packed):
     assert (out.shape, out.dtype) == ((B, T, H, DV), bf)
     grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), q, k, v, meta)
     assert [(g.shape, g.dtype) for g in jax.tree.leaves(grads)] == [(t.shape, bf) for t in (q, k, v, *meta)]
+    # Lowered for CUDA (no GPU needed): two flash calls each way, the text's causal with cuDNN's window
+    # of window + 1 keys (or none), the meta tokens' unmasked; packed documents add a bias to the text's.
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, meta).lower(
+        lowering_platforms=("cuda",)).as_text().replace("\\22", '"')
+    assert hlo.count('"is_flash_attention": true') == 4
+    assert hlo.count('"mask_type": "CAUSAL"') == 2 and hlo.count('"mask_type": "NO_MASK"') == 2
+    assert hlo.count(f'"sliding_window_length": {window + 1 if window else 0}') == (2 if window else 4)
+    assert hlo.count("fmhaScaleBiasSoftmax") == (2 if packed else 0)
 
 
 SHARDED_SPLASH = """

@@ -5,12 +5,12 @@ tokens always visible, global causal, window 1024, and window 1024 over packed d
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x2048,4x4096      # on the H200 (device tool)
 
 Candidates (`--candidates`): 'xla' (the reference), 'cudnn' (dense mask), 'cudnn_skip' (cuDNN's causal /
-window masks, meta tokens in a second cuDNN call, merged through the log-sum-exp), and its variants
-'_pad' (q/k heads zero-padded to 128) and '_xlameta' (meta tokens in XLA), e.g.
-'cudnn_skip_pad_xlameta'.
+window masks, meta tokens in a second cuDNN call, merged through the log-sum-exp), 'pallas_flash' (our
+Triton kernel for the text keys, meta tokens in XLA), and the variants of 'cudnn_skip': '_pad' (q/k heads
+zero-padded to 128) and '_xlameta' (meta tokens in XLA), e.g. 'cudnn_skip_pad_xlameta'.
 Errors are relative Frobenius norms against the XLA reference in fp32 on the same bf16 inputs (the bf16
-XLA reference's own error, printed in its row, is what the bf16 roundings of the computation cost). A candidate that fails prints
-its error and the others go on.
+XLA reference's own error, printed in its row, is what the bf16 roundings of the computation cost). A
+candidate that fails prints its error and the others go on.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ M, H, KVH, DK, DV, WINDOW = 128, 25, 5, 64, 128, 1024
 
 def _variant(name):
     """fn(q, k, v, prefix, mask) for a candidate name."""
-    if name in ("xla", "cudnn", "cudnn_skip"):
+    if name in ("xla", "cudnn", "cudnn_skip", "pallas_flash"):
         return lambda q, k, v, prefix, mask: attend(q, k, v, mask, prefix, name)
     from hymba_jax.ops.attention_cudnn import cudnn_part
     scale = DK ** -0.5
@@ -108,7 +108,7 @@ def run_shape(batch, length, candidates, masks):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="8x2048", help="comma-separated BATCHxLENGTH")
-    parser.add_argument("--candidates", default="xla,cudnn,cudnn_skip,cudnn_skip_pad,cudnn_skip_xlameta")
+    parser.add_argument("--candidates", default="xla,cudnn,cudnn_skip,pallas_flash,cudnn_skip_pad")
     parser.add_argument("--masks", default="global,window,packed", help="which of global, window, packed")
     parser.add_argument("--watchdog", type=float, default=0, help="dump the Python stacks after this many s")
     args = parser.parse_args()

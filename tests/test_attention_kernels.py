@@ -55,39 +55,65 @@ def test_config_refuses_unknown_backend():
 
 
 # --------------------------------------------------------------------------------------------------
-# Tile-skipping attention: splash (TPU kernels, here in the Pallas interpreter) for the text keys, the meta
-# tokens in XLA, merged through the log-sum-exp. Tiles of 128 over 256 text positions: a window of 64 skips
-# the tiles below the band, so the block-sparse bookkeeping is exercised, not only the elementwise mask.
+# Tile-skipping attention: a kernel for the text keys (splash: TPU; pallas_flash: Triton; both here in the
+# Pallas interpreter), the meta tokens in XLA, merged through the log-sum-exp. 256 text positions in tiles
+# of 128 (splash) or 128 in blocks of 32 (Triton): a window of 64 or 40 skips the tiles below the band, so
+# the block-sparse bookkeeping is exercised, not only the elementwise mask.
 
-SB, ST, SM, SH, SKV, SDK, SDV = 1, 256, 16, 2, 1, 64, 128
+SM, SH, SKV, SDK, SDV = 16, 2, 1, 64, 128
 
 
-@pytest.mark.parametrize("window,packed", [(None, False), (64, False), (64, True)],
-                         ids=["global", "window", "window-packed"])
-def test_splash_matches_reference(window, packed):
-    """Outputs and the gradients of q, k, v and the meta keys/values in fp32: splash + merge against
-    `dot_product_attention` on the same TextMask (packed: a document boundary inside a tile, at 100)."""
-    from hymba_jax.ops.attention import merged_attention, xla_prefix_part
+def _splash(window, scale):
     from hymba_jax.ops.attention_splash import splash_part
+    return splash_part(window=window, scale=scale, block=128, interpret=True)
+
+
+def _pallas_flash(window, scale):
+    from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
+    return flash_gpu_part(window=window, scale=scale, block=32, interpret=True)
+
+
+@pytest.mark.parametrize("kernel,length,window,boundary", [
+    (_splash, 256, None, None), (_splash, 256, 64, None), (_splash, 256, 64, 100),
+    (_pallas_flash, 128, None, None), (_pallas_flash, 128, 40, None), (_pallas_flash, 128, 40, 50),
+], ids=["splash-global", "splash-window", "splash-window-packed", "flash-global", "flash-window",
+        "flash-window-packed"])
+def test_skipping_kernels_match_reference(kernel, length, window, boundary):
+    """Outputs and the gradients of q, k, v and the meta keys/values in fp32: kernel + merge against
+    `dot_product_attention` on the same TextMask (packed: a document boundary inside a tile)."""
+    from hymba_jax.ops.attention import merged_attention, xla_prefix_part
 
     ks = jax.random.split(jax.random.key(1), 6)
-    q = jax.random.normal(ks[0], (SB, ST, SH, SDK))
-    k = jax.random.normal(ks[1], (SB, ST, SKV, SDK))
-    v = jax.random.normal(ks[2], (SB, ST, SKV, SDV))
+    q = jax.random.normal(ks[0], (1, length, SH, SDK))
+    k = jax.random.normal(ks[1], (1, length, SKV, SDK))
+    v = jax.random.normal(ks[2], (1, length, SKV, SDV))
     meta = (jax.random.normal(ks[3], (1, SM, SKV, SDK)), jax.random.normal(ks[4], (1, SM, SKV, SDV)))
-    seg = jnp.array([[0] * 100 + [1] * 156]) if packed else None
-    mask = text_mask(ST, window=window, segments=seg, num_prefix=SM)
-    w = jax.random.normal(ks[5], (SB, ST, SH, SDV))
+    seg = None if boundary is None else jnp.array([[0] * boundary + [1] * (length - boundary)])
+    mask = text_mask(length, window=window, segments=seg, num_prefix=SM)
+    w = jax.random.normal(ks[5], (1, length, SH, SDV))
     scale = SDK ** -0.5
-    kernel = lambda q_, k_, v_, mk, mv: merged_attention(
-        splash_part(window=window, scale=scale, block=128, interpret=True), xla_prefix_part(scale),
-        q_, k_, v_, (mk, mv), seg)
+    fused = lambda q_, k_, v_, mk, mv: merged_attention(kernel(window, scale), xla_prefix_part(scale),
+                                                        q_, k_, v_, (mk, mv), seg)
     reference = lambda q_, k_, v_, mk, mv: dot_product_attention(q_, k_, v_, mask.dense, KV(mk, mv))
     run = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5))(q, k, v, *meta)
-    assert rel(kernel(q, k, v, *meta), reference(q, k, v, *meta)) < 1e-5
-    for g, r in zip(run(kernel)[1], run(reference)[1]):
+    assert rel(fused(q, k, v, *meta), reference(q, k, v, *meta)) < 1e-5
+    for g, r in zip(run(fused)[1], run(reference)[1]):
         assert g.shape == r.shape
         assert rel(g, r) < 1e-5
+
+
+def test_pallas_flash_lowers_to_triton():
+    """The Triton kernels lower for CUDA at the 1.5B layer shape on the CPU (three kernels: forward, dq,
+    dk/dv; compiling them needs the GPU)."""
+    bf = jnp.bfloat16
+    b, t, m, h, kvh = 2, 2048, 128, 25, 5
+    q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((b, t, h, 64), (b, t, kvh, 64), (b, t, kvh, 128)))
+    meta = KV(jax.ShapeDtypeStruct((1, m, kvh, 64), bf), jax.ShapeDtypeStruct((1, m, kvh, 128), bf))
+    mask = text_mask(t, window=1024, segments=jnp.zeros((b, t), jnp.int32), num_prefix=m)
+    loss = lambda q_, k_, v_, p: jnp.sum(attend(q_, k_, v_, mask, p, "pallas_flash").astype(jnp.float32))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, meta).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") == 3
 
 
 def test_splash_needs_whole_tiles():

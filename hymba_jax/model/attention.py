@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
-from hymba_jax.ops.attention import SKIPPING_BACKENDS, SPLASH_TILE, fused_attention, skipping_attention
+from hymba_jax.ops.attention import SKIPPING_BACKENDS, fused_attention, skipping_attention
 from hymba_jax.ops.auto import attention_backend
 
 
@@ -142,16 +142,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, prefix: Optiona
            ) -> jax.Array:
     """Attention of q (B, T, H, dk) over [prefix | k, v] on a concrete backend (see `dot_product_attention`
     for the shapes). A tile-skipping backend needs a `TextMask` whose prefix is `prefix`; any other mask (a
-    decode step's, the meta tokens' own pass) runs densely: on cuDNN for 'cudnn_skip', in XLA for 'splash'
-    (as do text lengths splash cannot tile: not a multiple of 128).
+    decode step's, the meta tokens' own pass) runs densely: on cuDNN for the GPU backends, in XLA for
+    'splash', and so do text lengths the kernel cannot tile (`SKIPPING_BACKENDS`: not a multiple of 128 for
+    splash, of 64 for pallas_flash).
     """
     if isinstance(mask, TextMask) and mask.num_prefix != (0 if prefix is None else prefix.k.shape[1]):
         raise ValueError(f"attention: the mask has {mask.num_prefix} prefix keys but the prefix K/V has "
                          f"{0 if prefix is None else prefix.k.shape[1]}")
-    tiles = backend != "splash" or q.shape[1] % SPLASH_TILE == 0
-    if backend in SKIPPING_BACKENDS and isinstance(mask, TextMask) and tiles:
+    tiles = backend in SKIPPING_BACKENDS and q.shape[1] % SKIPPING_BACKENDS[backend] == 0
+    if tiles and isinstance(mask, TextMask):
         return skipping_attention(q, k, v, prefix, mask.segments, window=mask.window, backend=backend)
     dense = mask.dense if isinstance(mask, TextMask) else mask
-    if backend in ("cudnn", "cudnn_skip"):
+    if backend in ("cudnn", "cudnn_skip", "pallas_flash"):
         return fused_attention(q, k, v, dense, prefix, implementation="cudnn")
     return dot_product_attention(q, k, v, dense, prefix)

@@ -17,6 +17,8 @@ through their log-sum-exps (`_merged`):
 
 * 'cudnn_skip' (GPU): cuDNN's own causal / sliding-window mask for the text (`hymba_jax.ops.attention_cudnn`).
 * 'splash' (TPU): Pallas splash attention (`hymba_jax.ops.attention_splash`), prefix keys in XLA.
+* 'pallas_flash' (GPU): our Pallas Triton kernel for the text keys (`hymba_jax.ops.attention_flash_gpu`),
+  prefix keys in XLA.
 
 The plain XLA reference stays in `hymba_jax.model.attention.dot_product_attention`.
 """
@@ -34,9 +36,10 @@ from jax.sharding import PartitionSpec
 
 from hymba_jax.parallel import spec_axes
 
-SKIPPING_BACKENDS = ("cudnn_skip", "splash")
-SPLASH_TILE = 128     # splash tiles the text keys in whole 128-lane vregs: other lengths run densely
-ATTENTION_BACKENDS = ("xla", "cudnn") + SKIPPING_BACKENDS   # for HymbaConfig.attention_backend ("auto" picks one)
+# The tile-skipping backends and the multiple of which the text length must be (other lengths run densely):
+# splash tiles the keys in whole 128-lane vregs, the Triton kernel in its blocks.
+SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 64}
+ATTENTION_BACKENDS = ("xla", "cudnn") + tuple(SKIPPING_BACKENDS)   # for HymbaConfig.attention_backend
 
 
 def _pad_last(t: jax.Array, size: int) -> jax.Array:
@@ -228,6 +231,10 @@ def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], back
         from hymba_jax.ops.attention_cudnn import cudnn_part
         text = cudnn_part(window=window, causal=True, scale=scale)
         prefix_part = cudnn_part(window=None, causal=False, scale=scale)
+    elif backend == "pallas_flash":
+        from hymba_jax.ops.attention_flash_gpu import BLOCK, flash_gpu_part
+        text = flash_gpu_part(window=window, scale=scale, block=BLOCK)
+        prefix_part = xla_prefix_part(scale)
     else:
         raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")
     return per_device(lambda *a: merged_attention(text, prefix_part, *a), q, k, v, prefix, segments)

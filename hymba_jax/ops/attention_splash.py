@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-from hymba_jax.ops.attention import SPLASH_TILE as MIN_BLOCK
-from hymba_jax.ops.attention import FlashPart
+from hymba_jax.ops.attention import SKIPPING_BACKENDS, FlashPart
 
 BLOCK = 512           # q and kv tile (MaxText's default); shorter sequences use one tile
+MIN_BLOCK = SKIPPING_BACKENDS["splash"]
 
 
 def block_size(length: int, block: int = BLOCK) -> int:

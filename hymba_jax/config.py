@@ -65,7 +65,8 @@ class HymbaConfig:
     dtype: str = "float32"          # compute dtype: activations and matmul inputs
     param_dtype: str = "float32"    # parameter storage
     scan_backend: str = "auto"       # "auto": the platform's fastest (hymba_jax.ops.auto), or a backend name
-    attention_backend: str = "auto"  # "auto" | "xla" (reference) | "cudnn" (hymba_jax.ops.attention)
+    attention_backend: str = "auto"  # "auto" | "xla" (reference) | "cudnn" | "splash" | "cudnn_skip" |
+    #                                  "pallas_flash" (hymba_jax.ops.attention)
     remat: str = "none"              # "none" | "full" | "dots" | "auto": rematerialisation of each layer
     scan_layers: bool = True         # compile each repeated run of layers once (hymba_jax.model.lm)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from hymba_jax.config import ConfigError, hymba_tiny
-from hymba_jax.model.attention import KV, attention_mask, dot_product_attention, with_prefix
+from hymba_jax.model.attention import KV, attend, attention_mask, dot_product_attention, text_mask, with_prefix
 from hymba_jax.ops.attention import fused_attention
 
 B, T, M, H, KVH, DK, DV = 2, 12, 3, 4, 2, 8, 16
@@ -75,3 +75,190 @@ def test_decode_kernel_matches_reference(slots=48, groups=5):
     assert got.shape == want.shape == (B, 1, heads, 32)
     assert rel(got, want) < 1e-5
     assert rel(got[1], v[1].repeat(groups, axis=1)) < 1e-6     # only its own value
+
+
+# --------------------------------------------------------------------------------------------------
+# Tile-skipping attention: a kernel for the text keys (splash: TPU; pallas_flash: Triton; both here in the
+# Pallas interpreter), the meta tokens in XLA, merged through the log-sum-exp. 256 text positions in tiles
+# of 128 (splash) or 128 in blocks of 32 (Triton): a window of 64 or 40 skips the tiles below the band, so
+# the block-sparse bookkeeping is exercised, not only the elementwise mask.
+
+SM, SH, SKV, SDK, SDV = 16, 2, 1, 64, 128
+
+
+def _splash(window, scale):
+    from hymba_jax.ops.attention_splash import splash_part
+    return splash_part(window=window, scale=scale, block=128, interpret=True)
+
+
+def _pallas_flash(window, scale):
+    from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
+    return flash_gpu_part(window=window, scale=scale, block=32, interpret=True)
+
+
+@pytest.mark.parametrize("kernel,length,window,boundary", [
+    (_splash, 256, None, None), (_splash, 256, 64, None), (_splash, 256, 64, 100),
+    (_pallas_flash, 128, None, None), (_pallas_flash, 128, 40, None), (_pallas_flash, 128, 40, 50),
+], ids=["splash-global", "splash-window", "splash-window-packed", "flash-global", "flash-window",
+        "flash-window-packed"])
+def test_skipping_kernels_match_reference(kernel, length, window, boundary):
+    """Outputs and the gradients of q, k, v and the meta keys/values in fp32: kernel + merge against
+    `dot_product_attention` on the same TextMask (packed: a document boundary inside a tile)."""
+    from hymba_jax.ops.attention import merged_attention, xla_prefix_part
+
+    ks = jax.random.split(jax.random.key(1), 6)
+    q = jax.random.normal(ks[0], (1, length, SH, SDK))
+    k = jax.random.normal(ks[1], (1, length, SKV, SDK))
+    v = jax.random.normal(ks[2], (1, length, SKV, SDV))
+    meta = (jax.random.normal(ks[3], (1, SM, SKV, SDK)), jax.random.normal(ks[4], (1, SM, SKV, SDV)))
+    seg = None if boundary is None else jnp.array([[0] * boundary + [1] * (length - boundary)])
+    mask = text_mask(length, window=window, segments=seg, num_prefix=SM)
+    w = jax.random.normal(ks[5], (1, length, SH, SDV))
+    scale = SDK ** -0.5
+    fused = lambda q_, k_, v_, mk, mv: merged_attention(kernel(window, scale), xla_prefix_part(scale),
+                                                        q_, k_, v_, (mk, mv), seg)
+    reference = lambda q_, k_, v_, mk, mv: dot_product_attention(q_, k_, v_, mask.dense, KV(mk, mv))
+    run = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5))(q, k, v, *meta)
+    assert rel(fused(q, k, v, *meta), reference(q, k, v, *meta)) < 1e-5
+    for g, r in zip(run(fused)[1], run(reference)[1]):
+        assert g.shape == r.shape
+        assert rel(g, r) < 1e-5
+
+
+def test_pallas_flash_lowers_to_triton():
+    """The Triton kernels lower for CUDA at the 1.5B layer shape on the CPU (three kernels: forward, dq,
+    dk/dv; compiling them needs the GPU)."""
+    bf = jnp.bfloat16
+    b, t, m, h, kvh = 2, 2048, 128, 25, 5
+    q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((b, t, h, 64), (b, t, kvh, 64), (b, t, kvh, 128)))
+    meta = KV(jax.ShapeDtypeStruct((1, m, kvh, 64), bf), jax.ShapeDtypeStruct((1, m, kvh, 128), bf))
+    mask = text_mask(t, window=1024, segments=jnp.zeros((b, t), jnp.int32), num_prefix=m)
+    loss = lambda q_, k_, v_, p: jnp.sum(attend(q_, k_, v_, mask, p, "pallas_flash").astype(jnp.float32))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, meta).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("__gpu$xla.gpu.triton") == 3
+
+
+def test_splash_needs_whole_tiles():
+    from hymba_jax.ops.attention_splash import block_size
+
+    assert block_size(2048) == 512 and block_size(384) == 384 and block_size(640) == 128
+    with pytest.raises(ValueError, match="multiple of 128"):
+        block_size(200)
+
+
+def test_skipping_backends_fall_back_to_dense_masks():
+    """A plain mask array (decode, the meta pass) never reaches a skipping kernel, nor a length splash
+    cannot tile: 'splash' runs the XLA reference on them; a TextMask whose prefix is not the given K/V is
+    refused."""
+    ks = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(ks[0], (B, T, H, DK))
+    k = jax.random.normal(ks[1], (B, T, KVH, DK))
+    v = jax.random.normal(ks[2], (B, T, KVH, DV))
+    index = jnp.arange(T)[None]
+    dense = attention_mask(index, index, window=None)
+    assert rel(attend(q, k, v, dense, None, "splash"), dot_product_attention(q, k, v, dense)) == 0
+    untileable = text_mask(T, window=None, segments=None, num_prefix=0)          # T = 12: no 128-tiles
+    assert rel(attend(q, k, v, untileable, None, "splash"), dot_product_attention(q, k, v, untileable.dense)) == 0
+    with pytest.raises(ValueError, match="prefix"):
+        attend(q, k, v, text_mask(T, window=None, segments=None, num_prefix=M), None, "splash")
+
+
+@pytest.mark.parametrize("window,packed", [(None, False), (4, True)], ids=["global", "window-packed"])
+def test_cudnn_skip_shapes_and_gradient_plumbing(window, packed):
+    """cuDNN does not run on the CPU; the abstract evaluation of 'cudnn_skip' forward and backward checks
+    what the CPU can: the private primitives take these arguments, the log-sum-exp comes back (B, H, T)
+    fp32, every input gets a gradient of its shape, and the cuDNN calls carry the intended masks (the
+    H200 itself: docs/performance.md)."""
+    bf = jnp.bfloat16
+    q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((B, T, H, DK), (B, T, KVH, DK), (B, T, KVH, DV)))
+    meta = KV(jax.ShapeDtypeStruct((1, M, KVH, DK), bf), jax.ShapeDtypeStruct((1, M, KVH, DV), bf))
+    seg = jnp.array([[0] * 5 + [1] * 7, [0] * 12]) if packed else None
+    mask = text_mask(T, window=window, segments=seg, num_prefix=M)
+    loss = lambda q_, k_, v_, p: jnp.sum(attend(q_, k_, v_, mask, p, "cudnn_skip").astype(jnp.float32))
+    out = jax.eval_shape(lambda *a: attend(*a, mask, meta, "cudnn_skip"), q, k, v)
+    assert (out.shape, out.dtype) == ((B, T, H, DV), bf)
+    grads = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3)), q, k, v, meta)
+    assert [(g.shape, g.dtype) for g in jax.tree.leaves(grads)] == [(t.shape, bf) for t in (q, k, v, *meta)]
+    # Lowered for CUDA (no GPU needed): two flash calls each way, the text's causal with cuDNN's window
+    # of window + 1 keys (or none), the meta tokens' unmasked; packed documents add a bias to the text's.
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, meta).lower(
+        lowering_platforms=("cuda",)).as_text().replace("\\22", '"')
+    assert hlo.count('"is_flash_attention": true') == 4
+    assert hlo.count('"mask_type": "CAUSAL"') == 2 and hlo.count('"mask_type": "NO_MASK"') == 2
+    assert hlo.count(f'"sliding_window_length": {window + 1 if window else 0}') == (2 if window else 4)
+    assert hlo.count("fmhaScaleBiasSoftmax") == (2 if packed else 0)
+
+
+SHARDED_SPLASH = """
+import json
+import jax, jax.numpy as jnp
+from hymba_jax.model.attention import KV, dot_product_attention, text_mask
+from hymba_jax.ops.attention import merged_attention, per_device, xla_prefix_part
+from hymba_jax.ops.attention_splash import splash_part
+from hymba_jax.parallel import DEFAULT_AXIS_RULES, make_mesh, sharding_context
+
+mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
+b, t, m, h, kvh, dk, dv = 2, 256, 16, 4, 2, 64, 128
+ks = jax.random.split(jax.random.key(5), 6)
+q, k = jax.random.normal(ks[0], (b, t, h, dk)), jax.random.normal(ks[1], (b, t, kvh, dk))
+v = jax.random.normal(ks[2], (b, t, kvh, dv))
+meta = KV(jax.random.normal(ks[3], (1, m, kvh, dk)), jax.random.normal(ks[4], (1, m, kvh, dv)))
+w = jax.random.normal(ks[5], (b, t, h, dv))
+seg = jnp.array([[0] * 100 + [1] * 156, [0] * 200 + [1] * 56])
+mask = text_mask(t, window=64, segments=seg, num_prefix=m)
+part = splash_part(window=64, scale=dk ** -0.5, block=128, interpret=True)
+merged = lambda *c: merged_attention(part, xla_prefix_part(dk ** -0.5), *c)
+kernel = lambda *a: per_device(merged, *a[:3], KV(*a[3:]), seg)
+reference = lambda *a: dot_product_attention(*a[:3], mask.dense, KV(*a[3:]))
+grad = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5))
+args = (q, k, v, *meta)
+ref = jax.jit(grad(reference))(*args)
+args = jax.device_put(args, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+sharded = jax.jit(sharding_context(mesh, DEFAULT_AXIS_RULES)(grad(kernel)))
+jaxpr = str(jax.make_jaxpr(sharded)(*args))
+got = sharded(*args)
+rel = lambda a, r: float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r))
+print(json.dumps(dict(shard_maps=jaxpr.count("shard_map"), loss=rel(got[0], ref[0]),
+                      grads=[rel(g, r) for g, r in zip(got[1], ref[1])])))
+"""
+
+
+@pytest.mark.slow
+def test_splash_runs_per_device_under_a_mesh():
+    """On 4 simulated devices (data 2 x tensor 2), inside the sharding context, splash runs in shard_map on
+    each device's rows and heads (2 query heads over 1 KV head each); the loss and the gradients of q, k, v
+    and the meta keys/values (summed across the data axis) equal the unsharded reference's in fp32."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shard_maps"] >= 1, result
+    assert result["loss"] < 1e-5 and max(result["grads"]) < 1e-5, result     # the loss: a sum that cancels
+
+
+@pytest.mark.parametrize("backend", ["xla", "splash", "cudnn"])
+def test_decode_steps_pick_their_path_by_backend(backend, monkeypatch):
+    """A one-query step after a 32-slot cache: the Triton decode kernel only on a GPU backend (replaced here
+    by a recorder, since the CPU cannot run it); XLA for 'xla' and for TPU's 'splash', with the reference's
+    values."""
+    import hymba_jax.model.attention as attention
+
+    calls = []
+    monkeypatch.setattr(attention, "decode_attention", lambda *a, **k: calls.append(a) or "kernel")
+    ks = jax.random.split(jax.random.key(3), 5)
+    q, k = jax.random.normal(ks[0], (B, 1, H, 16)), jax.random.normal(ks[1], (B, 1, KVH, 16))
+    v = jax.random.normal(ks[2], (B, 1, KVH, 16))
+    prefix = KV(jax.random.normal(ks[3], (B, 32, KVH, 16)), jax.random.normal(ks[4], (B, 32, KVH, 16)))
+    mask = jnp.ones((B, 1, 33), bool)
+    out = attend(q, k, v, mask, prefix, backend)
+    if backend == "cudnn":
+        assert out == "kernel" and len(calls) == 1
+    else:
+        assert not calls and rel(out, dot_product_attention(q, k, v, mask, prefix)) == 0

@@ -20,8 +20,8 @@ from train_testing import apply_overrides
     ("gpu", "float16", "pallas_gpu", "cudnn"),
     ("gpu", "float32", "pallas_gpu", "xla"),       # cuDNN's flash attention has no fp32
     ("gpu", "float64", "associative", "xla"),      # the fused scans compute in fp32
-    ("tpu", "bfloat16", "pallas_tpu", "xla"),
-    ("tpu", "float32", "pallas_tpu", "xla"),
+    ("tpu", "bfloat16", "pallas_tpu", "splash"),
+    ("tpu", "float32", "pallas_tpu", "splash"),
     ("cpu", "float32", "sequential", "xla"),
     ("cpu", "bfloat16", "sequential", "xla"),
 ])

@@ -3,8 +3,10 @@ cross-layer KV sharing (a consumer layer reuses its producer's post-RoPE keys an
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
+
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,9 @@ import jax.numpy as jnp
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
-from hymba_jax.ops.attention import cache_attention, decode_kernel_fits, fused_attention
+from hymba_jax.ops.attention import (SKIPPING_BACKENDS, cache_attention, decode_kernel_fits, fused_attention,
+                                     skipping_attention)
+
 from hymba_jax.ops.auto import attention_backend
 
 
@@ -50,6 +54,33 @@ def with_prefix(mask: jax.Array, num_prefix: int) -> jax.Array:
         return mask
     visible = jnp.ones(mask.shape[:-1] + (num_prefix,), bool)
     return jnp.concatenate([visible, mask], axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TextMask:
+    """The mask of a pass over text positions 0..T-1 (queries and keys the same tokens) after
+    `num_prefix` always-visible keys (the meta tokens), in two forms: `dense` (B|1, T, P + T) bool for
+    the dense backends, and its structure (causal or a `window`, `segments` (B, T) for packed documents
+    or None) for the kernels that skip masked tiles (`SKIPPING_BACKENDS`). Build it with `text_mask`."""
+
+    dense: jax.Array
+    segments: Optional[jax.Array]
+    window: Optional[int] = dataclasses.field(metadata=dict(static=True))
+    num_prefix: int = dataclasses.field(metadata=dict(static=True))
+
+
+def text_mask(length: int, *, window: Optional[int], segments: Optional[jax.Array], num_prefix: int
+              ) -> TextMask:
+    """The `TextMask` of `length` text positions: `attention_mask` over them (documents apart where
+    `segments` (B, T) differ) behind `num_prefix` always-visible keys."""
+    index = jnp.arange(length)[None]
+    dense = with_prefix(attention_mask(index, index, window=window, query_segment=segments,
+                                       key_segment=segments), num_prefix)
+    return TextMask(dense, segments, window, num_prefix)
+
+
+Mask = Union[jax.Array, TextMask]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -120,10 +151,10 @@ class AttentionBranch(nn.Module):
     owns_kv: bool
 
     @nn.compact
-    def __call__(self, u: jax.Array, positions: jax.Array, mask: jax.Array, prefix_kv: Optional[KV],
+    def __call__(self, u: jax.Array, positions: jax.Array, mask: Mask, prefix_kv: Optional[KV],
                  shared_kv: Optional[KV]) -> tuple[jax.Array, KV]:
-        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T); prefix_kv
-        (B|1, S_prefix, ...) or None.
+        """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T) or its TextMask;
+        prefix_kv (B|1, S_prefix, ...) or None.
 
         Returns the attention output (B, T, heads * v_head_dim) and this pass's K/V (own or shared).
         """
@@ -139,15 +170,37 @@ class AttentionBranch(nn.Module):
             kv = KV(apply_rope(k, positions, base), v)
         else:
             kv = shared_kv
-        backend = attention_backend(cfg.attention_backend, cfg.dtype)
-        # A decode step (one query after a cache of its batch): with a fused backend, the decode kernel
-        # (cuDNN's would need the cache copied next to the new key, for one query); else XLA.
-        decode = prefix_kv is not None and q.shape[1] == 1 and prefix_kv.k.shape[0] == q.shape[0]
-        if decode and backend != "xla" and decode_kernel_fits(prefix_kv.k.shape[1], cfg.qk_head_dim,
-                                                              cfg.v_head_dim):
-            out = decode_attention(q, kv.k, kv.v, mask, prefix_kv)
-        elif backend == "xla" or decode:
-            out = dot_product_attention(q, kv.k, kv.v, mask, prefix_kv)
-        else:
-            out = fused_attention(q, kv.k, kv.v, mask, prefix_kv, implementation=backend)
+        out = attend(q, kv.k, kv.v, mask, prefix_kv, attention_backend(cfg.attention_backend, cfg.dtype))
+
         return out.reshape(out.shape[:2] + (-1,)), kv
+
+
+GPU_BACKENDS = ("cudnn", "cudnn_skip", "pallas_flash")   # the attention backends that run on NVIDIA GPUs only
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, prefix: Optional[KV], backend: str
+           ) -> jax.Array:
+    """Attention of q (B, T, H, dk) over [prefix | k, v] on a concrete backend (see `dot_product_attention`
+    for the shapes). A tile-skipping backend needs a `TextMask` whose prefix is `prefix`; any other mask (a
+    decode step's, the meta tokens' own pass) runs densely: on cuDNN for the GPU backends, in XLA for
+    'splash', and so do text lengths the kernel cannot tile (`SKIPPING_BACKENDS`: not a multiple of 128 for
+    splash, of 64 for pallas_flash). A decode step (one query after the batch's cache) takes the decode
+    kernel on the GPU backends where it fits, else XLA.
+    """
+    decode = prefix is not None and q.shape[1] == 1 and prefix.k.shape[0] == q.shape[0]
+    if decode and not isinstance(mask, TextMask):
+        # One query after a cache of its batch's rows: on a GPU backend the decode kernel (cuDNN would need
+        # the cache copied next to the new key, for one query), else XLA.
+        if backend in GPU_BACKENDS and decode_kernel_fits(prefix.k.shape[1], q.shape[-1], v.shape[-1]):
+            return decode_attention(q, k, v, mask, prefix)
+        return dot_product_attention(q, k, v, mask, prefix)
+    if isinstance(mask, TextMask) and mask.num_prefix != (0 if prefix is None else prefix.k.shape[1]):
+        raise ValueError(f"attention: the mask has {mask.num_prefix} prefix keys but the prefix K/V has "
+                         f"{0 if prefix is None else prefix.k.shape[1]}")
+    tiles = backend in SKIPPING_BACKENDS and q.shape[1] % SKIPPING_BACKENDS[backend] == 0
+    if tiles and isinstance(mask, TextMask):
+        return skipping_attention(q, k, v, prefix, mask.segments, window=mask.window, backend=backend)
+    dense = mask.dense if isinstance(mask, TextMask) else mask
+    if backend in GPU_BACKENDS:
+        return fused_attention(q, k, v, dense, prefix, implementation="cudnn")
+    return dot_product_attention(q, k, v, dense, prefix)

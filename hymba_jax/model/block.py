@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.attention import KV, AttentionBranch
+from hymba_jax.model.attention import KV, AttentionBranch, Mask
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import Dense, constrain
 from hymba_jax.model.ssm import SSMBranch, SSMState
@@ -43,13 +43,13 @@ class HymbaLayer(nn.Module):
     index: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, doc_pos: Optional[jax.Array],
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask, doc_pos: Optional[jax.Array],
                  prefix: Optional[LayerState], shared_kv: Optional[KV], lengths: Optional[jax.Array] = None
                  ) -> tuple[jax.Array, LayerState]:
         """x (B, T, d). positions (B|1, T) RoPE positions; mask (B|1, T, S_prefix + T) the attention mask
-        for this layer's kind; doc_pos (B, T) or None, positions inside packed documents (SSM and conv
-        restart where it is 0); prefix: the state of the positions before x (the meta tokens), or None;
-        shared_kv: the producer's K/V for x when this layer is a KV consumer; lengths (B,) or None: the
+        for this layer's kind (or its `TextMask`); doc_pos (B, T) or None, positions inside packed documents
+        (SSM and conv restart where it is 0); prefix: the state of the positions before x (the meta tokens),
+        or None; shared_kv: the producer's K/V for x when this layer is a KV consumer; lengths (B,) or None: the
         number of real positions in each row of x (the rest is padding that leaves the SSM state unchanged).
 
         Returns the layer output (B, T, d) and the state it leaves (its K/V if it owns them).

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.attention import KV, attention_mask, with_prefix
+from hymba_jax.model.attention import KV, Mask, attention_mask, text_mask
 from hymba_jax.model.block import HymbaLayer, LayerState
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import accum_dtype, logical_param
@@ -97,12 +97,9 @@ class HymbaForCausalLM(nn.Module):
             # as for positions, the conv and the SSM (all restart where the id changes).
             positions, query_segment = meta_len + doc_pos, jnp.cumsum(doc_pos == 0, axis=1)
         windows = {cfg.is_global(i): cfg.attention_window(i) for i in range(cfg.num_layers)}
-        text_masks = {
-            is_global: with_prefix(attention_mask(text_index, text_index, window=window,
-                                                  query_segment=query_segment, key_segment=query_segment),
-                                   meta_len)
-            for is_global, window in windows.items()
-        }
+        text_masks = {is_global: text_mask(input_ids.shape[1], window=window, segments=query_segment,
+                                           num_prefix=meta_len)
+                      for is_global, window in windows.items()}
         xm = meta_states = meta_hidden = None
         if meta_len:
             xm, meta_states, meta_hidden = self.meta_pass(collect_hidden=return_hidden_states)
@@ -138,14 +135,15 @@ class HymbaForCausalLM(nn.Module):
         return self.run_layers(xm, meta_index, {True: mask, False: mask}, collect_hidden=collect_hidden,
                                scan=self.config.scan_layers)
 
-    def run_layers(self, x: jax.Array, positions: jax.Array, masks: dict[bool, jax.Array],
+    def run_layers(self, x: jax.Array, positions: jax.Array, masks: dict[bool, Mask],
                    doc_pos: Optional[jax.Array] = None, prefix: Optional[Sequence[LayerState]] = None,
                    lengths: Optional[jax.Array] = None, collect_hidden: bool = False, scan: bool = False
                    ) -> tuple[jax.Array, tuple[LayerState, ...], list[jax.Array]]:
         """The layer stack on x (B, T, d) (before the final norm).
 
         positions (B|1, T) RoPE positions; masks[is_global] (B|1, T, P + T) the attention mask of each layer
-        kind over the P prefix keys and the T keys of x; doc_pos (B, T) or None (see HymbaLayer); prefix:
+        kind over the P prefix keys and the T keys of x (a `TextMask` for a pass over text from position 0,
+        which the tile-skipping attention backends need); doc_pos (B, T) or None (see HymbaLayer); prefix:
         per-layer state of the positions before x, K/V held by their owner layers (consumers read their
         producer's), or None; lengths (B,) or None: positions at or after lengths[b] are padding and leave
         the SSM state unchanged. Returns (x, the per-layer state after x: K/V of this pass for owners,

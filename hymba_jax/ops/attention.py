@@ -1,5 +1,7 @@
 """Fused attention for the model's masks, behind `HymbaConfig.attention_backend`.
 
+Dense (every tile of the (T, P + T) scores computed, the mask applied elementwise):
+
 * 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's flash attention (GPU, bf16 or
   fp16). Our masks (global causal or sliding window, the meta tokens always visible, packed documents
   apart) are not one of cuDNN's built-in patterns (its causal mask is aligned to the first key, not to the
@@ -8,6 +10,19 @@
   cuDNN also needs equal query/key and value head sizes: the smaller side is padded with zeros (zeros add
   nothing to q.k or to the output), with the softmax scale kept at 1 / sqrt(qk_head_dim).
 
+Tile-skipping (`SKIPPING_BACKENDS`, for a pass over text with the meta tokens as prefix, `skipping_attention`):
+the text keys go to a flash kernel that knows the causal or sliding-window band and skips the tiles outside
+it, the P prefix keys (always visible, to every document) to a second call, and the two are merged exactly
+through their log-sum-exps (`_merged`):
+
+* 'cudnn_skip' (GPU): cuDNN's own causal / sliding-window mask for the text (`hymba_jax.ops.attention_cudnn`).
+* 'splash' (TPU): Pallas splash attention (`hymba_jax.ops.attention_splash`), prefix keys in XLA.
+* 'pallas_flash' (GPU): our Pallas Triton kernel for the text keys (`hymba_jax.ops.attention_flash_gpu`),
+  prefix keys in XLA.
+
+Decode (`cache_attention`, GPU): one query position against a K/V cache in the cache's own layout, one
+Pallas (Triton) program per (row, KV head) with an online softmax, merged with the position's own key.
+
 The plain XLA reference stays in `hymba_jax.model.attention.dot_product_attention`.
 """
 
@@ -15,17 +30,25 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable, NamedTuple, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
 
-ATTENTION_BACKENDS = ("xla", "cudnn")   # names for HymbaConfig.attention_backend ("auto" picks one)
+from hymba_jax.parallel import spec_axes
+
+# The tile-skipping backends and the multiple of which the text length must be (other lengths run densely):
+# splash tiles the keys in whole 128-lane vregs, the Triton kernel in its blocks.
+SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 64}
+ATTENTION_BACKENDS = ("xla", "cudnn") + tuple(SKIPPING_BACKENDS)   # for HymbaConfig.attention_backend
 
 
 def _pad_last(t: jax.Array, size: int) -> jax.Array:
@@ -134,3 +157,174 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *
         compiler_params=params, interpret=interpret, name="cache_attention",
     )(q, k, v, mask.astype(jnp.int8))
     return acc[:, :, :groups], top[:, :, :groups], total[:, :, :groups]
+
+
+# Tile-skipping attention: a text part and a prefix part, merged through the log-sum-exp.
+
+
+class FlashPart(NamedTuple):
+    """One flash-attention call over a block of keys, in the layout of `dot_product_attention`.
+
+    forward(q (B, T, H, dk), k (B, S, KV, dk), v (B, S, KV, dv), segments (B, T) or None) returns the
+    output (B, T, H, dv) in q's dtype and the fp32 log-sum-exp of each query's scaled scores (B, H, T).
+    backward(q, k, v, segments, out, lse, dout) returns (dq, dk, dv) for the softmax normalised by `lse`
+    (B, H, T) with D = rowsum(dout * out): given the merged output and log-sum-exp of several parts, each
+    part's backward gives exactly its share of the full attention's gradients (probabilities
+    exp(s - lse) are the full softmax restricted to the part's keys).
+    """
+
+    forward: Callable
+    backward: Callable
+
+
+def xla_prefix_part(scale: float) -> FlashPart:
+    """A `FlashPart` in plain XLA with every key visible (the meta tokens: P keys, a (B, H, T, P) score
+    block, small next to the text's)."""
+
+    def logits(q, k):
+        batch, length, heads, dk = q.shape
+        qg = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dk)
+        return jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+
+    def to_bht(x):                                   # (B, KV, G, T) -> (B, H, T)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def forward(q, k, v, segments):
+        del segments
+        s = logits(q, k)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        probs = jnp.exp(s - lse[..., None]).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+        return out.reshape(q.shape[:3] + (v.shape[-1],)).astype(q.dtype), to_bht(lse)
+
+    def backward(q, k, v, segments, out, lse, dout):
+        del segments
+        batch, length, heads, _ = q.shape
+        kv_heads = k.shape[2]
+        group = lambda x: x.reshape(batch, length, kv_heads, heads // kv_heads, x.shape[-1])
+        s = logits(q, k)
+        probs = jnp.exp(s - lse.reshape(s.shape[:-1])[..., None])
+        do = group(dout)
+        dv = jnp.einsum("bkgts,btkgd->bskd", probs.astype(v.dtype), do, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=jnp.float32)
+        rows = jnp.einsum("btkgd,btkgd->bkgt", do.astype(jnp.float32), group(out).astype(jnp.float32))
+        ds = (probs * (dp - rows[..., None])).astype(q.dtype)
+        dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=jnp.float32) * scale
+        dk = jnp.einsum("bkgts,btkgd->bskd", ds, group(q), preferred_element_type=jnp.float32) * scale
+        return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    return FlashPart(forward, backward)
+
+
+def _merge_outputs(parts):
+    """[(out (B, T, H, dv), lse (B, H, T))] -> their softmax-weighted sum in fp32 and the total lse."""
+    lse = parts[0][1]
+    for _, other in parts[1:]:
+        lse = jnp.logaddexp(lse, other)
+    weight = lambda part_lse: jnp.swapaxes(jnp.exp(part_lse - lse), 1, 2)[..., None]
+    return sum(out.astype(jnp.float32) * weight(part_lse) for out, part_lse in parts), lse
+
+
+class _Parts(NamedTuple):
+    text: FlashPart
+    prefix: Optional[FlashPart]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _merged(parts: _Parts, q, k, v, prefix_k, prefix_v, segments):
+    return _merged_fwd(parts, q, k, v, prefix_k, prefix_v, segments)[0]
+
+
+def _expand(t, batch):
+    return jnp.broadcast_to(t, (batch,) + t.shape[1:])
+
+
+def _merged_fwd(parts, q, k, v, prefix_k, prefix_v, segments):
+    outs = [parts.text.forward(q, k, v, segments)]
+    if parts.prefix is not None:
+        batch = q.shape[0]
+        outs.append(parts.prefix.forward(q, _expand(prefix_k, batch).astype(q.dtype),
+                                         _expand(prefix_v, batch).astype(q.dtype), None))
+    out, lse = _merge_outputs(outs) if len(outs) > 1 else outs[0]
+    out = out.astype(q.dtype)
+    return out, (q, k, v, prefix_k, prefix_v, segments, out, lse)
+
+
+def _merged_bwd(parts, res, dout):
+    q, k, v, prefix_k, prefix_v, segments, out, lse = res
+    dout = dout.astype(q.dtype)
+    dq, dk, dv = parts.text.backward(q, k, v, segments, out, lse, dout)
+    dpk = dpv = None
+    if parts.prefix is not None:
+        batch = q.shape[0]
+        dq_p, dpk, dpv = parts.prefix.backward(q, _expand(prefix_k, batch).astype(q.dtype),
+                                               _expand(prefix_v, batch).astype(q.dtype), None, out, lse, dout)
+        dq = (dq.astype(jnp.float32) + dq_p.astype(jnp.float32)).astype(q.dtype)
+        unbroadcast = lambda g, like: jnp.sum(g.astype(jnp.float32), axis=0, keepdims=like.shape[0] == 1
+                                              ).reshape(like.shape).astype(like.dtype)
+        dpk, dpv = unbroadcast(dpk, prefix_k), unbroadcast(dpv, prefix_v)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dpk, dpv, None
+
+
+_merged.defvjp(_merged_fwd, _merged_bwd)
+
+
+def merged_attention(text: FlashPart, prefix_part: Optional[FlashPart], q, k, v, prefix, segments):
+    """Attention of q over [prefix | k, v] as `text` over k, v and `prefix_part` over the prefix keys
+    (B|1, P, KV, d), merged exactly through the log-sum-exp, forward and backward. prefix: a
+    `(k, v)` pair or None. Returns (B, T, H, dv) in q's dtype."""
+    if prefix is None:
+        prefix_part = None
+        prefix = (jnp.zeros((1, 0) + k.shape[2:], k.dtype), jnp.zeros((1, 0) + v.shape[2:], v.dtype))
+    return _merged(_Parts(text, prefix_part), q, k, v, prefix[0], prefix[1], segments)
+
+
+def _mesh_axes(logical: str, sizes: tuple[int, ...], mesh):
+    """The mesh axes the sharding rules give a logical axis, or None if they do not divide every size."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = spec_axes(axes)
+    ways = math.prod(mesh.shape[a] for a in names)
+    return axes if names and all(size % ways == 0 for size in sizes) else None
+
+
+def per_device(fn: Callable, q, k, v, prefix, segments):
+    """fn(q, k, v, prefix, segments) on each device's rows and heads.
+
+    A kernel is a custom call XLA cannot split, so under a multi-device mesh (`parallel.sharding_context`)
+    shard_map runs it on the local block: rows as the rules split 'batch', query and KV heads as they split
+    'heads' (only when the split divides both, so a device keeps whole GQA groups). Outside a mesh, or on
+    one device, fn runs as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    prefix = None if prefix is None else tuple(prefix)
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, prefix, segments)
+    rows = _mesh_axes("batch", (q.shape[0],), mesh)
+    heads = _mesh_axes("heads", (q.shape[2], k.shape[2]), mesh)
+    big = PartitionSpec(rows, None, heads, None)
+    pre = None if prefix is None else (PartitionSpec(None, None, heads, None),) * 2
+    seg = None if segments is None else PartitionSpec(rows, None)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(big, big, big, pre, seg), out_specs=big,
+                         check_vma=False)(q, k, v, prefix, segments)
+
+
+def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], backend: str) -> jax.Array:
+    """Attention of text queries q (B, T, H, dk) over the prefix keys (all visible) and the text keys
+    k (B, T, KV, dk), v (B, T, KV, dv) at or before each query (within `window` positions unless None, in
+    its own document where `segments` (B, T) differ), on a tile-skipping `backend`; equal to
+    `dot_product_attention` with the `TextMask` of the same structure. Returns (B, T, H, dv)."""
+    scale = q.shape[-1] ** -0.5
+    if backend == "splash":
+        from hymba_jax.ops.attention_splash import splash_part
+        text = splash_part(window=window, scale=scale)
+        prefix_part = xla_prefix_part(scale)
+    elif backend == "cudnn_skip":
+        from hymba_jax.ops.attention_cudnn import cudnn_part
+        text = cudnn_part(window=window, causal=True, scale=scale)
+        prefix_part = cudnn_part(window=None, causal=False, scale=scale)
+    elif backend == "pallas_flash":
+        from hymba_jax.ops.attention_flash_gpu import BLOCK, flash_gpu_part
+        text = flash_gpu_part(window=window, scale=scale, block=BLOCK)
+        prefix_part = xla_prefix_part(scale)
+    else:
+        raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")
+    return per_device(lambda *a: merged_attention(text, prefix_part, *a), q, k, v, prefix, segments)

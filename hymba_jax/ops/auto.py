@@ -7,7 +7,7 @@ platform ("cpu", "gpu", "tpu") and the compute dtype:
 | platform | scan | attention |
 |---|---|---|
 | gpu | `pallas_gpu` (fused Triton kernel; 3.8x `associative` forward+backward on the H200) | `cudnn` for bf16/fp16 compute, `xla` otherwise (cuDNN has no fp32 flash attention) |
-| tpu | `pallas_tpu` (fused Mosaic kernel) | `xla` (no TPU attention kernel yet) |
+| tpu | `pallas_tpu` (fused Mosaic kernel) | `splash` (Pallas splash attention, skips the tiles outside the causal or window band) |
 | cpu | `sequential` (measured fastest on the CPU, docs/performance.md) | `xla` |
 
 The fused scan kernels compute in fp32, so float64 checks keep the plain-JAX `associative` scan on every
@@ -54,6 +54,8 @@ def attention_backend(name: str, dtype: str, platform: Optional[str] = None) -> 
     if name != AUTO:
         return name
     platform = platform or default_platform()
+    if platform == "tpu":
+        return "splash"
     return "cudnn" if platform == "gpu" and dtype in _CUDNN_DTYPES else "xla"
 
 

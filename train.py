@@ -43,7 +43,7 @@ def main() -> None:
 
     from hymba_jax import distributed
     from hymba_jax.parallel import MeshError
-    from hymba_jax.train.checkpoint import CheckpointError
+    from hymba_jax.checkpoint import CheckpointError
     from hymba_jax.train.loop import TrainingError, train
 
     try:

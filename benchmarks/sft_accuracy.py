@@ -27,7 +27,7 @@ from hymba_jax.data.sources import open_documents
 from hymba_jax.infer.engine import Generator
 from hymba_jax.loading import load_chat_template, load_model, load_tokenizer
 from hymba_jax.model import init_params
-from hymba_jax.train.checkpoint import read_workdir_config
+from hymba_jax.checkpoint import read_workdir_config
 
 
 def accuracy(config, params, prompts: list[list[int]], answers: list[str], tasks: list[str], tokenizer,

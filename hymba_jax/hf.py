@@ -427,7 +427,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=jnp.float32, *,
     the keyword `dtype` here is the parameters'.
 
     `shardings(config)` -> a tree of `jax.sharding.Sharding` like the parameters (e.g.
-    `lambda c: hymba_jax.train.state.param_shardings(c, mesh, rules)`): each parameter is then built with
+    `lambda c: hymba_jax.model.param_shardings(c, mesh, rules)`): each parameter is then built with
     `jax.make_array_from_callback` as soon as its released tensor is read, and every process keeps only
     the pieces its own devices hold. The host holds one released tensor at a time (the largest is the
     embedding), never the whole model. Without it, the parameters land on the default device.

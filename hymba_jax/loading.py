@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from hymba_jax.config import HymbaConfig, get_preset
 from hymba_jax.hf import CONFIG, FP32_TENSORS, load_hf_checkpoint
+from hymba_jax.model import param_shardings
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules
 
 PRESET = "preset:"
@@ -58,8 +59,6 @@ def load_model(source: str, dtype: Optional[str] = None, *, param_dtype: str = "
     kind = _kind(source)
     shardings = None
     if mesh is not None:
-        from hymba_jax.train.state import param_shardings   # the parameter tree's logical axes
-
         shardings = lambda c: param_shardings(c, mesh, rules)
     if kind == "preset":
         from hymba_jax.model import init_params
@@ -69,7 +68,7 @@ def load_model(source: str, dtype: Optional[str] = None, *, param_dtype: str = "
     elif kind == "hf":
         config, params = load_hf_checkpoint(source, jnp.dtype(param_dtype), shardings=shardings)
     else:
-        from hymba_jax.train.checkpoint import restore_checkpoint_params  # Orbax and the training stack
+        from hymba_jax.checkpoint import restore_checkpoint_params
 
         step, config, params = restore_checkpoint_params(source, mesh=mesh, rules=rules)
         if jax.process_index() == 0:      # an earlier step than the latest when that one is damaged
@@ -99,7 +98,7 @@ def load_tokenizer(source: str, tokenizer: str = ""):
     kind = _kind(source)
     if kind == "workdir":
         from hymba_jax.data import load_tokenizer as load_data_tokenizer
-        from hymba_jax.train.checkpoint import read_workdir_config
+        from hymba_jax.checkpoint import read_workdir_config
 
         return load_data_tokenizer(read_workdir_config(source).data)
     path = Path(source) / "tokenizer.model"
@@ -121,7 +120,7 @@ def load_chat_template(source: str, tokenizer, template: str = ""):
     if template:
         data.chat_template = template
     elif kind == "workdir":
-        from hymba_jax.train.checkpoint import read_workdir_config
+        from hymba_jax.checkpoint import read_workdir_config
 
         trained = read_workdir_config(source).data
         data.tokenizer, data.chat_template = trained.tokenizer, trained.get("chat_template", "")

@@ -21,7 +21,7 @@ import numpy as np
 
 from hymba_jax.data import Tokenizer, make_dataset
 from hymba_jax.parallel import collective_operands, make_mesh, shard_batch
-from hymba_jax.train.checkpoint import Checkpointer
+from hymba_jax.checkpoint import Checkpointer
 from hymba_jax.train.config import model_config
 from hymba_jax.train.program import build_train_program
 

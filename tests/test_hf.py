@@ -345,7 +345,7 @@ import json, sys
 import jax, numpy as np
 from hymba_jax.hf import load_hf_checkpoint
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, make_mesh
-from hymba_jax.train.state import param_shardings
+from hymba_jax.model import param_shardings
 
 mesh = make_mesh({"data": 2, "fsdp": 4})
 targets = lambda c: param_shardings(c, mesh, DEFAULT_AXIS_RULES)

@@ -76,3 +76,30 @@ def test_tokenizer_of_a_source(tmp_path, tiny_a_dir, tiny_a):
     given = load_tokenizer("preset:hymba_tiny", str(tmp_path / "sp.model"))
     assert own.encode("some text") == given.encode("some text") and own.decode(own.encode("line 7")) == "line 7"
     assert load_hf_checkpoint(tmp_path / "export")[0] == config
+
+
+READ_WORKDIR = """
+import json, sys
+from hymba_jax.loading import load_model
+config, params = load_model(sys.argv[1])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("optax", "grain", "tensorflow_datasets")
+               or m.startswith("hymba_jax.train") or m == "hymba_jax.data.pipeline")
+print(json.dumps({"layers": config.num_layers, "heavy": heavy}))
+"""
+
+
+def test_reading_a_workdir_imports_no_training_code(tmp_path):
+    """Evaluation and generation read a training workdir's parameters through `hymba_jax.checkpoint`, without
+    the optimizer, the data pipeline or the training package (a fresh process, the vendored workdir)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = shutil.copytree(Path(__file__).parent / "fixtures" / "workdir-7c3dc59", tmp_path / "workdir")
+    done = subprocess.run([sys.executable, "-c", READ_WORKDIR, str(workdir)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["layers"] > 0 and result["heavy"] == []

@@ -18,7 +18,7 @@ from hymba_jax.data import Tokenizer, make_dataset
 from hymba_jax.model.lm import HymbaForCausalLM, param_shapes
 from hymba_jax.parallel import make_mesh, shard_batch
 from hymba_jax.train import metrics
-from hymba_jax.train.checkpoint import Checkpointer, CheckpointRestoreWarning, restore_params
+from hymba_jax.checkpoint import Checkpointer, CheckpointRestoreWarning, restore_params
 from hymba_jax.train.config import TrainConfigError, base_config, model_config, validate_config
 from hymba_jax.train.optimizer import decay_mask, make_optimizer, make_schedule
 from hymba_jax.train.program import build_train_program

@@ -15,7 +15,7 @@ import pytest
 
 from hymba_jax.data import Tokenizer, make_dataset
 from hymba_jax.parallel import make_mesh, shard_batch
-from hymba_jax.train.checkpoint import (Checkpointer, CheckpointError, CheckpointRestoreWarning, read_workdir_config,
+from hymba_jax.checkpoint import (Checkpointer, CheckpointError, CheckpointRestoreWarning, read_workdir_config,
                                         restore_params)
 from hymba_jax.train.config import model_config
 from hymba_jax.train.loop import TrainingError, train

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from hymba_jax.train.checkpoint import Checkpointer, restore_params
+from hymba_jax.checkpoint import Checkpointer, restore_params
 from hymba_jax.train.metrics import METRICS_FILE, read_metrics
 
 from train_testing import REPO, SMALL_MODEL, config_file, small_overrides, small_run, subprocess_env

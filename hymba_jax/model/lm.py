@@ -15,12 +15,14 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.attention import KV, Mask, attention_mask, text_mask
 from hymba_jax.model.block import HymbaLayer, LayerState
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import accum_dtype, logical_param
+from hymba_jax.parallel import AxisRules, logical_shardings
 
 REMAT_POLICIES = {
     "full": None,
@@ -298,7 +300,7 @@ def init_params(config: HymbaConfig, rng: jax.Array, shardings: Optional[dict] =
     (embedding, meta tokens, final norm, LM head) is one more small program. Each parameter has the
     distribution `HymbaForCausalLM.init` gives it (the modules' own initialisers); the random streams differ.
 
-    shardings: the parameter tree's NamedShardings (e.g. `train.state.param_shardings`): every array is
+    shardings: the parameter tree's NamedShardings (e.g. `param_shardings`): every array is
     created on its devices, so no device holds more than its shard. None: default placement.
     """
     init_shared, layer_inits = _initialisers(config)
@@ -333,3 +335,9 @@ def boxed_param_shapes(config: HymbaConfig) -> dict:
 def param_shapes(config: HymbaConfig) -> dict:
     """The parameter tree as ShapeDtypeStructs, nothing allocated."""
     return nn.meta.unbox(boxed_param_shapes(config))
+
+
+def param_shardings(config: HymbaConfig, mesh: Mesh, rules: AxisRules) -> dict:
+    """NamedShardings of the parameter tree on `mesh`, from the model's logical axes and `rules` (nothing
+    allocated): what training, loading and export place each parameter by."""
+    return logical_shardings(boxed_param_shapes(config), mesh, rules)

@@ -1,8 +1,8 @@
 """Pretraining: config validation, optimizer, sharded train state, steps, the train program that assembles
-them (program.py: the one builder the loop, AOT, benchmarks and tests use), checkpoints, metrics, loop.
+them (program.py: the one builder the loop, AOT, benchmarks and tests use), metrics, loop. The workdir's
+checkpoints are `hymba_jax.checkpoint` (outside this package: reading a trained model needs no training code).
 
-    from hymba_jax.train import restore_params, train
-    model_config, params = restore_params(workdir)     # load a trained workdir (latest good checkpoint)
+    from hymba_jax.train import train
 
 The exports load on first use, so `hymba_jax.train.program` / `.step` / `.state` can be imported without the data
 pipeline's packages (grain, TFDS), e.g. by benchmarks on a machine that lacks them.
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Checkpointer": "checkpoint", "read_workdir_config": "checkpoint", "restore_params": "checkpoint",
-            "train": "loop"}
+_EXPORTS = {"train": "loop"}
 
 __all__ = list(_EXPORTS)
 

@@ -18,8 +18,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.lm import boxed_param_shapes, init_params, param_shapes
-from hymba_jax.parallel import AxisRules, check_divisible, logical_shardings
+from hymba_jax.model.lm import init_params, param_shapes, param_shardings
+from hymba_jax.parallel import AxisRules, check_divisible
 
 
 @flax.struct.dataclass
@@ -29,11 +29,6 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
-
-
-def param_shardings(model_config: HymbaConfig, mesh: Mesh, rules: AxisRules) -> Any:
-    """NamedShardings of the parameter tree, from the model's logical axes (nothing allocated)."""
-    return logical_shardings(boxed_param_shapes(model_config), mesh, rules)
 
 
 def state_shardings(model_config: HymbaConfig, tx: optax.GradientTransformation, mesh: Mesh,

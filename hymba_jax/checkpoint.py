@@ -36,7 +36,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +45,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.data import iterator_restore_args, iterator_save_args
-from hymba_jax.model.lm import param_shapes
+from hymba_jax.model.lm import param_shapes, param_shardings
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules, make_mesh
-from hymba_jax.train.state import TrainState, param_shardings
+
+if TYPE_CHECKING:   # reading parameters (eval, generation, export) needs neither the optimizer nor the data
+    from hymba_jax.train.state import TrainState   # pipeline: the training side's imports stay in its methods
 
 CHECKPOINT_DIR = "checkpoints"
 ARRAY_ITEMS = ("params", "opt_state")
@@ -138,6 +139,8 @@ class Checkpointer:
         """Starts writing `state` as its step (nothing when that step is saved already), with the checksum
         of every array. Raises CheckpointError, writing nothing, when the state holds NaN or inf or an
         earlier write failed."""
+        from hymba_jax.data import iterator_save_args
+
         step = int(jax.device_get(state.step))
         self.wait()   # Orbax would wait for the previous write anyway; its error is that step's, not this one's
         if step in self.manager.all_steps():
@@ -202,6 +205,8 @@ class Checkpointer:
         None when there is no checkpoint. Raises CheckpointError when there are checkpoints but none
         restores, or when their parameter shapes differ from `shapes` (naming the `model_config` fields
         that differ from the checkpoint's)."""
+        from hymba_jax.data import iterator_restore_args
+
         def restore(step):
             self._check_shapes(step, shapes.params, model_config)
             r = self.manager.restore(step, args=ocp.args.Composite(
@@ -209,8 +214,8 @@ class Checkpointer:
                 opt_state=ocp.args.StandardRestore(_abstract(shardings.opt_state, shapes.opt_state)),
                 data=iterator_restore_args(data_iterator)))
             self._verify(step, {"params": r.params, "opt_state": r.opt_state})
-            return TrainState(step=jax.device_put(jax.numpy.asarray(step, "int32"), shardings.step),
-                              params=r.params, opt_state=r.opt_state)
+            return shapes.replace(step=jax.device_put(jax.numpy.asarray(step, "int32"), shardings.step),
+                                  params=r.params, opt_state=r.opt_state)
         return self._latest(restore)
 
     def restore_params(self, model_config: HymbaConfig, shardings: Any) -> tuple[int, Any]:

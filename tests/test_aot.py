@@ -30,7 +30,7 @@ def libtpu_path() -> str | None:
     return None
 
 
-# auto (the default) compiles pallas_tpu: the Mosaic scan kernel is one custom call XLA cannot partition; it compiles under fsdp x
+# auto (the default) compiles pallas_tpu and splash (128 tokens: whole splash tiles): the Mosaic scan kernel is one custom call XLA cannot partition; it compiles under fsdp x
 # tensor only because scan_fused runs it in shard_map ("Mosaic kernels cannot be automatically
 # partitioned" otherwise).
 @pytest.mark.parametrize("scan_backend, compiled_scan", [("associative", "associative"), ("auto", "pallas_tpu")])
@@ -42,7 +42,7 @@ def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend, compil
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p),
                ALLOW_MULTIPLE_LIBTPU_LOAD="1")   # other compiles (tests, benchmarks) may hold libtpu's lock
     cmd = [sys.executable, "-m", "hymba_jax.aot", "--config", str(REPO / "configs" / "tiny.py"),
-           "--topology", "v5p:2x2x1", "--vocab_size", "512", "--config.batch_size=8", "--config.seq_len=64",
+           "--topology", "v5p:2x2x1", "--vocab_size", "512", "--config.batch_size=8", "--config.seq_len=128",
            "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=2", "--json", *model,
            "--config.model.num_kv_heads=2",                                   # KV heads split over tensor=2
            f"--config.model.scan_backend={scan_backend}"]
@@ -50,7 +50,7 @@ def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend, compil
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
-    assert (report["scan_backend"], report["attention_backend"]) == (compiled_scan, "xla")   # "auto": the TPU's
+    assert (report["scan_backend"], report["attention_backend"]) == (compiled_scan, "splash")  # "auto": the TPU's
     assert "total" in proc.stdout and "fits" in proc.stdout
     # The chip's arguments hold at least its share of the fp32 train state (params + two Adam moments);
     # at this size TPU tiling pads the small arrays (minor dimension to 128 lanes) well beyond that.

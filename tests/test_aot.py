@@ -30,9 +30,9 @@ def libtpu_path() -> str | None:
     return None
 
 
-# auto (the default) compiles pallas_tpu and splash (128 tokens: whole splash tiles): the Mosaic scan kernel is one custom call XLA cannot partition; it compiles under fsdp x
-# tensor only because scan_fused runs it in shard_map ("Mosaic kernels cannot be automatically
-# partitioned" otherwise).
+# auto (the default) compiles pallas_tpu and splash (128 tokens: whole splash tiles). The Mosaic scan kernel
+# is one custom call XLA cannot partition; it compiles under fsdp x tensor only because scan_fused runs it
+# in shard_map ("Mosaic kernels cannot be automatically partitioned" otherwise).
 @pytest.mark.parametrize("scan_backend, compiled_scan", [("associative", "associative"), ("auto", "pallas_tpu")])
 def test_tiny_train_step_compiles_for_a_tpu_slice(tmp_path, scan_backend, compiled_scan):
     site = libtpu_path()

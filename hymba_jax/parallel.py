@@ -134,6 +134,16 @@ def spec_axes(entry) -> tuple[str, ...]:
     return entry if isinstance(entry, tuple) else (() if entry is None else (entry,))
 
 
+def kernel_mesh_axes(logical: str, sizes: Sequence[int], mesh: Any) -> Any:
+    """The mesh axes the active sharding rules give the `logical` axis, for the shard_map around a kernel
+    (a custom call XLA cannot split); None when they name none or do not divide every one of `sizes`, so
+    the kernel sees that axis whole."""
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = spec_axes(axes)
+    ways = math.prod(mesh.shape[a] for a in names)
+    return axes if names and all(size % ways == 0 for size in sizes) else None
+
+
 def check_divisible(shapes: Any, shardings: Any) -> None:
     """Raises MeshError naming the first array whose sharded dimension does not split evenly.
 

@@ -32,7 +32,6 @@ import functools
 import math
 from typing import Callable, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -43,7 +42,7 @@ try:  # the Triton compiler parameters (absent from some jaxlib builds; not need
 except ImportError:  # pragma: no cover
     plgpu = None
 
-from hymba_jax.parallel import spec_axes
+from hymba_jax.parallel import kernel_mesh_axes
 
 # The tile-skipping backends and the multiple of which the text length must be (other lengths run densely):
 # splash tiles the keys in whole 128-lane vregs, the Triton kernel in its blocks.
@@ -279,14 +278,6 @@ def merged_attention(text: FlashPart, prefix_part: Optional[FlashPart], q, k, v,
     return _merged(_Parts(text, prefix_part), q, k, v, prefix[0], prefix[1], segments)
 
 
-def _mesh_axes(logical: str, sizes: tuple[int, ...], mesh):
-    """The mesh axes the sharding rules give a logical axis, or None if they do not divide every size."""
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    names = spec_axes(axes)
-    ways = math.prod(mesh.shape[a] for a in names)
-    return axes if names and all(size % ways == 0 for size in sizes) else None
-
-
 def per_device(fn: Callable, q, k, v, prefix, segments):
     """fn(q, k, v, prefix, segments) on each device's rows and heads.
 
@@ -298,8 +289,8 @@ def per_device(fn: Callable, q, k, v, prefix, segments):
     prefix = None if prefix is None else tuple(prefix)
     if mesh.empty or mesh.size == 1:
         return fn(q, k, v, prefix, segments)
-    rows = _mesh_axes("batch", (q.shape[0],), mesh)
-    heads = _mesh_axes("heads", (q.shape[2], k.shape[2]), mesh)
+    rows = kernel_mesh_axes("batch", (q.shape[0],), mesh)
+    heads = kernel_mesh_axes("heads", (q.shape[2], k.shape[2]), mesh)
     big = PartitionSpec(rows, None, heads, None)
     pre = None if prefix is None else (PartitionSpec(None, None, heads, None),) * 2
     seg = None if segments is None else PartitionSpec(rows, None)

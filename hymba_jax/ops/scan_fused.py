@@ -17,16 +17,14 @@ reset flag (1, 1) of step i through a `ChunkIO`. The platform modules (`scan_pal
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, NamedTuple, Optional, Protocol
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
-from hymba_jax.parallel import spec_axes
+from hymba_jax.parallel import kernel_mesh_axes
 
 Array = jax.Array
 
@@ -77,14 +75,6 @@ def fused_scan(kernels: Kernels, x, dt, A, B, C, D, z, dt_bias, reset, initial_s
     return y[:, :length], jnp.swapaxes(last, 1, 2)
 
 
-def _mesh_axes(logical: str, size: int, mesh) -> Optional[str | tuple[str, ...]]:
-    """The mesh axes the sharding rules give a logical axis, or None if they do not divide `size`."""
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    names = spec_axes(axes)
-    ways = math.prod(mesh.shape[a] for a in names)
-    return axes if names and size % ways == 0 else None
-
-
 def _per_device(fn: Callable, c: Canon):
     """Run the kernels on each device's block of rows and channels.
 
@@ -97,8 +87,8 @@ def _per_device(fn: Callable, c: Canon):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(c)
-    rows = _mesh_axes("batch", c.x.shape[0], mesh)
-    chans = _mesh_axes("inner", c.x.shape[2], mesh)
+    rows = kernel_mesh_axes("batch", (c.x.shape[0],), mesh)
+    chans = kernel_mesh_axes("inner", (c.x.shape[2],), mesh)
     big, col, chan = PartitionSpec(rows, None, chans), PartitionSpec(rows, None, None), PartitionSpec(None, chans)
     specs = Canon(x=big, dt=big, z=None if c.z is None else big, B=col, C=col, reset=col, A=chan, D=chan,
                   bias=chan, h0=big)

@@ -7,7 +7,6 @@ import dataclasses
 import functools
 from typing import NamedTuple, Optional, Union
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ from hymba_jax.model.params import Dense, accum_dtype
 from hymba_jax.model.rope import apply_rope
 from hymba_jax.ops.attention import (SKIPPING_BACKENDS, cache_attention, decode_kernel_fits, fused_attention,
                                      skipping_attention)
-
 from hymba_jax.ops.auto import attention_backend
 
 
@@ -171,7 +169,6 @@ class AttentionBranch(nn.Module):
         else:
             kv = shared_kv
         out = attend(q, kv.k, kv.v, mask, prefix_kv, attention_backend(cfg.attention_backend, cfg.dtype))
-
         return out.reshape(out.shape[:2] + (-1,)), kv
 
 

@@ -28,12 +28,12 @@ import ml_collections
 import numpy as np
 
 from hymba_jax import compilation_cache
+from hymba_jax.checkpoint import CHECKPOINT_DIR, Checkpointer
 from hymba_jax.data import load_tokenizer, make_dataset
 from hymba_jax.hf import load_hf_checkpoint
 from hymba_jax.ops.auto import default_platform, describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import data_parallel_size, make_mesh, shard_batch
 from hymba_jax.train import validation
-from hymba_jax.checkpoint import CHECKPOINT_DIR, Checkpointer
 from hymba_jax.train.config import TrainConfigError, model_config, validate_config
 from hymba_jax.train.metrics import (LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger,
                                      flops_per_token, peak_flops_per_device, plot_loss_curve)

@@ -27,13 +27,13 @@ import ml_collections
 import numpy as np
 
 from hymba_jax import cli, compilation_cache
+from hymba_jax.checkpoint import CheckpointError, read_workdir_config
 from hymba_jax.config import HymbaConfig
 from hymba_jax.data import default_data_config
 from hymba_jax.loading import load_model, load_tokenizer
 from hymba_jax.ops.auto import describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, batch_sharding, make_mesh
 from hymba_jax.train import validation
-from hymba_jax.checkpoint import CheckpointError, read_workdir_config
 from hymba_jax.train.step import make_eval_step
 
 

@@ -2,14 +2,14 @@
 
     PYTHONPATH=. python benchmarks/first_step.py --name cold --steps 25 --timeout 200 -- \
         --config configs/hymba_1p5b.py --config.batch_size=8 --config.model.vocab_size=32001 \
-        --config.log_every=1 --config.checkpoint_every=100000 --config.eval_every=0 \
-        --config.compilation_cache_dir=/tmp/jax_cache
+        --config.checkpoint_every=100000 --config.eval_every=0 --config.compilation_cache_dir=/tmp/jax_cache
 
 Everything after `--` goes to train.py (with a fresh `--workdir` per run). The program is stopped once
 `--steps` steps are logged (or at `--timeout`), so no checkpoint or final evaluation is timed. Run it twice
 with the same `compilation_cache_dir` for the cold and the warm start. First step: the time of the first
-`train` record in metrics.jsonl (log_every=1) minus the launch time; tokens/s: the median over the logged
-steps after the fifth. The result is printed as one JSON line (and appended to --json) with the run
+`train` record in metrics.jsonl (train.py always logs a run's first step) minus the launch time; tokens/s:
+the median over the records after step 5 (each the mean since the record before, so with the default
+log_every no per-step host sync is timed). The result is printed as one JSON line (and appended to --json) with the run
 record train.py wrote (platform and kernels). train.py's own log goes to <name>.log beside --json.
 """
 

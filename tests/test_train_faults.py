@@ -303,10 +303,12 @@ def test_start_over_moves_everything_aside_and_finished_rerun_adds_no_eval(corpu
     assert [r["step"] for r in records if r["kind"] == "eval"] == [3]
     assert again["val_loss"] == first["val_loss"]
     old = (workdir / METRICS_FILE).read_text()
-    train(config, workdir, start_over=True)
+    # The new run also logs sparsely (the first and the last step are always logged) and profiles step 2.
+    train(apply_overrides(config, {"log_every": 5, "profile_steps": 1}), workdir, start_over=True)
     assert (workdir / "previous-0" / METRICS_FILE).read_text() == old
     assert (workdir / "previous-0" / "checkpoints" / "3").is_dir()
-    assert [r["step"] for r in read_metrics(workdir / METRICS_FILE) if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(workdir / METRICS_FILE) if r["kind"] == "train"] == [1, 3]
+    assert list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*perfetto_trace.json.gz"))
 
 
 def test_workdir_that_is_a_file_is_named(corpus, tmp_path):

@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.z_loss = 0.0                # coefficient of mean(logsumexp(logits)^2); 0 disables
     c.max_consecutive_skips = 10  # steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run
-    c.log_every = 10
+    c.log_every = 10              # and the first step of every run
+    c.profile_steps = 0           # trace this many steps (after the first) into <workdir>/tensorboard; 0: off
     c.eval_every = 200            # validation loss every this many steps (and at the end); 0: only the end
     c.eval_batches = 8            # validation batches per evaluation; -1: the whole held-out split
     c.checkpoint_every = 200
@@ -174,6 +175,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_skips"):
         need(config[key] >= 1, key, "must be at least 1")
     need(config.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate only at the end)")
+    need(config.profile_steps >= 0, "profile_steps", "must be >= 0 (0: no profile)")
     need(config.eval_batches == -1 or config.eval_batches >= 1, "eval_batches", "must be >= 1 or -1 (all)")
     need(config.peak_flops_per_device >= 0, "peak_flops_per_device", "must be >= 0 (0: look up the device)")
     try:

@@ -147,7 +147,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     last_eval: dict = {}
     step = start
     skips = 0   # consecutive skipped (non-finite) steps, as of the last logged step
-    with _StopRequest() as stop, _closing(checkpointer, logger):
+    profiler = _StepProfiler(workdir / TENSORBOARD_DIR, first=start + PROFILE_AFTER + 1, count=config.profile_steps,
+                             logger=logger)
+    with _StopRequest() as stop, _closing(checkpointer, logger, profiler):
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
         compiled, kernels_cfg, notes = program.compile(kernels_cfg, (state, shard_batch(batch, batch_sh)),
@@ -161,12 +163,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
         tick, tick_step = time.perf_counter(), start
         while step < config.num_steps and not stop.reached(step):
             batch = batch if batch is not None else next(train_iter)
+            profiler.before(step + 1)
             state, metrics = compiled(state, shard_batch(batch, batch_sh))
             batch = None
             step += 1
+            profiler.after(step, state)
             pending.append(metrics)
             checkpointer.check()
-            if step % config.log_every == 0 or step == config.num_steps:
+            # The first step is always logged: it says when training really started, and its loss.
+            if step % config.log_every == 0 or step == config.num_steps or step == start + 1:
                 values = jax.device_get(pending)
                 now = time.perf_counter()
                 tokens_per_s = tokens_per_step * (step - tick_step) / (now - tick)
@@ -212,13 +217,44 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     return {"step": step, "stopped_by_signal": stop.signal, **{f"val_{k}": v for k, v in last_eval.items()}}
 
 
+PROFILE_AFTER = 1   # profile_steps start after this many steps of a run (the first one warms up)
+
+
+class _StepProfiler:
+    """Traces `count` steps from step `first` with jax.profiler into `directory` (TensorBoard's Profile tab
+    reads it; `benchmarks/profile_summary.py DIR --steps count` groups the GPU kernels). count 0: off."""
+
+    def __init__(self, directory: Path, first: int, count: int, logger: MetricsLogger):
+        self.directory, self.first, self.last, self.logger = directory, first, first + count - 1, logger
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first and self.last >= self.first:
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.last:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            self.logger.message(f"profiled steps {self.first}-{self.last} into {self.directory} (TensorBoard's "
+                                f"Profile tab; their tokens/s include the tracing)")
+
+    def close(self) -> None:
+        if self.active:   # the run ended inside the profiled steps
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 @contextlib.contextmanager
-def _closing(checkpointer: Checkpointer, logger: MetricsLogger):
-    """Closes both however the run ends; closing waits for a checkpoint write in flight, so a run stopped
+def _closing(checkpointer: Checkpointer, logger: MetricsLogger, profiler: _StepProfiler):
+    """Closes them however the run ends; closing waits for a checkpoint write in flight, so a run stopped
     by an error still keeps the last step it saved."""
     try:
         yield
     finally:
+        profiler.close()
         logger.close()
         checkpointer.close()
 

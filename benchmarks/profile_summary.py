@@ -38,8 +38,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def load_kernels(profile_dir: str) -> list[tuple[str, float]]:
-    """(kernel name, duration in microseconds) of every GPU kernel in the newest trace under profile_dir."""
+def load_kernels(profile_dir: str) -> list[tuple[str, float, str]]:
+    """(kernel name, duration in microseconds, the HLO op that launched it or '') of every GPU kernel in the
+    newest trace under profile_dir."""
     paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
@@ -53,24 +54,29 @@ def load_kernels(profile_dir: str) -> list[tuple[str, float]]:
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     gpu = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name}
     streams = {key for key, name in threads.items() if key[0] in gpu and name.lower().startswith("stream")}
-    return [(e["name"], float(e["dur"])) for e in events
+    return [(e["name"], float(e["dur"]), e.get("args", {}).get("hlo_op", "")) for e in events
             if e.get("ph") == "X" and (e["pid"], e["tid"]) in streams]
 
 
 def summarize(profile_dir: str, steps: int) -> dict:
-    """Per-step GPU time (ms) by category and the 15 most expensive kernels."""
+    """Per-step GPU time (ms) by category, the 15 most expensive kernels, and the 15 most expensive HLO ops
+    (to find a kernel's op in the compiled module, e.g. from XLA_FLAGS=--xla_dump_to)."""
     kernels = load_kernels(profile_dir)
     by_category: dict[str, float] = collections.defaultdict(float)
     by_name: dict[str, float] = collections.defaultdict(float)
-    for name, dur in kernels:
+    by_op: dict[str, float] = collections.defaultdict(float)
+    for name, dur, op in kernels:
         by_category[category(name)] += dur
         by_name[name] += dur
+        if op:
+            by_op[f"{op} ({name[:40]})"] += dur
     per_step = lambda us: us / 1e3 / steps
     return dict(
         kernels_per_step=len(kernels) / steps,
         busy_ms=per_step(sum(by_category.values())),
         categories_ms={k: per_step(v) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         top_kernels_ms=[(k[:90], per_step(v)) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]],
+        top_ops_ms=[(k[:90], per_step(v)) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:15]],
     )
 
 
@@ -85,6 +91,10 @@ def print_summary(summary: dict, step_ms: float | None = None) -> None:
     print("  top kernels:")
     for name, ms in summary["top_kernels_ms"]:
         print(f"    {ms:9.2f} ms  {name}")
+    if summary.get("top_ops_ms"):
+        print("  top HLO ops (kernel):")
+        for name, ms in summary["top_ops_ms"]:
+            print(f"    {ms:9.2f} ms  {name}")
 
 
 def main():

@@ -27,8 +27,9 @@ def write_trace(directory: Path, events: list[dict]) -> None:
         json.dump({"traceEvents": meta + events}, f)
 
 
-def kernel(name: str, dur: float, tid: int = 7, pid: int = 2) -> dict:
-    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name}
+def kernel(name: str, dur: float, tid: int = 7, pid: int = 2, op: str = "") -> dict:
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name,
+            **({"args": {"hlo_op": op, "hlo_module": "jit_step"}} if op else {})}
 
 
 def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
@@ -40,16 +41,18 @@ def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
         kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", 120.0),
         kernel("loop_multiply_fusion_63", 40.0), kernel("input_reduce_fusion_2", 20.0),
         kernel("copy_fusion_1", 10.0), kernel("ncclDevKernel_AllReduce_Sum_f32", 10.0),
+        kernel("memcpy128", 30.0, op="copy.7"), kernel("memcpy128", 20.0, op="copy.7"),
         kernel("fusion.123", 9999.0, tid=8),                # the XLA Ops row: not counted again
         kernel("$train_step.py:80 run", 9999.0, pid=1, tid=1),
     ])
     summary = profile_summary.summarize(str(tmp_path), steps=2)
-    assert summary["kernels_per_step"] == 4
-    assert summary["busy_ms"] == pytest.approx(0.4)
+    assert summary["kernels_per_step"] == 5
+    assert summary["busy_ms"] == pytest.approx(0.425)
     assert summary["categories_ms"] == pytest.approx({
         "scan (pallas_gpu)": 0.2, "matmul": 0.1, "attention (cuDNN)": 0.06, "elementwise fusion": 0.02,
-        "reduction fusion": 0.01, "copy / transpose": 0.005, "collective": 0.005})
+        "reduction fusion": 0.01, "copy / transpose": 0.03, "collective": 0.005})
     assert summary["top_kernels_ms"][0] == ("selective_scan_backward", pytest.approx(0.15))
+    assert summary["top_ops_ms"] == [("copy.7 (memcpy128)", pytest.approx(0.025))]   # kernels that name their op
 
 
 def test_profile_summary_names_a_missing_trace(tmp_path):

@@ -45,8 +45,9 @@ except ImportError:  # pragma: no cover
 from hymba_jax.parallel import kernel_mesh_axes
 
 # The tile-skipping backends and the multiple of which the text length must be (other lengths run densely):
-# splash tiles the keys in whole 128-lane vregs, the Triton kernel in its blocks.
-SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 64}
+# splash tiles the keys in whole 128-lane vregs, the Triton kernels in their blocks (a multiple of
+# `attention_flash_gpu.DEFAULT_CONFIG.length_multiple`).
+SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 128}
 ATTENTION_BACKENDS = ("xla", "cudnn") + tuple(SKIPPING_BACKENDS)   # for HymbaConfig.attention_backend
 
 
@@ -313,8 +314,8 @@ def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], back
         text = cudnn_part(window=window, causal=True, scale=scale)
         prefix_part = cudnn_part(window=None, causal=False, scale=scale)
     elif backend == "pallas_flash":
-        from hymba_jax.ops.attention_flash_gpu import BLOCK, flash_gpu_part
-        text = flash_gpu_part(window=window, scale=scale, block=BLOCK)
+        from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
+        text = flash_gpu_part(window=window, scale=scale)
         prefix_part = xla_prefix_part(scale)
     else:
         raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")

@@ -4,9 +4,10 @@ tokens always visible, global causal, window 1024, and window 1024 over packed d
 
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x2048,4x4096      # on the H200 (device tool)
 
-    # the pallas_flash variant sweep, one process (about 3 minutes at most):
+    # the pallas_flash variant sweep, one process, at most budget + 15 s:
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x2048,4x4096 --masks window,global \\
-        --candidates cudnn --flash-variants default,128:64:8:2/128:64:8:2/32:128:8:2 --flash-parts --budget 190
+        --candidates cudnn --flash-variants default,64:64:4:3/64:32:4:3/32:128:8:3 --flash-parts \\
+        --compile-threads 12 --budget 185
 
 Candidates (`--candidates`): 'xla' (the reference), 'cudnn' (dense mask), 'cudnn_skip' (cuDNN's causal /
 window masks, meta tokens in a second cuDNN call, merged through the log-sum-exp), 'pallas_flash' (our
@@ -46,7 +47,7 @@ from hymba_jax.model.attention import KV, attend, dot_product_attention, text_ma
 from hymba_jax.ops.attention import merged_attention, xla_prefix_part
 
 M, H, KVH, DK, DV, WINDOW = 128, 25, 5, 64, 128, 1024
-TIMING_RESERVE = 25.0    # seconds of the budget kept for timing after the last compile may finish
+TIMING_RESERVE = 30.0    # seconds of the budget kept for timing after the last compile may finish
 
 
 def _flash_config(spec: str):
@@ -127,9 +128,9 @@ def _rel(a, b):
 
 
 def shape_jobs(batch, length, candidates, flash_variants, flash_parts, masks) -> list[Job]:
-    """The jobs of one shape: per mask, each candidate's fwd+bwd of the layer (checked against the fp32
-    reference, computed once per mask on first use) and, with `flash_parts`, each flash variant's text
-    part forward and backward alone."""
+    """The jobs of one shape: per mask, the fp32 XLA reference's fwd+bwd (first: the others' errors are
+    against its results), each candidate's fwd+bwd of the layer and, with `flash_parts`, each flash
+    variant's text part forward and backward alone."""
     x = make_inputs(batch, length)
     x32 = Inputs(*(t.astype(jnp.float32) for t in (x.q, x.k, x.v)),
                  KV(x.pre.k.astype(jnp.float32), x.pre.v.astype(jnp.float32)), x.w, x.segments)
@@ -138,12 +139,20 @@ def shape_jobs(batch, length, candidates, flash_variants, flash_parts, masks) ->
     for title, window, packed in (MASKS[m] for m in masks):
         title = f"{batch}x{length} {title}"
         mask = text_mask(length, window=window, segments=x.segments if packed else None, num_prefix=M)
-        exact = []
+        exact = []                 # the fp32 reference's output and gradients, from the mask's first job
 
-        def reference(mask=mask, exact=exact):
+        def compile_reference(mask=mask, exact=exact):
+            grad = jax.jit(_grads_fn(ref_fn, mask, x.w)).trace(x32.q, x32.k, x32.v, *x32.pre).lower().compile()
+
+            def run():
+                (_, out), grads = result = grad(x32.q, x32.k, x32.v, *x32.pre)
+                exact[:] = [out, grads]
+                return result
+            return run
+
+        def reference(exact=exact):
             if not exact:
-                (_, out), grads = jax.jit(_grads_fn(ref_fn, mask, x.w))(x32.q, x32.k, x32.v, *x32.pre)
-                exact += [out, grads]
+                raise RuntimeError("no fp32 reference (its job failed)")
             return exact
 
         def layer(name, mask=mask, reference=reference):
@@ -179,6 +188,7 @@ def shape_jobs(batch, length, candidates, flash_variants, flash_parts, masks) ->
                 return run
             return Job(title, f"pallas_flash@{spec} text {which}", compile_, None)
 
+        jobs.append(Job(title, "xla fp32 (the reference)", compile_reference, None))
         for name in candidates:
             jobs.append(layer(name))
         for spec in flash_variants:

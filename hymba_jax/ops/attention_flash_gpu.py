@@ -97,9 +97,11 @@ class FlashConfig:
         return max(max(c.block_q, c.block_k) for c in (self.forward, self.dq, self.dkv))
 
 
-# Hopper starting points (Triton's flash-attention tutorial shapes): wide query blocks for the forward and
-# dq, wide key blocks for dk/dv (whose fp32 dk (bk, 64) and dv (bk, 128) accumulators need 8 warps at 128).
-DEFAULT_CONFIG = FlashConfig(forward=KernelConfig(128, 64, 4, 3), dq=KernelConfig(128, 64, 8, 2),
+# Hopper starting points, not yet timed (benchmarks/attention.py --flash-variants sweeps them): 128-query
+# tiles over two warpgroups for the forward and dq, 128-key tiles for dk/dv (its fp32 dk (bk, 64) and
+# dv (bk, 128) accumulators need 8 warps). None spills registers compiled for sm_90a by the triton
+# package (benchmarks/triton_ir.py --flash-config; window 1024 with segments: forward 184, dq 157, dk/dv 243).
+DEFAULT_CONFIG = FlashConfig(forward=KernelConfig(128, 64, 8, 3), dq=KernelConfig(128, 64, 8, 3),
                              dkv=KernelConfig(64, 128, 8, 2))
 
 
@@ -300,17 +302,19 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
 
         def kernel(q_ref, k_ref, v_ref, *refs):
             qs_ref, ks_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref = refs if seg else (None, None) + refs
-            j = pl.program_id(0)
+            j, first_head = pl.program_id(0), pl.program_id(1) * group
             kb, vb = k_ref[...], v_ref[...]
             kpos = (j * bk + jnp.arange(bk))[:, None]
             kseg = ks_ref[...][:, None] if seg else None
             bounds = _query_blocks(j, bq, bk, nq, window)
 
             def head(g, carry):
+                h = first_head + g
+
                 def body(masked, i, carry):
                     dk_acc, dv_acc = carry
                     at = _rows(i, bq)
-                    qb, do = q_ref[at, g, :], do_ref[at, g, :]
+                    qb, do = q_ref[at, h, :], do_ref[at, h, :]
                     st = jax.lax.dot_general(kb, qb, (((1,), (1,)), ((), ())),
                                              preferred_element_type=jnp.float32) * scale2     # (bk, bq)
                     keep = _visible((i * bq + jnp.arange(bq))[None, :], kpos, window) if masked else None
@@ -319,10 +323,10 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
                         keep = same if keep is None else keep & same
                     if keep is not None:
                         st = jnp.where(keep, st, NEG)
-                    pt = jnp.exp2(st - (lse_ref[g, at] * LOG2E)[None, :])
+                    pt = jnp.exp2(st - (lse_ref[h, at] * LOG2E)[None, :])
                     dv_acc = dv_acc + jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
                     dpt = jax.lax.dot_general(vb, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                    dst = (pt * (dpt - d_ref[g, at][None, :])).astype(qb.dtype)
+                    dst = (pt * (dpt - d_ref[h, at][None, :])).astype(qb.dtype)
                     return dk_acc + jnp.dot(dst, qb, preferred_element_type=jnp.float32), dv_acc
 
                 return _sweep(bounds, body, carry)
@@ -334,8 +338,9 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
 
         grid = (nk, kv_heads, batch)
         keys = lambda width: pl.BlockSpec((None, bk, None, width), lambda j, g, b: (b, j, g, 0))
-        group_all = lambda width: pl.BlockSpec((None, length, group, width), lambda j, g, b: (b, 0, g, 0))
-        stat = pl.BlockSpec((None, group, length), lambda j, g, b: (b, g, 0))
+        # every query head and row (whole-array blocks), indexed by the group's heads in the kernel
+        group_all = lambda width: pl.BlockSpec((None, length, heads, width), lambda j, g, b: (b, 0, 0, 0))
+        stat = pl.BlockSpec((None, heads, length), lambda j, g, b: (b, 0, 0))
         in_specs = [group_all(dk), keys(dk), keys(dv)]
         if seg:
             in_specs += [pl.BlockSpec((None, length), lambda j, g, b: (b, 0)),

@@ -14,7 +14,8 @@ window masks, meta tokens in a second cuDNN call, merged through the log-sum-exp
 Triton kernels for the text keys, meta tokens in XLA), and the variants of 'cudnn_skip': '_pad' (q/k heads
 zero-padded to 128) and '_xlameta' (meta tokens in XLA), e.g. 'cudnn_skip_pad_xlameta'.
 `--flash-variants` adds 'pallas_flash' with other kernel configurations (`FlashConfig.parse`:
-'bq:bk:warps:stages' for all three kernels or 'forward/dq/dkv'; 'default' = DEFAULT_CONFIG);
+'bq:bk:warps:stages' for all three kernels or 'forward/dq/dkv'; 'default' = DEFAULT_CONFIG; prefixed
+'meta:', the meta tokens go into the kernels as prefix keys instead of XLA: `PREFIX_IN_KERNEL`);
 `--flash-parts` also times each variant's text part alone (no meta tokens, no merge): its forward kernel
 ('fwd') and its backward kernels dq + dk/dv ('bwd'), from the same inputs.
 
@@ -64,11 +65,12 @@ def _variant(name):
         return lambda q, k, v, prefix, mask: attend(q, k, v, mask, prefix, name)
     scale = DK ** -0.5
     if name.startswith("pallas_flash@"):
-        from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
-        config = _flash_config(name.split("@", 1)[1])
-        return lambda q, k, v, prefix, mask: merged_attention(
-            flash_gpu_part(window=mask.window, scale=scale, config=config, interpret=INTERPRET), xla_prefix_part(scale),
-            q, k, v, prefix, mask.segments)
+        from hymba_jax.ops.attention_flash_gpu import flash_attention
+        spec = name.split("@", 1)[1]
+        config, in_kernel = _flash_config(spec.removeprefix("meta:")), spec.startswith("meta:")
+        return lambda q, k, v, prefix, mask: flash_attention(
+            q, k, v, prefix, mask.segments, window=mask.window, scale=scale, config=config,
+            prefix_in_kernel=in_kernel, interpret=INTERPRET)
     from hymba_jax.ops.attention_cudnn import cudnn_part
     unpadded = "_pad" not in name
     meta = xla_prefix_part(scale) if "_xlameta" in name else cudnn_part(
@@ -193,7 +195,7 @@ def shape_jobs(batch, length, candidates, flash_variants, flash_parts, masks) ->
             jobs.append(layer(name))
         for spec in flash_variants:
             jobs.append(layer(f"pallas_flash@{spec}"))
-            if flash_parts:
+            if flash_parts and not spec.startswith("meta:"):
                 jobs += [part(spec, "fwd"), part(spec, "bwd")]
     return jobs
 
@@ -267,7 +269,7 @@ def main():
         from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
         print(f"cuDNN {check_cudnn_version()}", flush=True)
     for spec in filter(None, args.flash_variants.split(",")):
-        _flash_config(spec)                                             # a typo fails before any compile
+        _flash_config(spec.removeprefix("meta:"))                       # a typo fails before any compile
     candidates = list(filter(None, args.candidates.split(",")))
     variants = list(filter(None, args.flash_variants.split(",")))
     jobs = []

@@ -17,8 +17,8 @@ through their log-sum-exps (`_merged`):
 
 * 'cudnn_skip' (GPU): cuDNN's own causal / sliding-window mask for the text (`hymba_jax.ops.attention_cudnn`).
 * 'splash' (TPU): Pallas splash attention (`hymba_jax.ops.attention_splash`), prefix keys in XLA.
-* 'pallas_flash' (GPU): our Pallas Triton kernel for the text keys (`hymba_jax.ops.attention_flash_gpu`),
-  prefix keys in XLA.
+* 'pallas_flash' (GPU): our Pallas Triton kernels for the text keys (`hymba_jax.ops.attention_flash_gpu`),
+  prefix keys in XLA (or, opt-in, in the kernels).
 
 Decode (`cache_attention`, GPU): one query position against a K/V cache in the cache's own layout, one
 Pallas (Triton) program per (row, KV head) with an online softmax, merged with the position's own key.
@@ -314,9 +314,9 @@ def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], back
         text = cudnn_part(window=window, causal=True, scale=scale)
         prefix_part = cudnn_part(window=None, causal=False, scale=scale)
     elif backend == "pallas_flash":
-        from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
-        text = flash_gpu_part(window=window, scale=scale)
-        prefix_part = xla_prefix_part(scale)
+        from hymba_jax.ops.attention_flash_gpu import flash_attention
+        return per_device(functools.partial(flash_attention, window=window, scale=scale), q, k, v, prefix,
+                          segments)
     else:
         raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")
     return per_device(lambda *a: merged_attention(text, prefix_part, *a), q, k, v, prefix, segments)

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hymba_jax.ops.attention import FlashPart
+from hymba_jax.ops.attention import FlashPart, merged_attention, xla_prefix_part
 
 try:  # the Triton compiler parameters (not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -160,8 +160,13 @@ def _rows(start, size: int):
 
 
 def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig = DEFAULT_CONFIG,
-                   interpret: bool = False) -> FlashPart:
-    """The `FlashPart` of the text keys on Triton, causal or within `window`, documents apart by segments."""
+                   num_prefix: int = 0, interpret: bool = False) -> FlashPart:
+    """The `FlashPart` of the text keys on Triton, causal or within `window`, documents apart by segments.
+
+    With `num_prefix` = P > 0 the K/V given are [P prefix keys | T text keys] (B, P + T, KV, d), the prefix
+    (the meta tokens) visible to every query whatever its document: the forward and dq kernels walk the
+    prefix blocks first, unmasked; the dk/dv kernel's prefix blocks walk every query block, and run first
+    (the heaviest programs). P must be a multiple of every key block."""
     scale2 = scale * LOG2E          # scores in base-2 units
 
     def call(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, name):
@@ -176,9 +181,12 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         if length % config.length_multiple:
             raise ValueError(f"pallas_flash: the text length {length} must be a multiple of "
                              f"{config.length_multiple} (the blocks of config {config})")
-        if heads % kv_heads or k.shape[1] != length or v.shape[:3] != k.shape[:3]:
-            raise ValueError(f"pallas_flash: q {q.shape}, k {k.shape}, v {v.shape}: need text-length K/V and "
-                             "query heads a multiple of the KV heads")
+        if heads % kv_heads or k.shape[1] != num_prefix + length or v.shape[:3] != k.shape[:3]:
+            raise ValueError(f"pallas_flash: q {q.shape}, k {k.shape}, v {v.shape}: need {num_prefix} prefix + "
+                             f"{length} text keys and query heads a multiple of the KV heads")
+        if any(num_prefix % c.block_k for c in (config.forward, config.dq, config.dkv)):
+            raise ValueError(f"pallas_flash: {num_prefix} prefix keys are not a whole number of key blocks of "
+                             f"config {config}")
 
     def forward(q, k, v, segments):
         check(q, k, v)
@@ -186,6 +194,7 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         dv, group = v.shape[-1], heads // k.shape[2]
         cfg = config.forward
         bq, bk, nq = cfg.block_q, cfg.block_k, length // cfg.block_q
+        nm = num_prefix // bk
         seg = segments is not None
         qblock = lambda p: nq - 1 - p                       # heaviest (latest) query blocks first
 
@@ -196,14 +205,14 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             qpos = (i * bq + jnp.arange(bq))[:, None]
             qseg = qs_ref[...][:, None] if seg else None
 
-            def body(masked, j, carry):
+            def body(masked, j, carry, prefix=False):       # j: a prefix block, or a text block
                 m, l, acc = carry
-                at = _rows(j, bk)
+                at = _rows(j if prefix else nm + j, bk)
                 s = jax.lax.dot_general(qb, k_ref[at, :], (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32) * scale2
                 keep = _visible(qpos, (j * bk + jnp.arange(bk))[None, :], window) if masked else None
-                if seg:
-                    same = qseg == ks_ref[at][None, :]
+                if seg and not prefix:
+                    same = qseg == ks_ref[_rows(j, bk)][None, :]
                     keep = same if keep is None else keep & same
                 if keep is not None:
                     s = jnp.where(keep, s, NEG)
@@ -216,14 +225,16 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
 
             init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32),
                     jnp.zeros((bq, dv), jnp.float32))
+            init = jax.lax.fori_loop(0, nm, lambda j, c: body(False, j, c, prefix=True), init) if nm else init
             m, l, acc = _sweep(_key_blocks(i, bq, bk, window), body, init)
             o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
             lse_ref[...] = (m + jnp.log2(l)) / LOG2E
 
         grid = (nq, heads, batch)
+        keys = k.shape[1]
         in_specs = [pl.BlockSpec((None, bq, None, dk), lambda p, h, b: (b, qblock(p), h, 0)),
-                    pl.BlockSpec((None, length, None, dk), lambda p, h, b: (b, 0, h // group, 0)),
-                    pl.BlockSpec((None, length, None, dv), lambda p, h, b: (b, 0, h // group, 0))]
+                    pl.BlockSpec((None, keys, None, dk), lambda p, h, b: (b, 0, h // group, 0)),
+                    pl.BlockSpec((None, keys, None, dv), lambda p, h, b: (b, 0, h // group, 0))]
         if seg:
             in_specs += [pl.BlockSpec((None, bq), lambda p, h, b: (b, qblock(p))),
                          pl.BlockSpec((None, length), lambda p, h, b: (b, 0))]
@@ -246,6 +257,7 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         dv, group = v.shape[-1], heads // k.shape[2]
         cfg = config.dq
         bq, bk, nq = cfg.block_q, cfg.block_k, length // cfg.block_q
+        nm = num_prefix // bk
         seg = segments is not None
         qblock = lambda p: nq - 1 - p
 
@@ -259,14 +271,14 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             d_i = jnp.sum(do.astype(jnp.float32) * o_ref[...].astype(jnp.float32), axis=1)
             d_ref[...] = d_i
 
-            def body(masked, j, acc):
-                at = _rows(j, bk)
+            def body(masked, j, acc, prefix=False):         # j: a prefix block, or a text block
+                at = _rows(j if prefix else nm + j, bk)
                 kb, vb = k_ref[at, :], v_ref[at, :]
                 s = jax.lax.dot_general(qb, kb, (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32) * scale2
                 keep = _visible(qpos, (j * bk + jnp.arange(bk))[None, :], window) if masked else None
-                if seg:
-                    same = qseg == ks_ref[at][None, :]
+                if seg and not prefix:
+                    same = qseg == ks_ref[_rows(j, bk)][None, :]
                     keep = same if keep is None else keep & same
                 if keep is not None:
                     s = jnp.where(keep, s, NEG)
@@ -275,14 +287,17 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
                 ds = (p * (dp - d_i[:, None])).astype(kb.dtype)
                 return acc + jnp.dot(ds, kb, preferred_element_type=jnp.float32)
 
-            acc = _sweep(_key_blocks(i, bq, bk, window), body, jnp.zeros((bq, dk), jnp.float32))
+            acc = jnp.zeros((bq, dk), jnp.float32)
+            acc = jax.lax.fori_loop(0, nm, lambda j, c: body(False, j, c, prefix=True), acc) if nm else acc
+            acc = _sweep(_key_blocks(i, bq, bk, window), body, acc)
             dq_ref[...] = (acc * scale).astype(dq_ref.dtype)
 
         grid = (nq, heads, batch)
         rows = lambda width: pl.BlockSpec((None, bq, None, width), lambda p, h, b: (b, qblock(p), h, 0))
         stat = pl.BlockSpec((None, None, bq), lambda p, h, b: (b, h, qblock(p)))
-        in_specs = [rows(dk), pl.BlockSpec((None, length, None, dk), lambda p, h, b: (b, 0, h // group, 0)),
-                    pl.BlockSpec((None, length, None, dv), lambda p, h, b: (b, 0, h // group, 0))]
+        keys = k.shape[1]
+        in_specs = [rows(dk), pl.BlockSpec((None, keys, None, dk), lambda p, h, b: (b, 0, h // group, 0)),
+                    pl.BlockSpec((None, keys, None, dv), lambda p, h, b: (b, 0, h // group, 0))]
         if seg:
             in_specs += [pl.BlockSpec((None, bq), lambda p, h, b: (b, qblock(p))),
                          pl.BlockSpec((None, length), lambda p, h, b: (b, 0))]
@@ -292,21 +307,39 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         return tuple(call(kernel, cfg, grid, in_specs, [rows(dk), stat], out_shape, "hymba_flash_dq")(*args))
 
     def _dkv(q, k, v, segments, lse, d, dout):
-        """dk (B, T, KV, dk) and dv (B, T, KV, dv) in k's and v's dtypes, summed over each GQA group."""
+        """dk (B, P + T, KV, dk) and dv (B, P + T, KV, dv) in k's and v's dtypes, summed over each GQA
+        group."""
         batch, length, heads, dk = q.shape
         kv_heads, dv = k.shape[2], v.shape[-1]
         group = heads // kv_heads
         cfg = config.dkv
-        bq, bk, nq, nk = cfg.block_q, cfg.block_k, length // cfg.block_q, length // cfg.block_k
+        bq, bk, nq = cfg.block_q, cfg.block_k, length // cfg.block_q
+        nm, nt = num_prefix // bk, length // bk
         seg = segments is not None
+        prefix_programs = nm * kv_heads * batch
+
+        def program(p):
+            """(key block of [prefix | text], KV head, row) of program p: the prefix blocks' programs (each
+            walks every query block: the heaviest) first, then the text blocks', key block fastest."""
+            i32 = lambda x: jnp.asarray(x, jnp.int32)        # as in the kernel's bounds below
+            prefix = p < prefix_programs
+            r = p - jnp.where(prefix, i32(0), i32(prefix_programs))
+            n = jnp.where(prefix, i32(max(nm, 1)), i32(nt))
+            rest = jax.lax.div(r, n)                        # all non-negative: truncation is floor
+            block = jax.lax.rem(r, n) + jnp.where(prefix, i32(0), i32(nm))
+            return block, jax.lax.rem(rest, i32(kv_heads)), jax.lax.div(rest, i32(kv_heads))
 
         def kernel(q_ref, k_ref, v_ref, *refs):
             qs_ref, ks_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref = refs if seg else (None, None) + refs
-            j, first_head = pl.program_id(0), pl.program_id(1) * group
+            block, g, _ = program(pl.program_id(0))
+            j, first_head = block - nm, g * group           # j < 0: a prefix block
             kb, vb = k_ref[...], v_ref[...]
             kpos = (j * bk + jnp.arange(bk))[:, None]
             kseg = ks_ref[...][:, None] if seg else None
-            bounds = _query_blocks(j, bq, bk, nq, window)
+            text = _query_blocks(jnp.maximum(j, 0), bq, bk, nq, window)
+            # (Python scalars in jnp.where lower to the wrong Triton type here: int32 arrays.)
+            bounds = tuple(jnp.where(j < 0, jnp.asarray(every, jnp.int32), jnp.asarray(band, jnp.int32))
+                           for every, band in zip((0, 0, nq, nq), text))
 
             def head(g, carry):
                 h = first_head + g
@@ -319,7 +352,7 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
                                              preferred_element_type=jnp.float32) * scale2     # (bk, bq)
                     keep = _visible((i * bq + jnp.arange(bq))[None, :], kpos, window) if masked else None
                     if seg:
-                        same = kseg == qs_ref[at][None, :]
+                        same = (kseg == qs_ref[at][None, :]) | (j < 0)     # prefix keys: every document
                         keep = same if keep is None else keep & same
                     if keep is not None:
                         st = jnp.where(keep, st, NEG)
@@ -336,18 +369,53 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             dk_ref[...] = (dk_acc * scale).astype(dk_ref.dtype)
             dv_ref[...] = dv_acc.astype(dv_ref.dtype)
 
-        grid = (nk, kv_heads, batch)
-        keys = lambda width: pl.BlockSpec((None, bk, None, width), lambda j, g, b: (b, j, g, 0))
+        grid = (prefix_programs + nt * kv_heads * batch,)
+
+        def key_rows(p):
+            block, g, b = program(p)
+            return b, block, g, 0
+
+        def key_segments(p):
+            block, _, b = program(p)
+            return b, jnp.maximum(block - nm, 0)
+
+        keys = lambda width: pl.BlockSpec((None, bk, None, width), key_rows)
         # every query head and row (whole-array blocks), indexed by the group's heads in the kernel
-        group_all = lambda width: pl.BlockSpec((None, length, heads, width), lambda j, g, b: (b, 0, 0, 0))
-        stat = pl.BlockSpec((None, heads, length), lambda j, g, b: (b, 0, 0))
+        group_all = lambda width: pl.BlockSpec((None, length, heads, width), lambda p: (program(p)[2], 0, 0, 0))
+        stat = pl.BlockSpec((None, heads, length), lambda p: (program(p)[2], 0, 0))
         in_specs = [group_all(dk), keys(dk), keys(dv)]
         if seg:
-            in_specs += [pl.BlockSpec((None, length), lambda j, g, b: (b, 0)),
-                         pl.BlockSpec((None, bk), lambda j, g, b: (b, j))]
+            in_specs += [pl.BlockSpec((None, length), lambda p: (program(p)[2], 0)),
+                         pl.BlockSpec((None, bk), key_segments)]
         in_specs += [group_all(dv), stat, stat]
         out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         args = (q, k, v) + ((segments.astype(jnp.int32),) * 2 if seg else ()) + (dout, lse, d)
         return tuple(call(kernel, cfg, grid, in_specs, [keys(dk), keys(dv)], out_shape, "hymba_flash_dkv")(*args))
 
     return FlashPart(forward, backward)
+
+
+# Where the meta tokens' keys go: into the kernels as P prefix keys (True), or to XLA (`xla_prefix_part`),
+# merged through the log-sum-exp (False). Opt-in until timed (benchmarks/attention.py: 'pallas_flash_meta').
+PREFIX_IN_KERNEL = False
+
+
+def flash_attention(q, k, v, prefix, segments, *, window: Optional[int], scale: float,
+                    config: FlashConfig = DEFAULT_CONFIG, prefix_in_kernel: bool = PREFIX_IN_KERNEL,
+                    interpret: bool = False) -> jax.Array:
+    """The 'pallas_flash' backend: q (B, T, H, dk) over the prefix (k, v) (B|1, P, KV, d) or None and the
+    text keys k (B, T, KV, dk), v (B, T, KV, dv), causal or within `window`, documents apart by `segments`
+    (B, T) or None. Returns (B, T, H, dv) in q's dtype.
+
+    With `prefix_in_kernel` the prefix is put before the text keys ([P | T], broadcast to the batch; its
+    gradients summed over the batch in fp32 by autodiff) and the kernels attend to it; otherwise XLA does,
+    and the two parts are merged (`merged_attention`)."""
+    if prefix is None or not prefix_in_kernel:
+        text = flash_gpu_part(window=window, scale=scale, config=config, interpret=interpret)
+        return merged_attention(text, None if prefix is None else xla_prefix_part(scale), q, k, v, prefix, segments)
+    batch = q.shape[0]
+    joined = lambda p, t: jnp.concatenate(
+        [jnp.broadcast_to(p.astype(jnp.float32), (batch,) + p.shape[1:]).astype(t.dtype), t], axis=1)
+    part = flash_gpu_part(window=window, scale=scale, config=config, num_prefix=prefix[0].shape[1],
+                          interpret=interpret)
+    return merged_attention(part, None, q, joined(prefix[0], k), joined(prefix[1], v), None, segments)

@@ -1,4 +1,4 @@
-"""The text part of the 'pallas_flash' attention backend: Pallas (Triton) flash-attention kernels for the
+"""The 'pallas_flash' attention backend (`flash_attention`): Pallas (Triton) flash-attention kernels for the
 Hymba mask, the alternative to cuDNN's masks ('cudnn_skip'); timings in docs/performance.md.
 
 Three kernels, each with its own tile shape and Triton launch parameters (`FlashConfig`, defaults in
@@ -17,8 +17,10 @@ Only the blocks on the band's edges (the diagonal; a window's far end) compare p
 inside the band skip the mask (`_key_blocks`, `_query_blocks`). Segment ids (packed documents), when given,
 are compared in every block. Scores are kept in base-2 units (scale * log2 e folded into one multiply) so
 the exponential is one `ex2` instruction. The heaviest programs of a causal layer go first (query blocks in
-reverse order). q/k heads keep their own width (64), v heads theirs (128). `interpret=True` runs the same
-kernels on the CPU (tests).
+reverse order). q/k heads keep their own width (64), v heads theirs (128). The meta tokens go to XLA and
+are merged through the log-sum-exp, or (`PREFIX_IN_KERNEL`, `flash_attention`) into the same kernels as
+prefix keys before the text keys, visible to every query. `interpret=True` runs the same kernels on the CPU
+(tests).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class FlashConfig:
 # Hopper starting points, not yet timed (benchmarks/attention.py --flash-variants sweeps them): 128-query
 # tiles over two warpgroups for the forward and dq, 128-key tiles for dk/dv (its fp32 dk (bk, 64) and
 # dv (bk, 128) accumulators need 8 warps). None spills registers compiled for sm_90a by the triton
-# package (benchmarks/triton_ir.py --flash-config; window 1024 with segments: forward 184, dq 157, dk/dv 243).
+# package (benchmarks/triton_ir.py --flash-config at 8 x 2048, global / window 1024 / with segments:
+# forward 165-184 registers, dq 124-157, dk/dv 241-252).
 DEFAULT_CONFIG = FlashConfig(forward=KernelConfig(128, 64, 8, 3), dq=KernelConfig(128, 64, 8, 3),
                              dkv=KernelConfig(64, 128, 8, 2))
 

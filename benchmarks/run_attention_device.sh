@@ -5,7 +5,7 @@ T0=$(date +%s)
 step() {
   local limit=$1; shift
   echo "### t=$(( $(date +%s) - T0 )) s: $*"
-  timeout "$limit" python benchmarks/attention.py --watchdog $(( limit - 4 )) "$@" 2>&1 | grep -v "^\s*$" | head -40
+  timeout "$limit" python benchmarks/attention.py --budget $(( limit - 20 )) "$@" 2>&1 | grep -v "^\s*$" | head -40
 }
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv,noheader
 step 60 --shapes 8x2048 --candidates pallas_flash --masks window,global,packed

@@ -8,6 +8,8 @@ errors ~1e-7; 1e-5 relative catches any wrong mask entry, scale or head mapping 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -83,29 +85,42 @@ def test_decode_kernel_matches_reference(slots=48, groups=5):
 # of 128 (splash) or 128 in blocks of 32 (Triton): a window of 64 or 40 skips the tiles below the band, so
 # the block-sparse bookkeeping is exercised, not only the elementwise mask.
 
-SM, SH, SKV, SDK, SDV = 16, 2, 1, 64, 128
+SM, SH, SKV, SDK, SDV = 32, 2, 1, 64, 128
 
 
 def _splash(window, scale):
+    """Attention fn(q, k, v, prefix, segments): splash for the text keys, the prefix in XLA."""
+    from hymba_jax.ops.attention import merged_attention, xla_prefix_part
     from hymba_jax.ops.attention_splash import splash_part
-    return splash_part(window=window, scale=scale, block=128, interpret=True)
+    text = splash_part(window=window, scale=scale, block=128, interpret=True)
+    return lambda *a: merged_attention(text, xla_prefix_part(scale), *a)
 
 
-def _pallas_flash(window, scale):
-    from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
-    return flash_gpu_part(window=window, scale=scale, block=32, interpret=True)
+def _pallas_flash(config, prefix_in_kernel=False):
+    def make(window, scale):
+        from hymba_jax.ops.attention_flash_gpu import FlashConfig, flash_attention
+        return functools.partial(flash_attention, window=window, scale=scale, config=FlashConfig.parse(config),
+                                 prefix_in_kernel=prefix_in_kernel, interpret=True)
+    return make
+
+
+# Blocks of queries x keys per kernel (forward/dq/dkv), wider one way and the other, so the band's bounds
+# are exercised for block_q != block_k both ways.
+WIDE_Q, WIDE_K = "32:16:4:1/16:32:4:1/32:16:4:1", "16:32:4:1/32:16:4:1/16:32:4:1"
 
 
 @pytest.mark.parametrize("kernel,length,window,boundary", [
     (_splash, 256, None, None), (_splash, 256, 64, None), (_splash, 256, 64, 100),
-    (_pallas_flash, 128, None, None), (_pallas_flash, 128, 40, None), (_pallas_flash, 128, 40, 50),
+    (_pallas_flash(WIDE_Q), 128, None, None), (_pallas_flash(WIDE_Q), 128, 40, None),
+    (_pallas_flash(WIDE_K), 128, 40, 50), (_pallas_flash(WIDE_Q), 128, 8, 70),
+    (_pallas_flash(WIDE_K, True), 128, None, None), (_pallas_flash(WIDE_Q, True), 128, 40, 50),
 ], ids=["splash-global", "splash-window", "splash-window-packed", "flash-global", "flash-window",
-        "flash-window-packed"])
+        "flash-window-packed", "flash-narrow-window-packed", "flash-meta-in-kernel-global",
+        "flash-meta-in-kernel-window-packed"])
 def test_skipping_kernels_match_reference(kernel, length, window, boundary):
-    """Outputs and the gradients of q, k, v and the meta keys/values in fp32: kernel + merge against
-    `dot_product_attention` on the same TextMask (packed: a document boundary inside a tile)."""
-    from hymba_jax.ops.attention import merged_attention, xla_prefix_part
-
+    """Outputs and the gradients of q, k, v and the meta keys/values in fp32: kernel + merge (or the meta
+    keys in the kernels) against `dot_product_attention` on the same TextMask (packed: a document boundary
+    inside a tile; the narrow window (8) is below a block, so no block lies wholly inside the band)."""
     ks = jax.random.split(jax.random.key(1), 6)
     q = jax.random.normal(ks[0], (1, length, SH, SDK))
     k = jax.random.normal(ks[1], (1, length, SKV, SDK))
@@ -115,8 +130,7 @@ def test_skipping_kernels_match_reference(kernel, length, window, boundary):
     mask = text_mask(length, window=window, segments=seg, num_prefix=SM)
     w = jax.random.normal(ks[5], (1, length, SH, SDV))
     scale = SDK ** -0.5
-    fused = lambda q_, k_, v_, mk, mv: merged_attention(kernel(window, scale), xla_prefix_part(scale),
-                                                        q_, k_, v_, (mk, mv), seg)
+    fused = lambda q_, k_, v_, mk, mv: kernel(window, scale)(q_, k_, v_, (mk, mv), seg)
     reference = lambda q_, k_, v_, mk, mv: dot_product_attention(q_, k_, v_, mask.dense, KV(mk, mv))
     run = lambda fn: jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5))(q, k, v, *meta)
     assert rel(fused(q, k, v, *meta), reference(q, k, v, *meta)) < 1e-5
@@ -125,15 +139,67 @@ def test_skipping_kernels_match_reference(kernel, length, window, boundary):
         assert rel(g, r) < 1e-5
 
 
-def test_pallas_flash_lowers_to_triton():
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 64), (128, 64)])
+@pytest.mark.parametrize("window", [None, 1, 8, 40, 1024])
+def test_flash_band_bounds_are_exact(block_q, block_k, window, length=256):
+    """The Triton kernels' loop bounds against the mask itself: a block pair is walked iff some query sees
+    some key in it, and walked unmasked iff every query sees every key."""
+    import numpy as np
+
+    from hymba_jax.ops.attention_flash_gpu import _key_blocks, _query_blocks
+
+    qpos, kpos = np.arange(length)[:, None], np.arange(length)[None, :]
+    seen = (kpos <= qpos) & (True if window is None else qpos - kpos <= window)
+    nq, nk = length // block_q, length // block_k
+    tiles = seen.reshape(nq, block_q, nk, block_k)
+    some, every = tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
+
+    def walked(lo, a, b, hi, n):
+        lo, a, b, hi = (int(x) for x in (lo, a, b, hi))
+        assert lo <= a <= b <= hi <= n
+        return set(range(lo, hi)), set(range(a, b))
+
+    for i in range(nq):
+        any_, all_ = walked(*_key_blocks(i, block_q, block_k, window), nk)
+        assert any_ == set(np.flatnonzero(some[i])) and all_ == set(np.flatnonzero(every[i])), (i, any_, all_)
+    for j in range(nk):
+        any_, all_ = walked(*_query_blocks(j, block_q, block_k, nq, window), nq)
+        assert any_ == set(np.flatnonzero(some[:, j])) and all_ == set(np.flatnonzero(every[:, j])), (j, any_, all_)
+
+
+def test_flash_config_parsing_and_defaults():
+    from hymba_jax.ops.attention import SKIPPING_BACKENDS
+    from hymba_jax.ops.attention_flash_gpu import DEFAULT_CONFIG, FlashConfig, KernelConfig
+
+    config = FlashConfig.parse("128:64:4:3/128:32:8:2/32:128:8:1")
+    assert config.dq == KernelConfig(128, 32, 8, 2) and config.length_multiple == 128
+    assert FlashConfig.parse(str(config)) == config
+    assert FlashConfig.parse("64:64:4:2") == FlashConfig(*[KernelConfig(64, 64, 4, 2)] * 3)
+    assert SKIPPING_BACKENDS["pallas_flash"] % DEFAULT_CONFIG.length_multiple == 0
+    for bad in ("64:64:4", "64:48:4:2", "8:64:4:2", "64:64:3:2", "64:64:4:2/64:64:4:2"):
+        with pytest.raises(ValueError, match="pallas_flash"):
+            FlashConfig.parse(bad)
+
+
+@pytest.mark.parametrize("window,packed,in_kernel", [(1024, True, False), (None, False, False), (1024, True, True)],
+                         ids=["window-packed", "global", "window-packed-meta-in-kernel"])
+def test_pallas_flash_lowers_to_triton(window, packed, in_kernel):
     """The Triton kernels lower for CUDA at the 1.5B layer shape on the CPU (three kernels: forward, dq,
-    dk/dv; compiling them needs the GPU)."""
+    dk/dv; compiling them needs the GPU), with and without segment ids, the meta keys in XLA or in the
+    kernels."""
+    from hymba_jax.ops.attention_flash_gpu import flash_attention
+
     bf = jnp.bfloat16
     b, t, m, h, kvh = 2, 2048, 128, 25, 5
     q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((b, t, h, 64), (b, t, kvh, 64), (b, t, kvh, 128)))
     meta = KV(jax.ShapeDtypeStruct((1, m, kvh, 64), bf), jax.ShapeDtypeStruct((1, m, kvh, 128), bf))
-    mask = text_mask(t, window=1024, segments=jnp.zeros((b, t), jnp.int32), num_prefix=m)
-    loss = lambda q_, k_, v_, p: jnp.sum(attend(q_, k_, v_, mask, p, "pallas_flash").astype(jnp.float32))
+    mask = text_mask(t, window=window, segments=jnp.zeros((b, t), jnp.int32) if packed else None, num_prefix=m)
+    if in_kernel:
+        fn = lambda q_, k_, v_, p: flash_attention(q_, k_, v_, p, mask.segments, window=window, scale=0.125,
+                                                   prefix_in_kernel=True)
+    else:
+        fn = lambda q_, k_, v_, p: attend(q_, k_, v_, mask, p, "pallas_flash")
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, meta).lower(
         lowering_platforms=("cuda",)).as_text()
     assert hlo.count("__gpu$xla.gpu.triton") == 3

@@ -17,8 +17,8 @@ through their log-sum-exps (`_merged`):
 
 * 'cudnn_skip' (GPU): cuDNN's own causal / sliding-window mask for the text (`hymba_jax.ops.attention_cudnn`).
 * 'splash' (TPU): Pallas splash attention (`hymba_jax.ops.attention_splash`), prefix keys in XLA.
-* 'pallas_flash' (GPU): our Pallas Triton kernel for the text keys (`hymba_jax.ops.attention_flash_gpu`),
-  prefix keys in XLA.
+* 'pallas_flash' (GPU): our Pallas Triton kernels for the text keys (`hymba_jax.ops.attention_flash_gpu`),
+  prefix keys in XLA (or, opt-in, in the kernels).
 
 Decode (`cache_attention`, GPU): one query position against a K/V cache in the cache's own layout, one
 Pallas (Triton) program per (row, KV head) with an online softmax, merged with the position's own key.
@@ -45,8 +45,9 @@ except ImportError:  # pragma: no cover
 from hymba_jax.parallel import kernel_mesh_axes
 
 # The tile-skipping backends and the multiple of which the text length must be (other lengths run densely):
-# splash tiles the keys in whole 128-lane vregs, the Triton kernel in its blocks.
-SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 64}
+# splash tiles the keys in whole 128-lane vregs, the Triton kernels in their blocks (a multiple of
+# `attention_flash_gpu.DEFAULT_CONFIG.length_multiple`).
+SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 128}
 ATTENTION_BACKENDS = ("xla", "cudnn") + tuple(SKIPPING_BACKENDS)   # for HymbaConfig.attention_backend
 
 
@@ -313,9 +314,9 @@ def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], back
         text = cudnn_part(window=window, causal=True, scale=scale)
         prefix_part = cudnn_part(window=None, causal=False, scale=scale)
     elif backend == "pallas_flash":
-        from hymba_jax.ops.attention_flash_gpu import BLOCK, flash_gpu_part
-        text = flash_gpu_part(window=window, scale=scale, block=BLOCK)
-        prefix_part = xla_prefix_part(scale)
+        from hymba_jax.ops.attention_flash_gpu import flash_attention
+        return per_device(functools.partial(flash_attention, window=window, scale=scale), q, k, v, prefix,
+                          segments)
     else:
         raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")
     return per_device(lambda *a: merged_attention(text, prefix_part, *a), q, k, v, prefix, segments)

@@ -1,6 +1,7 @@
 """Time the traced-program cache (`compilation_cache.lower_cached`) on the train step: a cold process
-(trace, export, store, lower the stored program) against a warm one (load and lower it), each a fresh
-process on one new cache directory, as train.py meets them. Nothing is compiled unless --compile.
+(trace, export, store, lower the stored program) against a warm one (load and lower it) and a process
+without the cache (trace and lower), each fresh, as train.py meets them. Nothing is compiled unless
+--compile.
 
     PYTHONPATH=. python benchmarks/trace_cache.py --config configs/hymba_1p5b.py --batch-size 8 \
         --scan sequential --attention xla          # on the CPU: what jax lowers there
@@ -46,7 +47,8 @@ def measure(args: argparse.Namespace) -> dict:
     program = build_train_program(config, cfg, mesh)
     step_args = (program.abstract_state(), program.abstract_batch(config.batch_size, config.seq_len))
     result = {"program_s": round(time.perf_counter() - clock, 2)}
-    cache = StepCache(args.cache_dir, mesh, "train_step", program.compile_settings())
+    cache = None if args.phase == "uncached" else StepCache(args.cache_dir, mesh, "train_step",
+                                                            program.compile_settings())
     if args.compile:
         clock = time.perf_counter()
         _, _, notes = compile_fitting(program.train_step, cfg, step_args, None, cache)
@@ -55,11 +57,11 @@ def measure(args: argparse.Namespace) -> dict:
     from hymba_jax import compilation_cache
 
     clock = time.perf_counter()
-    key = compilation_cache.program_key(cache.name, step_args, mesh, cfg, cache.settings)
+    key = "" if cache is None else compilation_cache.program_key(cache.name, step_args, mesh, cfg, cache.settings)
     result["key_s"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     _, how = compilation_cache.lower_cached(program.train_step(cfg), step_args, mesh=mesh, key=key,
-                                            directory=args.cache_dir)
+                                            directory=None if cache is None else cache.directory)
     result.update(how=how, lower_s=round(time.perf_counter() - clock, 2))
     return result
 
@@ -74,13 +76,13 @@ def main() -> None:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--compile", action="store_true", help="compile too (compile_fitting)")
     parser.add_argument("--cache-dir", default="", help="internal: the phase's cache directory")
-    parser.add_argument("--phase", default="", help="internal: cold or warm")
+    parser.add_argument("--phase", default="", help="internal: cold, warm or uncached")
     args = parser.parse_args()
     if args.phase:
         print(json.dumps({"phase": args.phase, **measure(args)}), flush=True)
         return
     cache_dir = tempfile.mkdtemp(prefix="trace_cache_")
-    for phase in ("cold", "warm"):
+    for phase in ("cold", "warm", "uncached"):
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--phase", phase, "--cache-dir", cache_dir],
                        check=False, timeout=900)
 

@@ -7,6 +7,8 @@ JAX/XLA versions, so a changed config or another machine simply compiles again.
 
 `JAX_COMPILATION_CACHE_DIR` (JAX's own setting), when set, is used instead of the program's directory.
 Only compilations over one second are stored (JAX's `jax_persistent_cache_min_compile_time_secs`).
+The traced train step is kept beside the compiled programs, so a warm start skips tracing too
+(`lower_cached`, below).
 """
 
 from __future__ import annotations

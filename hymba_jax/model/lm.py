@@ -10,7 +10,7 @@ document restarts its positions, attention, conv and SSM from the meta tokens' s
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -176,38 +176,32 @@ class HymbaForCausalLM(nn.Module):
 
     def _scan_layers(self, x, positions, masks, doc_pos, prefix, lengths, collect_hidden):
         """`run_layers` with every run of identical units as one `lax.scan` over the stacked parameters
-        (and prefix states) of its units; a run of one unit is called directly."""
+        (and prefix states) of its units; a run of one unit is called directly.
+
+        Runs of the same unit kind share one step function (the 1.5B's two runs of [owner, consumer] pairs,
+        its three single global layers): JAX caches tracing a scan body or checkpointed layer by the function
+        and its input types, and linearizing and transposing it by the traced program, so each kind is traced
+        and differentiated once per pass instead of once per run. A layer's index only selects its kind (KV
+        owner or consumer, global or sliding window), so the first unit's layers stand for every unit.
+        """
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"])
-        policy = save_matmuls_and_kernels if cfg.remat in ("none", "auto") else REMAT_POLICIES[cfg.remat]
+        steps: dict[tuple, Callable] = {}
         states: list[Optional[LayerState]] = [None] * cfg.num_layers
         hidden: list[Optional[jax.Array]] = [None] * cfg.num_layers
         for run in layer_runs(cfg):
-            unit = run[0]
-            layers = []
-            for i in unit:
-                apply = functools.partial(HymbaLayer(cfg, i, parent=None).apply, mask=masks[cfg.is_global(i)],
-                                          positions=positions, doc_pos=doc_pos, lengths=lengths)
-                # A scan already keeps XLA from merging the recomputation with the forward; alone, it must not.
-                layers.append(jax.checkpoint(apply, policy=policy, prevent_cse=len(run) == 1))
-
-            def unit_step(x, unit_inputs, layers=layers):
-                unit_params, unit_prefix = unit_inputs
-                outs, ins, kv = [], [], None
-                for j, apply in enumerate(layers):
-                    ins.append(x)
-                    layer_prefix = None if unit_prefix is None else LayerState(unit_prefix[0].kv, unit_prefix[j].ssm)
-                    x, state = apply({"params": unit_params[j]}, x, prefix=layer_prefix, shared_kv=kv)
-                    kv = kv if j else state.kv                 # the unit's first layer owns its K/V
-                    outs.append(state)
-                return x, (tuple(outs), tuple(ins) if collect_hidden else None)
+            scanned = len(run) > 1
+            key = (unit_kind(cfg, run[0]), scanned)
+            if key not in steps:
+                steps[key] = self._unit_step(run[0], scanned, positions, masks, doc_pos, lengths, collect_hidden)
+            unit_step = steps[key]
 
             def unit_inputs(u):
                 return (tuple(params[f"layers_{i}"] for i in u),
                         None if prefix is None else tuple(prefix[i] for i in u))
 
-            if len(run) == 1:
-                x, (outs, ins) = unit_step(x, unit_inputs(unit))
+            if not scanned:
+                x, (outs, ins) = unit_step(x, unit_inputs(run[0]))
                 per_unit = [(outs, ins)]
             else:
                 stacked = jax.tree.map(lambda *a: jnp.stack(a), *[unit_inputs(u) for u in run])
@@ -219,6 +213,32 @@ class HymbaForCausalLM(nn.Module):
                     if collect_hidden:
                         hidden[i] = ins[j]
         return x, tuple(states), hidden if collect_hidden else []
+
+    def _unit_step(self, unit: tuple[int, ...], scanned: bool, positions, masks, doc_pos, lengths,
+                   collect_hidden: bool) -> Callable:
+        """The step of one unit, (x, (unit params, unit prefix states or None)) -> (x, (the unit's layer
+        states, its layers' inputs or None)): the body of a run's scan, or the call of a run of one unit."""
+        cfg = self.config
+        policy = save_matmuls_and_kernels if cfg.remat in ("none", "auto") else REMAT_POLICIES[cfg.remat]
+        layers = []
+        for i in unit:
+            apply = functools.partial(HymbaLayer(cfg, i, parent=None).apply, mask=masks[cfg.is_global(i)],
+                                      positions=positions, doc_pos=doc_pos, lengths=lengths)
+            # A scan already keeps XLA from merging the recomputation with the forward; alone, it must not.
+            layers.append(jax.checkpoint(apply, policy=policy, prevent_cse=not scanned))
+
+        def unit_step(x, unit_inputs):
+            unit_params, unit_prefix = unit_inputs
+            outs, ins, kv = [], [], None
+            for j, apply in enumerate(layers):
+                ins.append(x)
+                layer_prefix = None if unit_prefix is None else LayerState(unit_prefix[0].kv, unit_prefix[j].ssm)
+                x, state = apply({"params": unit_params[j]}, x, prefix=layer_prefix, shared_kv=kv)
+                kv = kv if j else state.kv                 # the unit's first layer owns its K/V
+                outs.append(state)
+            return x, (tuple(outs), tuple(ins) if collect_hidden else None)
+
+        return unit_step
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final-normed hidden states (..., d) -> logits (..., vocab) in fp32 (fp64 when computing in fp64) through the (tied) head."""
@@ -249,14 +269,19 @@ def layer_runs(config: HymbaConfig) -> Optional[tuple[tuple[tuple[int, ...], ...
             units[-1] += (i,)
         else:
             return None
-    kind = lambda unit: tuple((cfg.is_global(i), cfg.owns_kv(i)) for i in unit) if cfg.has_attention else ()
     runs: list[list[tuple[int, ...]]] = []
     for unit in units:
-        if runs and kind(runs[-1][0]) == kind(unit):
+        if runs and unit_kind(cfg, runs[-1][0]) == unit_kind(cfg, unit):
             runs[-1].append(unit)
         else:
             runs.append([unit])
     return tuple(tuple(run) for run in runs)
+
+
+def unit_kind(config: HymbaConfig, unit: tuple[int, ...]) -> tuple[tuple[bool, bool], ...]:
+    """What makes the units of `layer_runs` identical: (global, owns its K/V) of each of its layers (() without
+    attention, where every layer is the same)."""
+    return tuple((config.is_global(i), config.owns_kv(i)) for i in unit) if config.has_attention else ()
 
 
 def _initialisers(config: HymbaConfig, length: int = 8):

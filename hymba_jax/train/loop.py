@@ -153,7 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
         compiled, kernels_cfg, notes = program.compile(kernels_cfg, (state, shard_batch(batch, batch_sh)),
-                                                       device_memory_limit())
+                                                       device_memory_limit(), cache_dir)
         for note in notes:
             logger.message(note)
         logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,

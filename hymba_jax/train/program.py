@@ -14,6 +14,7 @@ the logical-axis rules, gradient accumulation, z-loss and the donated state.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, Optional
 
 import jax
@@ -27,7 +28,8 @@ from hymba_jax.model.lm import param_shapes
 from hymba_jax.parallel import AxisRules, batch_sharding
 from hymba_jax.train.optimizer import make_optimizer, make_schedule
 from hymba_jax.train.state import TrainState, create_train_state, state_shardings
-from hymba_jax.train.step import BATCH_KEYS, Batch, compile_fitting, make_eval_step, make_train_step
+from hymba_jax.train.step import (BATCH_KEYS, Batch, StepCache, compile_fitting, make_eval_step,
+                                  make_train_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,9 @@ class TrainProgram:
     model_config: the model as configured (checkpoints record it; "auto" kernels may still be unresolved).
     state_shardings: NamedShardings of the whole TrainState (optimizer moments follow their parameters).
     batch_sharding: the sharding of every (batch, length) array of a batch (rows over the 'batch' rule's axes).
+    optimizer_settings: config.optimizer and config.num_steps, what `tx` and `schedule` were made from, as
+    canonical JSON: the traced step's cache key reads them (it cannot read functions); replacing tx or
+    schedule means replacing this too.
     """
 
     model_config: HymbaConfig
@@ -48,6 +53,7 @@ class TrainProgram:
     batch_sharding: NamedSharding
     grad_accum_steps: int
     z_loss: float
+    optimizer_settings: str
 
     def train_step(self, model_config: Optional[HymbaConfig] = None
                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -68,12 +74,21 @@ class TrainProgram:
                               param_shardings=self.state_shardings.params, batch_sharding=self.batch_sharding,
                               rules=self.rules)
 
-    def compile(self, model_config: HymbaConfig, args: tuple, memory_limit: Optional[int]
-                ) -> tuple[Any, HymbaConfig, list[str]]:
+    def compile(self, model_config: HymbaConfig, args: tuple, memory_limit: Optional[int],
+                cache_dir: Optional[str] = None) -> tuple[Any, HymbaConfig, list[str]]:
         """`compile_fitting` of the train step for `args` ((state, batch), arrays or abstract): (compiled,
         the config it was built with, notes). remat="auto" falls back to full remat when the step needs
-        more than `memory_limit` bytes per device."""
-        return compile_fitting(self.train_step, model_config, args, memory_limit)
+        more than `memory_limit` bytes per device. cache_dir: the compilation cache's directory in use
+        (`compilation_cache.enable`); the traced step is kept beside it, so a warm start skips tracing.
+        None: traced every time."""
+        cache = None if cache_dir is None else StepCache(cache_dir, self.mesh, "train_step",
+                                                         self.compile_settings())
+        return compile_fitting(self.train_step, model_config, args, memory_limit, cache)
+
+    def compile_settings(self) -> str:
+        """What builds the train step besides the model config and the arguments: the traced step's cache
+        key (`compile`)."""
+        return repr((self.optimizer_settings, self.grad_accum_steps, self.z_loss, self.rules))
 
     def abstract_state(self) -> TrainState:
         """The TrainState as ShapeDtypeStructs carrying their shardings: for AOT lowering, and the shapes a
@@ -104,7 +119,9 @@ def build_train_program(config: ml_collections.ConfigDict, model_config: HymbaCo
     """
     rules = config.axis_rules
     tx = make_optimizer(config)
+    optimizer_settings = json.dumps({"optimizer": config.optimizer.to_dict(), "num_steps": config.num_steps},
+                                    sort_keys=True)
     return TrainProgram(model_config=model_config, mesh=mesh, rules=rules, tx=tx, schedule=make_schedule(config),
                         state_shardings=state_shardings(model_config, tx, mesh, rules),
                         batch_sharding=batch_sharding(mesh, rules), grad_accum_steps=config.grad_accum_steps,
-                        z_loss=config.z_loss)
+                        z_loss=config.z_loss, optimizer_settings=optimizer_settings)

@@ -19,6 +19,7 @@ loop stops the run after `max_consecutive_skips` of them in a row (train/loop.py
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Optional
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hymba_jax import compilation_cache
 from hymba_jax.config import HymbaConfig
 from hymba_jax.model.lm import HymbaForCausalLM
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules, sharding_context
@@ -118,6 +120,20 @@ def make_eval_step(model_config: HymbaConfig, *, mesh: Mesh, param_shardings,
 REMAT_AUTO = ("none", "full")   # remat="auto": the fastest first, then the one that needs least memory
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCache:
+    """Where and under what name `compile_fitting` keeps the traced step across runs.
+
+    directory: the compilation cache's directory (the traced programs go to its `traced/`); mesh: the
+    step's; name and settings: what the step is and everything besides the model config and the arguments
+    that changes it (for the train step: the training config fields `build_train_program` reads)."""
+
+    directory: str
+    mesh: Mesh
+    name: str
+    settings: str
+
+
 class StepDoesNotFit(RuntimeError):
     """The compiler ran out of device memory for the train step (the message says what to change)."""
 
@@ -130,7 +146,8 @@ def needed_bytes(memory) -> int:
 
 
 def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: HymbaConfig, args: tuple,
-                    memory_limit: Optional[int]) -> tuple[Any, HymbaConfig, list[str]]:
+                    memory_limit: Optional[int], cache: Optional[StepCache] = None
+                    ) -> tuple[Any, HymbaConfig, list[str]]:
     """Lower and compile `make_step(config)` for `args`: (compiled, the config it was built with, notes).
 
     With `remat="auto"` the step is built without rematerialisation (the fastest: on one H200 the 1.5B at
@@ -139,6 +156,9 @@ def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: Hymba
     memory, as XLA:TPU does at compile time). Any other remat value is compiled as it is. The notes say
     what was tried and how long each took. Raises StepDoesNotFit when the compiler runs out of device
     memory for the last choice.
+
+    cache: keep the traced step across runs (`compilation_cache.lower_cached`), keyed by the config of each
+    choice and `cache.settings`; None traces every time.
     """
     choices = REMAT_AUTO if model_config.remat == "auto" else (model_config.remat,)
     notes: list[str] = []
@@ -146,7 +166,12 @@ def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: Hymba
         config = model_config.replace(remat=remat)
         last = i == len(choices) - 1
         clock = time.perf_counter()
-        lowered = make_step(config).lower(*args)
+        if cache is None:
+            lowered, how = make_step(config).lower(*args), "traced"
+        else:
+            key = compilation_cache.program_key(cache.name, args, cache.mesh, config, cache.settings)
+            lowered, how = compilation_cache.lower_cached(make_step(config), args, mesh=cache.mesh, key=key,
+                                                          directory=cache.directory)
         traced_s = time.perf_counter() - clock
         try:
             compiled = lowered.compile()
@@ -162,7 +187,7 @@ def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: Hymba
             continue
         memory = compiled.memory_analysis()
         need = None if memory is None else needed_bytes(memory)
-        timing = (f"traced in {traced_s:.1f} s, compiled in {time.perf_counter() - clock - traced_s:.1f} s"
+        timing = (f"{how} in {traced_s:.1f} s, compiled in {time.perf_counter() - clock - traced_s:.1f} s"
                   + ("" if need is None else f", needs {need / 2**30:.1f} GiB per device"))
         if not last and need is not None and memory_limit and need > memory_limit:
             notes.append(f"remat {remat}: {timing}, more than the {memory_limit / 2**30:.1f} GiB available: "

@@ -5,17 +5,16 @@ tokens always visible, global causal, window 1024, and window 1024 over packed d
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x2048,4x4096      # on the H200 (device tool)
 
     # the pallas_flash variant sweep, one process, at most budget + 15 s:
-    V=default,meta:default,64:64:4:3/64:32:4:3/32:128:8:3,128:128:8:2/128:32:4:3/16:128:8:2,128:64:8:2/64:64:4:2/32:64:4:3
+    V=default,128:64:8:3/128:64:8:3/64:128:8:2,128:128:8:2/128:32:4:3/16:128:8:2
     PYTHONPATH=. python benchmarks/attention.py --shapes 8x2048,4x4096 --masks window,global --candidates cudnn \\
         --flash-variants $V --flash-parts --compile-threads 12 --budget 185
 
 Candidates (`--candidates`): 'xla' (the reference), 'cudnn' (dense mask), 'cudnn_skip' (cuDNN's causal /
 window masks, meta tokens in a second cuDNN call, merged through the log-sum-exp), 'pallas_flash' (our
-Triton kernels for the text keys, meta tokens in XLA), and the variants of 'cudnn_skip': '_pad' (q/k heads
+Triton kernels, the meta tokens as prefix keys in them), and the variants of 'cudnn_skip': '_pad' (q/k heads
 zero-padded to 128) and '_xlameta' (meta tokens in XLA), e.g. 'cudnn_skip_pad_xlameta'.
 `--flash-variants` adds 'pallas_flash' with other kernel configurations (`FlashConfig.parse`:
-'bq:bk:warps:stages' for all three kernels or 'forward/dq/dkv'; 'default' = DEFAULT_CONFIG; prefixed
-'meta:', the meta tokens go into the kernels as prefix keys instead of XLA: `PREFIX_IN_KERNEL`);
+'bq:bk:warps:stages' for all three kernels or 'forward/dq/dkv'; 'default' = DEFAULT_CONFIG);
 `--flash-parts` also times each variant's text part alone (no meta tokens, no merge): its forward kernel
 ('fwd') and its backward kernels dq + dk/dv ('bwd'), from the same inputs.
 
@@ -68,10 +67,9 @@ def _variant(name):
     if name.startswith("pallas_flash@"):
         from hymba_jax.ops.attention_flash_gpu import flash_attention
         spec = name.split("@", 1)[1]
-        config, in_kernel = _flash_config(spec.removeprefix("meta:")), spec.startswith("meta:")
+        config = _flash_config(spec)
         return lambda q, k, v, prefix, mask: flash_attention(
-            q, k, v, prefix, mask.segments, window=mask.window, scale=scale, config=config,
-            prefix_in_kernel=in_kernel, interpret=INTERPRET)
+            q, k, v, prefix, mask.segments, window=mask.window, scale=scale, config=config, interpret=INTERPRET)
     from hymba_jax.ops.attention_cudnn import cudnn_part
     unpadded = "_pad" not in name
     meta = xla_prefix_part(scale) if "_xlameta" in name else cudnn_part(
@@ -196,7 +194,7 @@ def shape_jobs(batch, length, candidates, flash_variants, flash_parts, masks) ->
             jobs.append(layer(name))
         for spec in flash_variants:
             jobs.append(layer(f"pallas_flash@{spec}"))
-            if flash_parts and not spec.startswith("meta:"):
+            if flash_parts:
                 jobs += [part(spec, "fwd"), part(spec, "bwd")]
     return jobs
 
@@ -270,7 +268,7 @@ def main():
         from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
         print(f"cuDNN {check_cudnn_version()}", flush=True)
     for spec in filter(None, args.flash_variants.split(",")):
-        _flash_config(spec.removeprefix("meta:"))                       # a typo fails before any compile
+        _flash_config(spec)                                             # a typo fails before any compile
     candidates = list(filter(None, args.candidates.split(",")))
     variants = list(filter(None, args.flash_variants.split(",")))
     jobs = []

@@ -96,11 +96,11 @@ def _splash(window, scale):
     return lambda *a: merged_attention(text, xla_prefix_part(scale), *a)
 
 
-def _pallas_flash(config, prefix_in_kernel=False):
+def _pallas_flash(config):
     def make(window, scale):
         from hymba_jax.ops.attention_flash_gpu import FlashConfig, flash_attention
         return functools.partial(flash_attention, window=window, scale=scale, config=FlashConfig.parse(config),
-                                 prefix_in_kernel=prefix_in_kernel, interpret=True)
+                                 interpret=True)
     return make
 
 
@@ -109,15 +109,16 @@ def _pallas_flash(config, prefix_in_kernel=False):
 WIDE_Q, WIDE_K = "32:16:4:1/16:32:4:1/32:16:4:1", "16:32:4:1/32:16:4:1/16:32:4:1"
 
 
-@pytest.mark.parametrize("kernel,length,window,boundary", [
-    (_splash, 256, None, None), (_splash, 256, 64, None), (_splash, 256, 64, 100),
-    (_pallas_flash(WIDE_Q), 128, None, None), (_pallas_flash(WIDE_Q), 128, 40, None),
-    (_pallas_flash(WIDE_K), 128, 40, 50), (_pallas_flash(WIDE_Q), 128, 8, 70),
-    (_pallas_flash(WIDE_K, True), 128, None, None), (_pallas_flash(WIDE_Q, True), 128, 40, 50),
+# pallas_flash takes SM = 32 meta keys (whole key blocks of WIDE_Q and WIDE_K) into its kernels and 24 to XLA.
+@pytest.mark.parametrize("kernel,length,window,boundary,meta_len", [
+    (_splash, 256, None, None, SM), (_splash, 256, 64, None, SM), (_splash, 256, 64, 100, SM),
+    (_pallas_flash(WIDE_Q), 128, None, None, 24), (_pallas_flash(WIDE_Q), 128, 40, None, 24),
+    (_pallas_flash(WIDE_K), 128, 40, 50, 24), (_pallas_flash(WIDE_Q), 128, 8, 70, 24),
+    (_pallas_flash(WIDE_K), 128, None, None, SM), (_pallas_flash(WIDE_Q), 128, 40, 50, SM),
 ], ids=["splash-global", "splash-window", "splash-window-packed", "flash-global", "flash-window",
         "flash-window-packed", "flash-narrow-window-packed", "flash-meta-in-kernel-global",
         "flash-meta-in-kernel-window-packed"])
-def test_skipping_kernels_match_reference(kernel, length, window, boundary):
+def test_skipping_kernels_match_reference(kernel, length, window, boundary, meta_len):
     """Outputs and the gradients of q, k, v and the meta keys/values in fp32: kernel + merge (or the meta
     keys in the kernels) against `dot_product_attention` on the same TextMask (packed: a document boundary
     inside a tile; the narrow window (8) is below a block, so no block lies wholly inside the band)."""
@@ -125,9 +126,9 @@ def test_skipping_kernels_match_reference(kernel, length, window, boundary):
     q = jax.random.normal(ks[0], (1, length, SH, SDK))
     k = jax.random.normal(ks[1], (1, length, SKV, SDK))
     v = jax.random.normal(ks[2], (1, length, SKV, SDV))
-    meta = (jax.random.normal(ks[3], (1, SM, SKV, SDK)), jax.random.normal(ks[4], (1, SM, SKV, SDV)))
+    meta = (jax.random.normal(ks[3], (1, meta_len, SKV, SDK)), jax.random.normal(ks[4], (1, meta_len, SKV, SDV)))
     seg = None if boundary is None else jnp.array([[0] * boundary + [1] * (length - boundary)])
-    mask = text_mask(length, window=window, segments=seg, num_prefix=SM)
+    mask = text_mask(length, window=window, segments=seg, num_prefix=meta_len)
     w = jax.random.normal(ks[5], (1, length, SH, SDV))
     scale = SDK ** -0.5
     fused = lambda q_, k_, v_, mk, mv: kernel(window, scale)(q_, k_, v_, (mk, mv), seg)
@@ -181,24 +182,18 @@ def test_flash_config_parsing_and_defaults():
             FlashConfig.parse(bad)
 
 
-@pytest.mark.parametrize("window,packed,in_kernel", [(1024, True, False), (None, False, False), (1024, True, True)],
-                         ids=["window-packed", "global", "window-packed-meta-in-kernel"])
-def test_pallas_flash_lowers_to_triton(window, packed, in_kernel):
+@pytest.mark.parametrize("window,packed,m", [(1024, True, 128), (None, False, 128), (1024, True, 96)],
+                         ids=["window-packed", "global", "window-packed-meta-in-xla"])
+def test_pallas_flash_lowers_to_triton(window, packed, m):
     """The Triton kernels lower for CUDA at the 1.5B layer shape on the CPU (three kernels: forward, dq,
-    dk/dv; compiling them needs the GPU), with and without segment ids, the meta keys in XLA or in the
-    kernels."""
-    from hymba_jax.ops.attention_flash_gpu import flash_attention
-
+    dk/dv; compiling them needs the GPU), with and without segment ids, the meta keys in the kernels (128:
+    whole key blocks) or in XLA (96)."""
     bf = jnp.bfloat16
-    b, t, m, h, kvh = 2, 2048, 128, 25, 5
+    b, t, h, kvh = 2, 2048, 25, 5
     q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((b, t, h, 64), (b, t, kvh, 64), (b, t, kvh, 128)))
     meta = KV(jax.ShapeDtypeStruct((1, m, kvh, 64), bf), jax.ShapeDtypeStruct((1, m, kvh, 128), bf))
     mask = text_mask(t, window=window, segments=jnp.zeros((b, t), jnp.int32) if packed else None, num_prefix=m)
-    if in_kernel:
-        fn = lambda q_, k_, v_, p: flash_attention(q_, k_, v_, p, mask.segments, window=window, scale=0.125,
-                                                   prefix_in_kernel=True)
-    else:
-        fn = lambda q_, k_, v_, p: attend(q_, k_, v_, mask, p, "pallas_flash")
+    fn = lambda q_, k_, v_, p: attend(q_, k_, v_, mask, p, "pallas_flash")
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, meta).lower(
         lowering_platforms=("cuda",)).as_text()

@@ -16,8 +16,8 @@ from train_testing import apply_overrides
 
 
 @pytest.mark.parametrize("platform, dtype, scan, attention", [
-    ("gpu", "bfloat16", "pallas_gpu", "cudnn"),
-    ("gpu", "float16", "pallas_gpu", "cudnn"),
+    ("gpu", "bfloat16", "pallas_gpu", "pallas_flash"),
+    ("gpu", "float16", "pallas_gpu", "pallas_flash"),
     ("gpu", "float32", "pallas_gpu", "xla"),       # cuDNN's flash attention has no fp32
     ("gpu", "float64", "associative", "xla"),      # the fused scans compute in fp32
     ("tpu", "bfloat16", "pallas_tpu", "splash"),
@@ -37,7 +37,7 @@ def test_auto_uses_the_platform_jax_runs_on(monkeypatch):
     monkeypatch.setattr(auto.jax, "default_backend", lambda: "cuda")
     assert auto.default_platform() == "gpu"
     resolved = auto.resolve_kernels(hymba_1p5b(dtype="bfloat16"))
-    assert (resolved.scan_backend, resolved.attention_backend) == ("pallas_gpu", "cudnn")
+    assert (resolved.scan_backend, resolved.attention_backend) == ("pallas_gpu", "pallas_flash")
     monkeypatch.setattr(auto.jax, "default_backend", lambda: "tpu")
     assert auto.resolve_kernels(hymba_1p5b(dtype="bfloat16")).scan_backend == "pallas_tpu"
     line = auto.describe(auto.resolve_kernels(hymba_1p5b(attention_backend="xla")), hymba_1p5b(attention_backend="xla"))

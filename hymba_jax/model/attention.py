@@ -181,7 +181,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, prefix: Optiona
     for the shapes). A tile-skipping backend needs a `TextMask` whose prefix is `prefix`; any other mask (a
     decode step's, the meta tokens' own pass) runs densely: on cuDNN for the GPU backends, in XLA for
     'splash', and so do text lengths the kernel cannot tile (`SKIPPING_BACKENDS`: not a multiple of 128 for
-    splash and pallas_flash). A decode step (one query after the batch's cache) takes the decode
+    splash, of 64 for pallas_flash). A decode step (one query after the batch's cache) takes the decode
     kernel on the GPU backends where it fits, else XLA.
     """
     decode = prefix is not None and q.shape[1] == 1 and prefix.k.shape[0] == q.shape[0]

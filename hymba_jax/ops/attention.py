@@ -47,7 +47,7 @@ from hymba_jax.parallel import kernel_mesh_axes
 # The tile-skipping backends and the multiple of which the text length must be (other lengths run densely):
 # splash tiles the keys in whole 128-lane vregs, the Triton kernels in their blocks (a multiple of
 # `attention_flash_gpu.DEFAULT_CONFIG.length_multiple`).
-SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 128}
+SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 64}
 ATTENTION_BACKENDS = ("xla", "cudnn") + tuple(SKIPPING_BACKENDS)   # for HymbaConfig.attention_backend
 
 

@@ -17,10 +17,10 @@ Only the blocks on the band's edges (the diagonal; a window's far end) compare p
 inside the band skip the mask (`_key_blocks`, `_query_blocks`). Segment ids (packed documents), when given,
 are compared in every block. Scores are kept in base-2 units (scale * log2 e folded into one multiply) so
 the exponential is one `ex2` instruction. The heaviest programs of a causal layer go first (query blocks in
-reverse order). q/k heads keep their own width (64), v heads theirs (128). The meta tokens go to XLA and
-are merged through the log-sum-exp, or (`PREFIX_IN_KERNEL`, `flash_attention`) into the same kernels as
-prefix keys before the text keys, visible to every query. `interpret=True` runs the same kernels on the CPU
-(tests).
+reverse order). q/k heads keep their own width (64), v heads theirs (128). The meta tokens go into the same
+kernels as prefix keys before the text keys, visible to every query (`flash_attention`; a prefix that is not
+a whole number of key blocks goes to XLA, merged through the log-sum-exp). `interpret=True` runs the same
+kernels on the CPU (tests).
 """
 
 from __future__ import annotations
@@ -98,14 +98,17 @@ class FlashConfig:
         """The text length must be a multiple of every block (all powers of two: of the largest)."""
         return max(max(c.block_q, c.block_k) for c in (self.forward, self.dq, self.dkv))
 
+    @property
+    def key_multiple(self) -> int:
+        """A prefix in the kernels must be a whole number of every kernel's key blocks."""
+        return max(c.block_k for c in (self.forward, self.dq, self.dkv))
 
-# Hopper starting points, not yet timed (benchmarks/attention.py --flash-variants sweeps them): 128-query
-# tiles over two warpgroups for the forward and dq, 128-key tiles for dk/dv (its fp32 dk (bk, 64) and
-# dv (bk, 128) accumulators need 8 warps). None spills registers compiled for sm_90a by the triton
-# package (benchmarks/triton_ir.py --flash-config at 8 x 2048, global / window 1024 / with segments:
-# forward 165-184 registers, dq 124-157, dk/dv 241-252).
-DEFAULT_CONFIG = FlashConfig(forward=KernelConfig(128, 64, 8, 3), dq=KernelConfig(128, 64, 8, 3),
-                             dkv=KernelConfig(64, 128, 8, 2))
+
+# The fastest of each kernel in the H200 sweep (docs/performance.md, benchmarks/attention.py --flash-variants
+# --flash-parts; 8 x 2048 and 4 x 4096, window 1024 and global): 64 x 64 tiles over 4 warps for the forward
+# and dq, 32-query x 64-key tiles for dk/dv.
+DEFAULT_CONFIG = FlashConfig(forward=KernelConfig(64, 64, 4, 3), dq=KernelConfig(64, 64, 4, 2),
+                             dkv=KernelConfig(32, 64, 4, 3))
 
 
 def _band_blocks(first_masked_lo, full_lo, full_hi, hi):
@@ -187,7 +190,7 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         if heads % kv_heads or k.shape[1] != num_prefix + length or v.shape[:3] != k.shape[:3]:
             raise ValueError(f"pallas_flash: q {q.shape}, k {k.shape}, v {v.shape}: need {num_prefix} prefix + "
                              f"{length} text keys and query heads a multiple of the KV heads")
-        if any(num_prefix % c.block_k for c in (config.forward, config.dq, config.dkv)):
+        if num_prefix % config.key_multiple:
             raise ValueError(f"pallas_flash: {num_prefix} prefix keys are not a whole number of key blocks of "
                              f"config {config}")
 
@@ -398,22 +401,17 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
     return FlashPart(forward, backward)
 
 
-# Where the meta tokens' keys go: into the kernels as P prefix keys (True), or to XLA (`xla_prefix_part`),
-# merged through the log-sum-exp (False). Opt-in until timed (benchmarks/attention.py: 'pallas_flash_meta').
-PREFIX_IN_KERNEL = False
-
-
 def flash_attention(q, k, v, prefix, segments, *, window: Optional[int], scale: float,
-                    config: FlashConfig = DEFAULT_CONFIG, prefix_in_kernel: bool = PREFIX_IN_KERNEL,
-                    interpret: bool = False) -> jax.Array:
+                    config: FlashConfig = DEFAULT_CONFIG, interpret: bool = False) -> jax.Array:
     """The 'pallas_flash' backend: q (B, T, H, dk) over the prefix (k, v) (B|1, P, KV, d) or None and the
     text keys k (B, T, KV, dk), v (B, T, KV, dv), causal or within `window`, documents apart by `segments`
     (B, T) or None. Returns (B, T, H, dv) in q's dtype.
 
-    With `prefix_in_kernel` the prefix is put before the text keys ([P | T], broadcast to the batch; its
-    gradients summed over the batch in fp32 by autodiff) and the kernels attend to it; otherwise XLA does,
-    and the two parts are merged (`merged_attention`)."""
-    if prefix is None or not prefix_in_kernel:
+    A prefix of whole key blocks (the 1.5B's 128 meta tokens) goes into the kernels before the text keys
+    ([P | T], broadcast to the batch; its gradients summed over the batch in fp32 by autodiff): on the H200
+    that layer is 1.4-1.6x faster than with the prefix in XLA merged through the log-sum-exp
+    (docs/performance.md), which remains for prefixes of other lengths."""
+    if prefix is None or prefix[0].shape[1] % config.key_multiple:
         text = flash_gpu_part(window=window, scale=scale, config=config, interpret=interpret)
         return merged_attention(text, None if prefix is None else xla_prefix_part(scale), q, k, v, prefix, segments)
     batch = q.shape[0]

@@ -116,7 +116,7 @@ def lower_cached(jitted: Any, args: tuple, *, mesh: Mesh, key: str, directory: O
                           "tracing again")
     traced = jitted.trace(*args)        # a tracing error is the program's: it is raised
     try:
-        entry = _export(jitted, traced, args, mesh)
+        entry = _export(jitted, traced, args)
         lowered = _lower_exported(entry, args, mesh)
     except Exception as e:              # the cache is only a shortcut: the traced step is lowered as it is
         warnings.warn(f"traced program cache: the step cannot be exported, so it is not cached "
@@ -135,14 +135,16 @@ def lower_cached(jitted: Any, args: tuple, *, mesh: Mesh, key: str, directory: O
     return lowered, "traced and stored"
 
 
-def _export(jitted: Any, traced: jax.stages.Traced, args: tuple, mesh: Mesh) -> dict:
+def _export(jitted: Any, traced: jax.stages.Traced, args: tuple) -> dict:
     """The cache entry of a traced step: its `jax.export` module serialized, its output tree and the
     arguments it donates (given again to the jit that calls the module, which must donate whole arguments).
     Raises ValueError for a custom call outside KERNEL_CUSTOM_CALLS or an argument donated in part."""
     donated = [[leaf.donated for leaf in jax.tree.leaves(arg)] for arg in traced.args_info[0]]
     if any(any(d) and not all(d) for d in donated):
         raise ValueError("an argument is donated in part")
-    exported = jax.export.export(jitted, platforms=(mesh.devices.flat[0].platform,), disabled_checks=[
+    # The default backend's export platform ("cuda", not the devices' own name "gpu"): the programs that use
+    # this cache run on the default backend's devices.
+    exported = jax.export.export(jitted, platforms=(jax.export.default_export_platform(),), disabled_checks=[
         jax.export.DisabledSafetyCheck.custom_call(target) for target in KERNEL_CUSTOM_CALLS])(*args)
     # jax.export serializes only registered pytree node types (not the TrainState nor optax's states): the
     # module gets flat trees, and the entry keeps the output tree by pickle (the input tree is the args').

@@ -151,7 +151,7 @@ def compile_fitting(make_step: Callable[[HymbaConfig], Any], model_config: Hymba
     """Lower and compile `make_step(config)` for `args`: (compiled, the config it was built with, notes).
 
     With `remat="auto"` the step is built without rematerialisation (the fastest: on one H200 the 1.5B at
-    8 x 2048 runs 19.0k tokens/s with 94.7 GiB, full remat 17.4k with 51.2 GiB) and rebuilt with full
+    8 x 2048 runs 22.0k tokens/s with 91.2 GiB; full remat, measured with cuDNN attention, 17.4k with 51.2 GiB) and rebuilt with full
     remat when it needs more than `memory_limit` bytes per device (or the compiler runs out of device
     memory, as XLA:TPU does at compile time). Any other remat value is compiled as it is. The notes say
     what was tried and how long each took. Raises StepDoesNotFit when the compiler runs out of device

@@ -165,6 +165,17 @@ def _rows(start, size: int):
     return pl.ds(pl.multiple_of(start * size, size), size)
 
 
+def _masked_scores(a, b, scale2: float, masked: bool, visible, same):
+    """a b^T * scale2 in fp32 (base-2 logits; a, b (n, d) and (m, d)), NEG where a key is hidden: outside
+    the causal or window band (`visible()`, evaluated only on the band's edge blocks, where `masked`) or in
+    another document (`same`, bool (n, m); None without segment ids)."""
+    s = jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale2
+    keep = visible() if masked else None
+    if same is not None:
+        keep = same if keep is None else keep & same
+    return s if keep is None else jnp.where(keep, s, NEG)
+
+
 def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig = DEFAULT_CONFIG,
                    num_prefix: int = 0, interpret: bool = False) -> FlashPart:
     """The `FlashPart` of the text keys on Triton, causal or within `window`, documents apart by segments.
@@ -214,14 +225,9 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             def body(masked, j, carry, prefix=False):       # j: a prefix block, or a text block
                 m, l, acc = carry
                 at = _rows(j if prefix else nm + j, bk)
-                s = jax.lax.dot_general(qb, k_ref[at, :], (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32) * scale2
-                keep = _visible(qpos, (j * bk + jnp.arange(bk))[None, :], window) if masked else None
-                if seg and not prefix:
-                    same = qseg == ks_ref[_rows(j, bk)][None, :]
-                    keep = same if keep is None else keep & same
-                if keep is not None:
-                    s = jnp.where(keep, s, NEG)
+                s = _masked_scores(qb, k_ref[at, :], scale2, masked,
+                                   lambda: _visible(qpos, (j * bk + jnp.arange(bk))[None, :], window),
+                                   qseg == ks_ref[_rows(j, bk)][None, :] if seg and not prefix else None)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 p = jnp.exp2(s - m_new[:, None])
                 alpha = jnp.exp2(m - m_new)
@@ -280,14 +286,9 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             def body(masked, j, acc, prefix=False):         # j: a prefix block, or a text block
                 at = _rows(j if prefix else nm + j, bk)
                 kb, vb = k_ref[at, :], v_ref[at, :]
-                s = jax.lax.dot_general(qb, kb, (((1,), (1,)), ((), ())),
-                                        preferred_element_type=jnp.float32) * scale2
-                keep = _visible(qpos, (j * bk + jnp.arange(bk))[None, :], window) if masked else None
-                if seg and not prefix:
-                    same = qseg == ks_ref[_rows(j, bk)][None, :]
-                    keep = same if keep is None else keep & same
-                if keep is not None:
-                    s = jnp.where(keep, s, NEG)
+                s = _masked_scores(qb, kb, scale2, masked,
+                                   lambda: _visible(qpos, (j * bk + jnp.arange(bk))[None, :], window),
+                                   qseg == ks_ref[_rows(j, bk)][None, :] if seg and not prefix else None)
                 p = jnp.exp2(s - lse2)
                 dp = jax.lax.dot_general(do, vb, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                 ds = (p * (dp - d_i[:, None])).astype(kb.dtype)
@@ -354,14 +355,10 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
                     dk_acc, dv_acc = carry
                     at = _rows(i, bq)
                     qb, do = q_ref[at, h, :], do_ref[at, h, :]
-                    st = jax.lax.dot_general(kb, qb, (((1,), (1,)), ((), ())),
-                                             preferred_element_type=jnp.float32) * scale2     # (bk, bq)
-                    keep = _visible((i * bq + jnp.arange(bq))[None, :], kpos, window) if masked else None
-                    if seg:
-                        same = (kseg == qs_ref[at][None, :]) | (j < 0)     # prefix keys: every document
-                        keep = same if keep is None else keep & same
-                    if keep is not None:
-                        st = jnp.where(keep, st, NEG)
+                    st = _masked_scores(kb, qb, scale2, masked,                          # (bk, bq)
+                                        lambda: _visible((i * bq + jnp.arange(bq))[None, :], kpos, window),
+                                        # prefix keys (j < 0) are in every document
+                                        (kseg == qs_ref[at][None, :]) | (j < 0) if seg else None)
                     pt = jnp.exp2(st - (lse_ref[h, at] * LOG2E)[None, :])
                     dv_acc = dv_acc + jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
                     dpt = jax.lax.dot_general(vb, do, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -33,18 +33,18 @@ BACKENDS = {
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
-def make_inputs(seed: int, dtype, h0_batch: int):
+def make_inputs(seed: int, dtype, h0_batch: int, state: int = STATE):
     ks = jax.random.split(jax.random.key(seed), 10)
     normal = lambda k, shape, dt=dtype: jax.random.normal(k, shape, jnp.float32).astype(dt)
     x = normal(ks[0], (BATCH, LENGTH, WIDTH))
     dt = normal(ks[1], (BATCH, LENGTH, WIDTH))
-    A = -jnp.exp(normal(ks[2], (WIDTH, STATE), jnp.float32))
-    B, C = normal(ks[3], (BATCH, LENGTH, STATE)), normal(ks[4], (BATCH, LENGTH, STATE))
+    A = -jnp.exp(normal(ks[2], (WIDTH, state), jnp.float32))
+    B, C = normal(ks[3], (BATCH, LENGTH, state)), normal(ks[4], (BATCH, LENGTH, state))
     D = normal(ks[5], (WIDTH,), jnp.float32)
     z = normal(ks[6], (BATCH, LENGTH, WIDTH))
     bias = normal(ks[7], (WIDTH,), jnp.float32)
     reset = (jnp.zeros((BATCH, LENGTH), bool).at[0, 5].set(True).at[0, 13].set(True).at[1, 8].set(True))
-    h0 = normal(ks[9], (h0_batch, WIDTH, STATE), jnp.float32)
+    h0 = normal(ks[9], (h0_batch, WIDTH, state), jnp.float32)
     return (x, dt, A, B, C, D, z, bias, h0), reset
 
 
@@ -95,6 +95,17 @@ def test_matches_sequential(reference, backend, dtype, h0_batch, tol):
         assert g.shape == ref_g.shape and g.dtype == ref_g.dtype, name
         assert float(jnp.linalg.norm(ref_g.astype(jnp.float32))) > 0, name
         assert rel(g, ref_g) < (5e-6 if g.dtype == jnp.float32 else tol), name
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu_parallel"])
+def test_triton_kernels_pad_a_state_size_that_is_not_a_power_of_two(reference, backend):
+    """Triton tiles are powers of two: N = 3 runs padded to 4 (`pow2_state_kernels`) and is cut back, exactly."""
+    inputs, reset = make_inputs(0, jnp.float32, BATCH, state=3)
+    grads, (y, last) = value_and_grads(BACKENDS[backend])(inputs, reset)
+    ref_grads, (ref_y, ref_last) = reference(inputs, reset)
+    assert last.shape == (BATCH, WIDTH, 3)
+    for got, want in zip((y, last, *grads), (ref_y, ref_last, *ref_grads)):
+        assert got.shape == want.shape and rel(got, want) < 5e-6
 
 
 def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):

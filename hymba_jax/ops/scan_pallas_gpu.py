@@ -16,6 +16,7 @@ and dC are summed over channel blocks outside the kernel (one (B, L, N) partial 
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,13 +81,17 @@ def _params(refs) -> Params:
     return Params(refs["A"][...], refs["D"][...], refs["bias"][...], refs["h0"][...])
 
 
-def _call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
+def triton_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg,
+                num_warps: Optional[int] = None):
+    """pallas_call of `kernel(refs)`, its refs by name (inputs, then outputs); Triton's warps from
+    `num_warps`, else cfg["num_warps"]; cfg["interpret"] runs it in the Pallas interpreter."""
     def body(*refs):
         kernel(dict(zip(names_in + names_out, refs)))
 
     params = None
     if plgpu is not None and not cfg["interpret"]:
-        params = plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=1)
+        warps = cfg["num_warps"] if num_warps is None else num_warps
+        params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           compiler_params=params, interpret=cfg["interpret"], name=name)
 
@@ -141,7 +146,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
         refs["last"][...] = jax.lax.fori_loop(0, n_chunks, body, p.h0)
 
-    outs = _call("selective_scan_forward", kernel, names_in, names_out,
+    outs = triton_call("selective_scan_forward", kernel, names_in, names_out,
                  tuple(jax.ShapeDtypeStruct(*shapes[k]) for k in names_out),
                  _in_specs(names_in, length, n, block), tuple(specs[k] for k in names_out),
                  (batch, width // block), cfg)(*operands)
@@ -191,7 +196,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         refs["dbias"][...] = acc.dbias
         refs["dh0"][...] = acc.dh0 + dh
 
-    outs = dict(zip(names_out, _call("selective_scan_backward", kernel, names_in, names_out, out_shape,
+    outs = dict(zip(names_out, triton_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
                                      in_specs, [specs[k] for k in names_out], (batch, n_blocks), cfg)(*operands)))
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
                  outs["dB"].sum(1)[..., 0].astype(c.B.dtype), outs["dC"].sum(1)[..., 0].astype(c.C.dtype),
@@ -209,17 +214,23 @@ def _pow2_state(c: Canon) -> Canon:
     return c._replace(B=_grow(c.B, 2, n), C=_grow(c.C, 2, n), A=_grow(c.A, 0, n), h0=_grow(c.h0, 1, n))
 
 
-def _forward_any_state(c: Canon, keep_starts: bool, cfg):
-    n = c.A.shape[0]
-    y, starts, last = _forward(_pow2_state(c), keep_starts, cfg)
-    return y, None if starts is None else starts[:, :, :n], last[:, :n]
+def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, chunk: int, cfg: dict) -> Kernels:
+    """The `Kernels` of Triton kernels `forward(c, keep_starts, cfg)`, `backward(c, starts, dy, dlast, cfg)`
+    for any state size N: they need a power of two, so the state axis is padded (`_pow2_state`; the
+    chunk-start states' at `starts_axis`) and their results are cut back to N."""
 
+    def forward_any_state(c: Canon, keep_starts: bool):
+        n = c.A.shape[0]
+        y, starts, last = forward(_pow2_state(c), keep_starts, cfg)
+        return y, None if starts is None else jax.lax.slice_in_dim(starts, 0, n, axis=starts_axis), last[:, :n]
 
-def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
-    n = c.A.shape[0]
-    m = pl.next_power_of_2(n)
-    g = _backward(_pow2_state(c), _grow(starts, 2, m), dy, _grow(dlast, 1, m), cfg)
-    return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
+    def backward_any_state(c: Canon, starts, dy, dlast):
+        n = c.A.shape[0]
+        m = pl.next_power_of_2(n)
+        g = backward(_pow2_state(c), _grow(starts, starts_axis, m), dy, _grow(dlast, 1, m), cfg)
+        return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
+
+    return Kernels(chunk, forward_any_state, backward_any_state)
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,8 +244,7 @@ def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                interpret=interpret)
-    return Kernels(max(chunk, inference_chunk), functools.partial(_forward_any_state, cfg=cfg),
-                   functools.partial(_backward_any_state, cfg=cfg))
+    return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 
 @register_backend("pallas_gpu")

@@ -44,7 +44,7 @@ from jax.interpreters import mlir
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Canon, Kernels, channel_block, fused_scan, sigmoid, softplus
-from hymba_jax.ops.scan_pallas_gpu import _grow, _pow2_state
+from hymba_jax.ops.scan_pallas_gpu import pow2_state_kernels, triton_call
 
 try:  # the Triton compiler parameters and lowering (absent from some jaxlib builds)
     from jax.experimental.pallas import triton as plgpu
@@ -138,17 +138,6 @@ if triton_lowering is not None:
 
 # --------------------------------------------------------------------------------------------------
 # The kernels.
-
-def _call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg, num_warps: int):
-    def body(*refs):
-        kernel(dict(zip(names_in + names_out, refs)))
-
-    params = None
-    if plgpu is not None and not cfg["interpret"]:
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          compiler_params=params, interpret=cfg["interpret"], name=name)
-
 
 def _barrier(cfg):
     """Order a tile's writes of carried values before the next tile's reads (other threads may hold them)."""
@@ -259,7 +248,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
         jax.lax.fori_loop(0, n_tiles, body, 0)
 
-    y, starts = _call("selective_scan_parallel_forward", kernel, names_in, names_out, out_shape,
+    y, starts = triton_call("selective_scan_parallel_forward", kernel, names_in, names_out, out_shape,
                       _in_specs(names_in, s), [s["row"], s["starts"]], (batch, width // block), cfg,
                       cfg["num_warps"])(*operands)
     return _t(y), starts, _t(starts[:, -1])
@@ -346,26 +335,13 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         jax.lax.fori_loop(0, n_tiles, body, 0)
 
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
-    outs = dict(zip(names_out, _call("selective_scan_parallel_backward", kernel, names_in, names_out, out_shape,
+    outs = dict(zip(names_out, triton_call("selective_scan_parallel_backward", kernel, names_in, names_out, out_shape,
                                      _in_specs(names_in, s), [specs[k] for k in names_out],
                                      (batch, n_blocks), cfg, cfg["backward_num_warps"])(*operands)))
     return Canon(_t(outs["dx"]), _t(outs["ddt"]), _t(outs.get("dz")),
                  _t(outs["dB"].sum(1)).astype(c.B.dtype), _t(outs["dC"].sum(1)).astype(c.C.dtype),
                  None, outs["dA"].sum(0).T, outs["dD"].sum(0).T, outs["dbias"].sum(0).T,
                  _t(outs["dh0"] + outs["dcarry"]))
-
-
-def _forward_any_state(c: Canon, keep_starts: bool, cfg):
-    n = c.A.shape[0]
-    y, starts, last = _forward(_pow2_state(c), keep_starts, cfg)
-    return y, starts[..., :n], last[:, :n]
-
-
-def _backward_any_state(c: Canon, starts, dy, dlast, cfg):
-    n = c.A.shape[0]
-    m = pl.next_power_of_2(n)
-    g = _backward(_pow2_state(c), _grow(starts, 3, m), dy, _grow(dlast, 1, m), cfg)
-    return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,8 +358,7 @@ def kernels(chunk: int = CHUNK, inference_chunk: int = INFERENCE_CHUNK, block_d:
             raise ValueError(f"pallas_gpu_parallel {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                backward_block_d=backward_block_d, backward_num_warps=backward_num_warps, interpret=interpret)
-    return Kernels(max(chunk, inference_chunk), functools.partial(_forward_any_state, cfg=cfg),
-                   functools.partial(_backward_any_state, cfg=cfg))
+    return pow2_state_kernels(_forward, _backward, 3, max(chunk, inference_chunk), cfg)
 
 
 @register_backend("pallas_gpu_parallel")

@@ -17,8 +17,8 @@ through their log-sum-exps (`_merged`):
 
 * 'cudnn_skip' (GPU): cuDNN's own causal / sliding-window mask for the text (`hymba_jax.ops.attention_cudnn`).
 * 'splash' (TPU): Pallas splash attention (`hymba_jax.ops.attention_splash`), prefix keys in XLA.
-* 'pallas_flash' (GPU): our Pallas Triton kernels for the text keys (`hymba_jax.ops.attention_flash_gpu`),
-  prefix keys in XLA (or, opt-in, in the kernels).
+* 'pallas_flash' (GPU): our Pallas Triton kernels (`hymba_jax.ops.attention_flash_gpu`), the prefix keys
+  in the same kernels when they are whole key blocks (then nothing is merged), else in XLA.
 
 Decode (`cache_attention`, GPU): one query position against a K/V cache in the cache's own layout, one
 Pallas (Triton) program per (row, KV head) with an online softmax, merged with the position's own key.

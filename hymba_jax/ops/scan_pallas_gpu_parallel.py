@@ -1,6 +1,7 @@
 """The 'pallas_gpu_parallel' scan backend: the fused scan (see scan_fused) parallel over time inside each
-Pallas Triton program. Not chosen by `auto`: on the H200 its first layout was 6x slower than `pallas_gpu`
-(docs/performance.md, "Time-parallel kernel"); this channel-major layout is not yet timed on a GPU.
+Pallas Triton program. Not chosen by `auto`: on the H200 this channel-major layout is 1.4-1.6x slower than
+`pallas_gpu` forward+backward at 8 x 2048, and at 4 x 4096 faster forward (1.86 vs 2.42 ms) but slower
+forward+backward (11.8 vs 9.3 ms) (docs/performance.md, "Time-parallel kernel").
 
 Grid (batch, channel blocks); a program walks the sequence in tiles of bD channels x T steps. Inside a
 tile, for each of the N states (a static Python loop), the recurrence h_t = a_t h_{t-1} + b_t runs as one
@@ -57,7 +58,7 @@ except ImportError:  # pragma: no cover
 CHUNK = 64              # time steps per tile of the training kernels (forward and backward)
 INFERENCE_CHUNK = 64    # the forward's tile when no backward follows (128 at 16 channels: spills, ptxas)
 # Channels per program and warps, forward and backward (PTX from Triton 3.9 for sm_90, docs/performance.md;
-# not yet timed on a GPU). Forward: one warp of 4 channels, which Triton lays out as 8 consecutive steps
+# the timed defaults). Forward: one warp of 4 channels, which Triton lays out as 8 consecutive steps
 # per thread, 8 lanes along time and 4 along channels: no shared memory, 2 barriers, 192 shuffles per
 # 64-step tile. Backward: its dB and dC are written as one (B, L, N) partial per channel block, 0.42 GB
 # together at 8 x 2048 x 3200 with 16 channels (1.7 GB with 4), so it takes 16 channels over 4 warps and

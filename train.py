@@ -45,6 +45,7 @@ def main() -> None:
     from hymba_jax.parallel import MeshError
     from hymba_jax.checkpoint import CheckpointError
     from hymba_jax.train.loop import TrainingError, train
+    from hymba_jax.train.step import StepDoesNotFit
 
     try:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -53,7 +54,7 @@ def main() -> None:
         raise app.UsageError(str(e)) from None
     try:
         result = train(_CONFIG.value, _WORKDIR.value, start_over=_START_OVER.value)
-    except (TrainConfigError, MeshError) as e:
+    except (TrainConfigError, MeshError, StepDoesNotFit) as e:
         raise SystemExit(f"config error: {e}") from None
     except (TrainingError, CheckpointError) as e:
         raise SystemExit(f"training stopped: {e}") from None

@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import profile_summary  # noqa: E402
+import startup_profile  # noqa: E402
 
 
 def write_trace(directory: Path, events: list[dict]) -> None:
@@ -58,6 +59,32 @@ def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
 def test_profile_summary_names_a_missing_trace(tmp_path):
     with pytest.raises(SystemExit, match="no perfetto_trace.json.gz"):
         profile_summary.summarize(str(tmp_path), steps=1)
+
+
+def test_startup_profile_sums_nested_host_events():
+    """Total time per event name counts each event once; self time leaves out the events nested in it;
+    the tree shows the nesting; device planes are not host time."""
+    from jax._src.lib import _profile_data
+
+    s = 1_000_000_000_000                                          # one second in picoseconds
+    events = [(1, 0, 3 * s), (2, s // 2, s), (3, s // 2, s // 4), (2, 2 * s, s // 2), (1, 4 * s, s)]
+    xspace = (
+        'planes { id: 1 name: "/host:CPU" lines { id: 1 name: "compiler" timestamp_ns: 0 '
+        + " ".join(f"events {{ metadata_id: {m} offset_ps: {o} duration_ps: {d} }}" for m, o, d in events)
+        + ' } event_metadata { key: 1 value { id: 1 name: "Compile" } } '
+        'event_metadata { key: 2 value { id: 2 name: "fusion" } } '
+        'event_metadata { key: 3 value { id: 3 name: "ptxas" } } } '
+        'planes { id: 2 name: "/device:GPU:0" lines { id: 1 name: "stream" timestamp_ns: 0 '
+        'events { metadata_id: 1 offset_ps: 0 duration_ps: 9000000000000 } } '
+        'event_metadata { key: 1 value { id: 1 name: "kernel" } } }')
+    text = startup_profile.summarise(_profile_data.ProfileData.from_text_proto(xspace), tree_min_s=0.4)
+    totals = text.split("by total time")[1].split("by self time")[0]
+    own = text.split("by self time")[1]
+    assert "4.00 s  x2      Compile" in totals and "1.50 s  x2      fusion" in totals
+    assert "2.50 s  x2      Compile" in own and "1.25 s  x2      fusion" in own and "0.25 s  x1      ptxas" in own
+    assert "== thread compiler: busy 4.00 s" in text
+    assert "\n      1.00 s  fusion" in text                       # nested one level under Compile
+    assert "kernel" not in text
 
 
 @pytest.mark.parametrize("fixed, per_row, wobble", [(3_000, 80, 0), (3_000, 80, 7), (500, 900, 0), (90_000, 80, 0)],

@@ -316,3 +316,19 @@ def test_workdir_that_is_a_file_is_named(corpus, tmp_path):
     path.write_text("x")
     with pytest.raises(TrainingError, match=r"--workdir .*file: is a file, not a directory"):
         train(small_config(corpus), path)
+
+
+def test_a_step_that_fails_to_compile_stops_the_run_with_its_error(corpus, tmp_path, monkeypatch):
+    """The step compiles on a background thread while the state is initialised; its error reaches the
+    caller as it was raised, before any step or checkpoint."""
+    from hymba_jax.train.program import TrainProgram
+    from hymba_jax.train.step import StepDoesNotFit
+
+    def fails(*args, **kwargs):
+        raise StepDoesNotFit("the train step with remat full does not fit in device memory")
+
+    monkeypatch.setattr(TrainProgram, "compile", fails)
+    with pytest.raises(StepDoesNotFit, match="remat full does not fit"):
+        train(small_config(corpus), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+

@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -113,6 +114,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     if start_over:
         _move_aside(workdir)
 
+    kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
+    # The step needs only the shapes of the state and the batch: it is traced and compiled (a minute or
+    # more on a cold cache) while the data pipeline starts and the state is initialised or restored.
+    compiling = _Background(program.compile, kernels_cfg,
+                            (program.abstract_state(), program.abstract_batch(config.batch_size, config.seq_len)),
+                            device_memory_limit(), cache_dir)
     train_iter = iter(make_dataset(config.data, tokenizer, split="train", global_batch_size=config.batch_size,
                                    seq_len=config.seq_len, seed=config.seed))
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -123,7 +130,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
         raise
     start = int(jax.device_get(state.step))
 
-    kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
     eval_step = program.eval_step(kernels_cfg)
     logger = MetricsLogger(workdir, start, config.num_steps)
     logger.message(f"model {model_cfg.num_layers} layers x {model_cfg.hidden_size}, "
@@ -152,8 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     with _StopRequest() as stop, _closing(checkpointer, logger, profiler):
         # The iterator is advanced only right before a step, so a checkpoint's data position is its step.
         batch = next(train_iter)
-        compiled, kernels_cfg, notes = program.compile(kernels_cfg, (state, shard_batch(batch, batch_sh)),
-                                                       device_memory_limit(), cache_dir)
+        compiled, kernels_cfg, notes = compiling.result()
         for note in notes:
             logger.message(note)
         logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,
@@ -215,6 +220,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     if jax.process_index() == 0 and stop.signal is None:
         plot_loss_curve(workdir)
     return {"step": step, "stopped_by_signal": stop.signal, **{f"val_{k}": v for k, v in last_eval.items()}}
+
+
+class _Background:
+    """`fn(*args)` on a daemon thread; `result()` waits for it and returns its value or raises its error.
+
+    Daemon, so that a run stopping before it needs the result (a refused resume, an interrupt) exits at
+    once instead of waiting for the work to finish."""
+
+    def __init__(self, fn: Callable, *args):
+        self._outcome: tuple = ()
+
+        def work():
+            try:
+                self._outcome = (True, fn(*args))
+            except BaseException as e:       # re-raised in the caller's thread by result()
+                self._outcome = (False, e)
+
+        self._thread = threading.Thread(target=work, name=getattr(fn, "__name__", "background"), daemon=True)
+        self._thread.start()
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
 
 
 PROFILE_AFTER = 1   # profile_steps start after this many steps of a run (the first one warms up)

@@ -23,8 +23,10 @@ from hymba_jax.ops.scan import available_backends, selective_scan
 BATCH, LENGTH, WIDTH, STATE = 2, 21, 16, 4      # length 21: not a multiple of the chunk (8)
 BACKENDS = {
     "chunked": scan_chunked.with_chunk(8),
-    # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
-    "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
+    # the gradient path keeps states every 4 steps, the forward-only path unrolls 8 (its own kernel: the
+    # time-parallel one small grids take is tested on its own below)
+    "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, time_parallel_grid=0,
+                                               interpret=True),
     "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True),
     # time tiles of 8 steps with a backward pass, of 16 without; other channel blocks forward and backward
     "pallas_gpu_parallel": scan_pallas_gpu_parallel.with_kernels(chunk=8, inference_chunk=16, block_d=8,
@@ -116,7 +118,7 @@ def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):
     assert pick(4, 3200, True) == 16 and pick(8, 3200, True) == 32 and pick(4, 3200, False) == 32
     assert scan_pallas_gpu._block(dict(block_d=8), 4, 3200, True) == 8         # an explicit size is kept
     width = 64                                                                  # 2 x 2 programs: small
-    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, interpret=True)
+    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, time_parallel_grid=0, interpret=True)
     inputs, reset = make_inputs(2, jnp.float32, BATCH)
     x, dt, A, B, C, D, z, bias, h0 = inputs
     wide = lambda t: jnp.tile(t, (1,) * (t.ndim - 1) + (width // WIDTH,))
@@ -126,6 +128,27 @@ def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):
     ref_grads, (ref_y, ref_last) = value_and_grads(sequential)(inputs, reset)
     y_alone, _ = jax.jit(fn)(*inputs[:8], reset, inputs[8])                    # forward only: 32 channels
     assert rel(y, ref_y) < 5e-6 and rel(y_alone, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
+    for name, g, ref_g in zip(NAMES, grads, ref_grads):
+        assert rel(g, ref_g) < 5e-6, name
+
+
+def test_pallas_gpu_forward_alone_on_a_small_grid_runs_the_time_parallel_kernel(reference):
+    """Without a backward pass, a grid under TIME_PARALLEL_FORWARD_GRID programs (4 x 4096 x 3200: 400)
+    takes the time-parallel forward, padded to its tile (length 21 here); with a backward, or on a larger
+    grid, pallas_gpu's own kernels run. Both equal the reference."""
+    choose = lambda batch, width, training: scan_pallas_gpu._time_parallel(
+        dict(time_parallel_grid=scan_pallas_gpu.TIME_PARALLEL_FORWARD_GRID), batch, width, training)
+    assert choose(4, 3200, False) and not choose(8, 3200, False) and not choose(4, 3200, True)
+    assert not scan_pallas_gpu._time_parallel(dict(time_parallel_grid=0), 1, 32, False)
+    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, interpret=True)
+    inputs, reset = make_inputs(3, jnp.float32, BATCH)
+    ref_grads, (ref_y, ref_last) = reference(inputs, reset)
+    y, last = jax.jit(fn)(*inputs[:8], reset, inputs[8])
+    assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
+    calls = jax.make_jaxpr(fn)(*inputs[:8], reset, inputs[8])
+    assert "selective_scan_parallel_forward" in str(calls) and "selective_scan_forward" not in str(calls)
+    grads, (y, last) = value_and_grads(fn)(inputs, reset)
+    assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
     for name, g, ref_g in zip(NAMES, grads, ref_grads):
         assert rel(g, ref_g) < 5e-6, name
 

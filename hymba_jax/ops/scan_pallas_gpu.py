@@ -6,7 +6,9 @@ channel and its N states, so the recurrence and the sums over the state axis (y;
 never leave the thread, and the backward's sums over channels (dB, dC) are warp shuffles: no shared memory
 and no barrier in the per-step path. More warps per program spread a tile's states across warps, and every
 step then pays cross-warp sums (measured in docs/performance.md). For small grids the training kernels
-take 16 channels per program, two threads per channel (`_block`). Rows are read straight from global
+take 16 channels per program, two threads per channel (`_block`), and a forward pass without a backward
+(evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' instead (`_time_parallel`):
+with a few rows, walking every channel's steps one by one leaves the GPU mostly idle. Rows are read straight from global
 memory at (t, channel block), so nothing but y (forward) and the input gradients (backward) crosses memory
 at (B, L, D) size; the forward writes the state once per chunk, and only when a backward pass follows. dB
 and dC are summed over channel blocks outside the kernel (one (B, L, N) partial per block).
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from hymba_jax.ops.scan import register_backend
+from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
     forward_chunk, fused_scan
 
@@ -40,6 +43,9 @@ NUM_WARPS = 1
 # forward+backward: 4 x 4096 x 3200 (400 programs) 9.27 ms against 11.96; 8 x 2048 (800) 8.74 against 6.62.
 SMALL_GRID = 512
 SMALL_GRID_BLOCK_D = 16
+# A forward without a backward on a grid under this many programs of BLOCK_D channels runs the
+# time-parallel kernel (H200: 4 x 4096 x 3200, 400 programs, 1.86 ms against 2.42; docs/performance.md).
+TIME_PARALLEL_FORWARD_GRID = SMALL_GRID
 
 
 class _IO:
@@ -120,8 +126,29 @@ def _block(cfg, batch: int, width: int, training: bool) -> int:
     return channel_block(width, largest)
 
 
+def _time_parallel(cfg, batch: int, width: int, training: bool) -> bool:
+    """Whether a forward runs 'pallas_gpu_parallel''s kernel: only without a backward pass (whose
+    chunk-start states are this module's), on a grid under cfg's time_parallel_grid programs."""
+    return not training and batch * (width // BLOCK_D) < cfg["time_parallel_grid"]
+
+
+def _time_parallel_forward(c: Canon, cfg):
+    """The forward of 'pallas_gpu_parallel' (tiles along time spread over a program's threads; it
+    builds on this module's `triton_call`, hence the import here), on c padded to its tile."""
+    from hymba_jax.ops import scan_pallas_gpu_parallel
+
+    kernels = scan_pallas_gpu_parallel.kernels(interpret=cfg["interpret"])
+    length = c.x.shape[1]
+    x, dt, z, B, C, reset = pad_time(length, kernels.chunk, (c.x, 0), (c.dt, PAD_DT), (c.z, 0), (c.B, 0),
+                                     (c.C, 0), (c.reset, 0))
+    y, _, last = kernels.forward(c._replace(x=x, dt=dt, z=z, B=B, C=C, reset=reset), False)
+    return y[:, :length], None, last
+
+
 def _forward(c: Canon, keep_starts: bool, cfg):
     batch, length, width = c.x.shape
+    if _time_parallel(cfg, batch, width, training=keep_starts):
+        return _time_parallel_forward(c, cfg)
     n = c.A.shape[0]
     # Without a backward pass there are no chunk-start states to keep, so the loop can unroll further.
     chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
@@ -235,15 +262,17 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 
 @functools.lru_cache(maxsize=None)
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
-            inference_chunk: int = INFERENCE_CHUNK, interpret: bool = False) -> Kernels:
+            inference_chunk: int = INFERENCE_CHUNK, time_parallel_grid: int = TIME_PARALLEL_FORWARD_GRID,
+            interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
-    per program, or None to pick by grid size (`_block`)."""
+    per program, or None to pick by grid size (`_block`). time_parallel_grid: a forward without a backward
+    on a grid of fewer programs runs the time-parallel kernel (`_time_parallel`; 0: never)."""
     for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
-               interpret=interpret)
+               time_parallel_grid=time_parallel_grid, interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 

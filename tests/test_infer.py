@@ -97,8 +97,12 @@ def test_prefill_and_decode_match_full_forward(params):
     got, cache = cached_logits(CONFIG, params, ids, [11, 6, 17], chunk=8, max_len=SHAPE[1])
     want = full_logits(CONFIG, params, ids)
     err = np.abs(got - want).max()
-    print(f"max |cached - full| logits: {err:.2e}")
-    assert err < 1e-4
+    scale = np.abs(want).max()
+    print(f"max |cached - full| logits: {err:.2e} of logits up to {scale:.1f}")
+    # fp32 rounding, summed in another order (chunks, one-token steps, the cache's fp32 state) and
+    # amplified by 4 layers of random weights: 1.1e-5 of the largest logit on the CPU (a wrong slot or
+    # mask is off by a good fraction of a logit).
+    assert err < 3e-5 * scale
     assert np.asarray(cache.lengths).tolist() == [SHAPE[1]] * 3
     # The cache holds exactly the bytes cache_bytes promises.
     assert tree_bytes(cache) == cache_bytes(CONFIG, SHAPE[1], batch=3)

@@ -8,10 +8,11 @@ and no barrier in the per-step path. More warps per program spread a tile's stat
 step then pays cross-warp sums (measured in docs/performance.md). For small grids the training kernels
 take 16 channels per program, two threads per channel (`_block`), and a forward pass without a backward
 (evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' instead (`_time_parallel`):
-with a few rows, walking every channel's steps one by one leaves the GPU mostly idle. Rows are read straight from global
-memory at (t, channel block), so nothing but y (forward) and the input gradients (backward) crosses memory
-at (B, L, D) size; the forward writes the state once per chunk, and only when a backward pass follows. dB
-and dC are summed over channel blocks outside the kernel (one (B, L, N) partial per block).
+with a few rows, walking every channel's steps one by one leaves the GPU mostly idle. Rows are read
+straight from global memory at (t, channel block), so nothing but y (forward) and the input gradients
+(backward) crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a
+backward pass follows. dB and dC are summed over channel blocks outside the kernel (one (B, L, N) partial
+per block).
 `interpret=True` runs the same kernels on the CPU (tests).
 """
 

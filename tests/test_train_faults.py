@@ -319,7 +319,7 @@ def test_workdir_that_is_a_file_is_named(corpus, tmp_path):
 
 
 def test_a_step_that_fails_to_compile_stops_the_run_with_its_error(corpus, tmp_path, monkeypatch):
-    """The step compiles on a background thread while the state is initialised; its error reaches the
+    """The step compiles on a thread of its own while the state is initialised; its error reaches the
     caller as it was raised, before any step or checkpoint."""
     from hymba_jax.train.program import TrainProgram
     from hymba_jax.train.step import StepDoesNotFit

@@ -15,13 +15,13 @@ one way to begin again in a used workdir: its checkpoints and logs are moved int
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -116,10 +116,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
 
     kernels_cfg = resolve_kernels(model_cfg)   # checkpoints keep model_cfg: "auto" resolves where it runs
     # The step needs only the shapes of the state and the batch: it is traced and compiled (a minute or
-    # more on a cold cache) while the data pipeline starts and the state is initialised or restored.
-    compiling = _Background(program.compile, kernels_cfg,
-                            (program.abstract_state(), program.abstract_batch(config.batch_size, config.seq_len)),
-                            device_memory_limit(), cache_dir)
+    # more on a cold cache) on a thread of its own while the data pipeline starts and the state is
+    # initialised or restored. The thread is not a daemon: a run refused meanwhile exits when the compile
+    # is done (a daemon thread inside XLA's compile can crash the interpreter's exit).
+    background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
+    compiling = background.submit(program.compile, kernels_cfg, (program.abstract_state(), program.abstract_batch(
+        config.batch_size, config.seq_len)), device_memory_limit(), cache_dir)
+    background.shutdown(wait=False)
     train_iter = iter(make_dataset(config.data, tokenizer, split="train", global_batch_size=config.batch_size,
                                    seq_len=config.seq_len, seed=config.seed))
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -220,32 +223,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
     if jax.process_index() == 0 and stop.signal is None:
         plot_loss_curve(workdir)
     return {"step": step, "stopped_by_signal": stop.signal, **{f"val_{k}": v for k, v in last_eval.items()}}
-
-
-class _Background:
-    """`fn(*args)` on a daemon thread; `result()` waits for it and returns its value or raises its error.
-
-    Daemon, so that a run stopping before it needs the result (a refused resume, an interrupt) exits at
-    once instead of waiting for the work to finish."""
-
-    def __init__(self, fn: Callable, *args):
-        self._outcome: tuple = ()
-
-        def work():
-            try:
-                self._outcome = (True, fn(*args))
-            except BaseException as e:       # re-raised in the caller's thread by result()
-                self._outcome = (False, e)
-
-        self._thread = threading.Thread(target=work, name=getattr(fn, "__name__", "background"), daemon=True)
-        self._thread.start()
-
-    def result(self) -> Any:
-        self._thread.join()
-        ok, value = self._outcome
-        if not ok:
-            raise value
-        return value
 
 
 PROFILE_AFTER = 1   # profile_steps start after this many steps of a run (the first one warms up)

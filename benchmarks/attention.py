@@ -59,6 +59,11 @@ def _flash_config(spec: str):
 INTERPRET = False        # --interpret: the flash kernels in the Pallas interpreter (a smoke test on the CPU)
 
 
+def _band(mask, length: int) -> jax.Array:
+    """The run-time window of the `pallas_flash` kernels for `mask` (a global mask's is the text length)."""
+    return jnp.asarray(length if mask.window is None else mask.window, jnp.int32)
+
+
 def _variant(name):
     """fn(q, k, v, prefix, mask) for a candidate name ('pallas_flash@SPEC': a flash variant)."""
     if name in ("xla", "cudnn", "cudnn_skip", "pallas_flash"):
@@ -69,7 +74,8 @@ def _variant(name):
         spec = name.split("@", 1)[1]
         config = _flash_config(spec)
         return lambda q, k, v, prefix, mask: flash_attention(
-            q, k, v, prefix, mask.segments, window=mask.window, scale=scale, config=config, interpret=INTERPRET)
+            q, k, v, prefix, mask.segments, _band(mask, q.shape[1]), scale=scale, config=config,
+            interpret=INTERPRET)
     from hymba_jax.ops.attention_cudnn import cudnn_part
     unpadded = "_pad" not in name
     meta = xla_prefix_part(scale) if "_xlameta" in name else cudnn_part(
@@ -170,22 +176,21 @@ def shape_jobs(batch, length, candidates, flash_variants, flash_parts, masks) ->
 
         def part(spec, which, mask=mask):
             from hymba_jax.ops.attention_flash_gpu import flash_gpu_part
-            text = flash_gpu_part(window=mask.window, scale=DK ** -0.5, config=_flash_config(spec),
-                                  interpret=INTERPRET)
-            seg, dout = mask.segments, x.w.astype(x.q.dtype)
+            text = flash_gpu_part(scale=DK ** -0.5, config=_flash_config(spec), interpret=INTERPRET)
+            seg, band, dout = mask.segments, _band(mask, x.q.shape[1]), x.w.astype(x.q.dtype)
 
             def compile_():
-                fwd = jax.jit(text.forward).trace(x.q, x.k, x.v, seg).lower().compile()
+                fwd = jax.jit(text.forward).trace(x.q, x.k, x.v, seg, band).lower().compile()
                 if which == "fwd":
-                    return lambda: fwd(x.q, x.k, x.v, seg)
-                out, lse = jax.eval_shape(text.forward, x.q, x.k, x.v, seg)
-                bwd = jax.jit(text.backward).trace(x.q, x.k, x.v, seg, out, lse, dout).lower().compile()
+                    return lambda: fwd(x.q, x.k, x.v, seg, band)
+                out, lse = jax.eval_shape(text.forward, x.q, x.k, x.v, seg, band)
+                bwd = jax.jit(text.backward).trace(x.q, x.k, x.v, seg, band, out, lse, dout).lower().compile()
                 saved = []                   # the forward's results, made on the first run (main thread)
 
                 def run():
                     if not saved:
-                        saved.extend(fwd(x.q, x.k, x.v, seg))
-                    return bwd(x.q, x.k, x.v, seg, *saved, dout)
+                        saved.extend(fwd(x.q, x.k, x.v, seg, band))
+                    return bwd(x.q, x.k, x.v, seg, band, *saved, dout)
                 return run
             return Job(title, f"pallas_flash@{spec} text {which}", compile_, None)
 

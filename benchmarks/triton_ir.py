@@ -76,11 +76,12 @@ def dump_attention_kernels(config, batch: int, length: int, window, packed: bool
     q, k, v = (jax.ShapeDtypeStruct(s, bf) for s in ((batch, length, 25, 64), (batch, length, 5, 64),
                                                      (batch, length, 5, 128)))
     seg = jax.ShapeDtypeStruct((batch, length), jnp.int32) if packed else None
-    part = flash_gpu_part(window=window, scale=64 ** -0.5, config=config)
+    band = jnp.asarray(length if window is None else window, jnp.int32)
+    part = flash_gpu_part(scale=64 ** -0.5, config=config)
     with capture_ttir(out, "flash") as paths:
-        out_, lse = jax.eval_shape(part.forward, q, k, v, seg)
-        jax.jit(part.forward).trace(q, k, v, seg).lower(lowering_platforms=("cuda",))
-        jax.jit(part.backward).trace(q, k, v, seg, out_, lse, out_).lower(lowering_platforms=("cuda",))
+        out_, lse = jax.eval_shape(part.forward, q, k, v, seg, band)
+        jax.jit(part.forward).trace(q, k, v, seg, band).lower(lowering_platforms=("cuda",))
+        jax.jit(part.backward).trace(q, k, v, seg, band, out_, lse, out_).lower(lowering_platforms=("cuda",))
     return paths
 
 

@@ -99,8 +99,12 @@ def _splash(window, scale):
 def _pallas_flash(config):
     def make(window, scale):
         from hymba_jax.ops.attention_flash_gpu import FlashConfig, flash_attention
-        return functools.partial(flash_attention, window=window, scale=scale, config=FlashConfig.parse(config),
-                                 interpret=True)
+
+        def fn(q, k, v, prefix, segments):
+            band = jnp.asarray(q.shape[1] if window is None else window, jnp.int32)   # global: the length
+            return flash_attention(q, k, v, prefix, segments, band, scale=scale, config=FlashConfig.parse(config),
+                                   interpret=True)
+        return fn
     return make
 
 
@@ -140,11 +144,54 @@ def test_skipping_kernels_match_reference(kernel, length, window, boundary, meta
         assert rel(g, r) < 1e-5
 
 
+def test_flash_window_is_data_one_compile_for_both_layer_kinds():
+    """`layer_kind_mask` turns a layer's kind into data: one jitted program of the kind (the one-body layer
+    scan's situation) runs the pallas_flash kernels (interpret mode) for a global and a sliding-window layer,
+    each equal to `dot_product_attention` on its own mask (outputs and q/k/v/meta gradients, fp32, packed),
+    and is traced once."""
+    from hymba_jax.model.attention import layer_kind_mask
+
+    length, meta_len, window = 128, SM, 40
+    ks = jax.random.split(jax.random.key(3), 6)
+    q = jax.random.normal(ks[0], (1, length, SH, SDK))
+    k = jax.random.normal(ks[1], (1, length, SKV, SDK))
+    v = jax.random.normal(ks[2], (1, length, SKV, SDV))
+    meta = (jax.random.normal(ks[3], (1, meta_len, SKV, SDK)), jax.random.normal(ks[4], (1, meta_len, SKV, SDV)))
+    w = jax.random.normal(ks[5], (1, length, SH, SDV))
+    seg = jnp.array([[0] * 50 + [1] * (length - 50)])
+    masks = {g: text_mask(length, window=None if g else window, segments=seg, num_prefix=meta_len)
+             for g in (True, False)}
+    traces = []
+
+    @jax.jit
+    def grads(is_global, *args):
+        traces.append(is_global)
+        mask = layer_kind_mask(masks, is_global)
+        assert mask.window is None and mask.run_time_window is not None
+        loss = lambda q_, k_, v_, mk, mv: jnp.sum(attend(q_, k_, v_, mask, KV(mk, mv), "pallas_flash") * w)
+        return jax.value_and_grad(loss, argnums=range(5))(*args)
+
+    from hymba_jax.ops import attention_flash_gpu
+    with pytest.MonkeyPatch.context() as patch:     # the kernels in the Pallas interpreter
+        interpreted = functools.partial(attention_flash_gpu.flash_attention, interpret=True)
+        patch.setattr(attention_flash_gpu, "flash_attention", interpreted)
+        for is_global in (True, False):
+            got = grads(jnp.asarray(is_global), q, k, v, *meta)
+            ref_loss = lambda q_, k_, v_, mk, mv: jnp.sum(
+                dot_product_attention(q_, k_, v_, masks[is_global].dense, KV(mk, mv)) * w)
+            want = jax.value_and_grad(ref_loss, argnums=range(5))(q, k, v, *meta)
+            assert rel(got[0], want[0]) < 1e-5
+            for g, r in zip(got[1], want[1]):
+                assert rel(g, r) < 1e-5
+    assert len(traces) == 1
+
+
 @pytest.mark.parametrize("block_q,block_k", [(16, 16), (32, 16), (16, 64), (128, 64)])
 @pytest.mark.parametrize("window", [None, 1, 8, 40, 1024])
 def test_flash_band_bounds_are_exact(block_q, block_k, window, length=256):
     """The Triton kernels' loop bounds against the mask itself: a block pair is walked iff some query sees
-    some key in it, and walked unmasked iff every query sees every key."""
+    some key in it, and walked unmasked iff every query sees every key. A global layer (window None) runs
+    the kernels with the text length as its window."""
     import numpy as np
 
     from hymba_jax.ops.attention_flash_gpu import _key_blocks, _query_blocks
@@ -160,11 +207,12 @@ def test_flash_band_bounds_are_exact(block_q, block_k, window, length=256):
         assert lo <= a <= b <= hi <= n
         return set(range(lo, hi)), set(range(a, b))
 
+    band = length if window is None else window
     for i in range(nq):
-        any_, all_ = walked(*_key_blocks(i, block_q, block_k, window), nk)
+        any_, all_ = walked(*_key_blocks(i, block_q, block_k, band), nk)
         assert any_ == set(np.flatnonzero(some[i])) and all_ == set(np.flatnonzero(every[i])), (i, any_, all_)
     for j in range(nk):
-        any_, all_ = walked(*_query_blocks(j, block_q, block_k, nq, window), nq)
+        any_, all_ = walked(*_query_blocks(j, block_q, block_k, nq, band), nq)
         assert any_ == set(np.flatnonzero(some[:, j])) and all_ == set(np.flatnonzero(every[:, j])), (j, any_, all_)
 
 

@@ -60,12 +60,15 @@ class TextMask:
     """The mask of a pass over text positions 0..T-1 (queries and keys the same tokens) after
     `num_prefix` always-visible keys (the meta tokens), in two forms: `dense` (B|1, T, P + T) bool for
     the dense backends, and its structure (causal or a `window`, `segments` (B, T) for packed documents
-    or None) for the kernels that skip masked tiles (`SKIPPING_BACKENDS`). Build it with `text_mask`."""
+    or None) for the kernels that skip masked tiles (`SKIPPING_BACKENDS`). Build it with `text_mask`, or
+    with `layer_kind_mask` for a layer whose kind is data: then `window` is None and `run_time_window`
+    an int32 scalar (a global layer's is T, which hides nothing)."""
 
     dense: jax.Array
     segments: Optional[jax.Array]
     window: Optional[int] = dataclasses.field(metadata=dict(static=True))
     num_prefix: int = dataclasses.field(metadata=dict(static=True))
+    run_time_window: Optional[jax.Array] = None
 
 
 def text_mask(length: int, *, window: Optional[int], segments: Optional[jax.Array], num_prefix: int
@@ -79,6 +82,21 @@ def text_mask(length: int, *, window: Optional[int], segments: Optional[jax.Arra
 
 
 Mask = Union[jax.Array, TextMask]
+
+
+def layer_kind_mask(masks: dict[bool, Mask], is_global: jax.Array) -> Mask:
+    """The mask of a layer whose kind is data (the one-body layer scan, `hymba_jax.model.lm`): masks[True]
+    where `is_global` (a bool scalar), else masks[False]. TextMasks stay TextMasks, their window given at
+    run time, so one compiled layer serves both kinds."""
+    if masks[True] is masks[False]:
+        return masks[True]
+    if not isinstance(masks[True], TextMask):
+        return jnp.where(is_global, masks[True], masks[False])
+    global_mask, local_mask = masks[True], masks[False]
+    width = lambda mask: mask.dense.shape[-2] if mask.window is None else mask.window
+    window = jnp.where(is_global, width(global_mask), width(local_mask)).astype(jnp.int32)
+    return TextMask(jnp.where(is_global, global_mask.dense, local_mask.dense), global_mask.segments, None,
+                    global_mask.num_prefix, window)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -146,13 +164,15 @@ class AttentionBranch(nn.Module):
     """
 
     config: HymbaConfig
-    owns_kv: bool
+    owns_kv: Optional[bool]     # None: the layer of the one-body scan, its ownership given at run time
 
     @nn.compact
     def __call__(self, u: jax.Array, positions: jax.Array, mask: Mask, prefix_kv: Optional[KV],
-                 shared_kv: Optional[KV]) -> tuple[jax.Array, KV]:
+                 shared_kv: Optional[KV], owns: Optional[jax.Array] = None) -> tuple[jax.Array, KV]:
         """u (B, T, d) normalised input; positions (B|1, T); mask (B|1, T, S_prefix + T) or its TextMask;
-        prefix_kv (B|1, S_prefix, ...) or None.
+        prefix_kv (B|1, S_prefix, ...) or None. With `owns_kv` None, `owns` (a bool scalar) says whether
+        this layer's own K/V or `shared_kv` are used (both are computed: a consumer's K/V projections are
+        zeros in the one-body scan, `hymba_jax.model.lm`).
 
         Returns the attention output (B, T, heads * v_head_dim) and this pass's K/V (own or shared).
         """
@@ -162,12 +182,14 @@ class AttentionBranch(nn.Module):
         base = cfg.rope_base
         q = dense((cfg.num_heads, cfg.qk_head_dim), ("heads", "head_dim"), "q_proj")(u)
         q = apply_rope(q, positions, base)
-        if self.owns_kv:
+        if self.owns_kv is False:
+            kv = shared_kv
+        else:
             k = dense((cfg.num_kv_heads, cfg.qk_head_dim), ("kv_heads", "head_dim"), "k_proj")(u)
             v = dense((cfg.num_kv_heads, cfg.v_head_dim), ("kv_heads", "head_dim"), "v_proj")(u)
             kv = KV(apply_rope(k, positions, base), v)
-        else:
-            kv = shared_kv
+            if self.owns_kv is None:
+                kv = KV(*(jnp.where(owns, own, shared.astype(own.dtype)) for own, shared in zip(kv, shared_kv)))
         out = attend(q, kv.k, kv.v, mask, prefix_kv, attention_backend(cfg.attention_backend, cfg.dtype))
         return out.reshape(out.shape[:2] + (-1,)), kv
 
@@ -196,7 +218,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask, prefix: Optiona
                          f"{0 if prefix is None else prefix.k.shape[1]}")
     tiles = backend in SKIPPING_BACKENDS and q.shape[1] % SKIPPING_BACKENDS[backend] == 0
     if tiles and isinstance(mask, TextMask):
-        return skipping_attention(q, k, v, prefix, mask.segments, window=mask.window, backend=backend)
+        window = mask.window if mask.run_time_window is None else mask.run_time_window
+        return skipping_attention(q, k, v, prefix, mask.segments, window=window, backend=backend)
     dense = mask.dense if isinstance(mask, TextMask) else mask
     if backend in GPU_BACKENDS:
         return fused_attention(q, k, v, dense, prefix, implementation="cudnn")

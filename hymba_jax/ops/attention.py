@@ -18,7 +18,8 @@ through their log-sum-exps (`_merged`):
 * 'cudnn_skip' (GPU): cuDNN's own causal / sliding-window mask for the text (`hymba_jax.ops.attention_cudnn`).
 * 'splash' (TPU): Pallas splash attention (`hymba_jax.ops.attention_splash`), prefix keys in XLA.
 * 'pallas_flash' (GPU): our Pallas Triton kernels (`hymba_jax.ops.attention_flash_gpu`), the prefix keys
-  in the same kernels when they are whole key blocks (then nothing is merged), else in XLA.
+  in the same kernels when they are whole key blocks (then nothing is merged), else in XLA; the window is
+  an operand of the kernels, so one compiled set serves global and sliding-window layers.
 
 Decode (`cache_attention`, GPU): one query position against a K/V cache in the cache's own layout, one
 Pallas (Triton) program per (row, KV head) with an online softmax, merged with the position's own key.
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,10 @@ from hymba_jax.parallel import kernel_mesh_axes
 # `attention_flash_gpu.DEFAULT_CONFIG.length_multiple`).
 SKIPPING_BACKENDS = {"cudnn_skip": 1, "splash": 128, "pallas_flash": 64}
 ATTENTION_BACKENDS = ("xla", "cudnn") + tuple(SKIPPING_BACKENDS)   # for HymbaConfig.attention_backend
+# The backends whose masks need the sliding window at trace time (splash and cuDNN build their band into the
+# kernel); every other backend takes a layer's window as data, so global and sliding-window layers are one
+# compiled layer (`hymba_jax.model.lm.uses_one_layer_body`).
+STATIC_WINDOW_BACKENDS = ("cudnn_skip", "splash")
 
 
 def _pad_last(t: jax.Array, size: int) -> jax.Array:
@@ -165,12 +170,16 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *
 class FlashPart(NamedTuple):
     """One flash-attention call over a block of keys, in the layout of `dot_product_attention`.
 
-    forward(q (B, T, H, dk), k (B, S, KV, dk), v (B, S, KV, dv), segments (B, T) or None) returns the
-    output (B, T, H, dv) in q's dtype and the fp32 log-sum-exp of each query's scaled scores (B, H, T).
-    backward(q, k, v, segments, out, lse, dout) returns (dq, dk, dv) for the softmax normalised by `lse`
-    (B, H, T) with D = rowsum(dout * out): given the merged output and log-sum-exp of several parts, each
-    part's backward gives exactly its share of the full attention's gradients (probabilities
+    forward(q (B, T, H, dk), k (B, S, KV, dk), v (B, S, KV, dv), segments (B, T) or None, window) returns
+    the output (B, T, H, dv) in q's dtype and the fp32 log-sum-exp of each query's scaled scores (B, H, T).
+    backward(q, k, v, segments, window, out, lse, dout) returns (dq, dk, dv) for the softmax normalised by
+    `lse` (B, H, T) with D = rowsum(dout * out): given the merged output and log-sum-exp of several parts,
+    each part's backward gives exactly its share of the full attention's gradients (probabilities
     exp(s - lse) are the full softmax restricted to the part's keys).
+
+    window: the band as data, an int32 scalar (a global layer's is the text length) for the parts that
+    take it at run time (`RUN_TIME_WINDOW_BACKENDS`' kernels), so one compiled kernel serves every layer;
+    None for the parts built for one window (splash, cuDNN's masks) and the prefix parts, which ignore it.
     """
 
     forward: Callable
@@ -189,16 +198,16 @@ def xla_prefix_part(scale: float) -> FlashPart:
     def to_bht(x):                                   # (B, KV, G, T) -> (B, H, T)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
-    def forward(q, k, v, segments):
-        del segments
+    def forward(q, k, v, segments, window):
+        del segments, window
         s = logits(q, k)
         lse = jax.nn.logsumexp(s, axis=-1)
         probs = jnp.exp(s - lse[..., None]).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
         return out.reshape(q.shape[:3] + (v.shape[-1],)).astype(q.dtype), to_bht(lse)
 
-    def backward(q, k, v, segments, out, lse, dout):
-        del segments
+    def backward(q, k, v, segments, window, out, lse, dout):
+        del segments, window
         batch, length, heads, _ = q.shape
         kv_heads = k.shape[2]
         group = lambda x: x.reshape(batch, length, kv_heads, heads // kv_heads, x.shape[-1])
@@ -231,56 +240,60 @@ class _Parts(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _merged(parts: _Parts, q, k, v, prefix_k, prefix_v, segments):
-    return _merged_fwd(parts, q, k, v, prefix_k, prefix_v, segments)[0]
+def _merged(parts: _Parts, q, k, v, prefix_k, prefix_v, segments, window):
+    return _merged_fwd(parts, q, k, v, prefix_k, prefix_v, segments, window)[0]
 
 
 def _expand(t, batch):
     return jnp.broadcast_to(t, (batch,) + t.shape[1:])
 
 
-def _merged_fwd(parts, q, k, v, prefix_k, prefix_v, segments):
-    outs = [parts.text.forward(q, k, v, segments)]
+def _merged_fwd(parts, q, k, v, prefix_k, prefix_v, segments, window):
+    outs = [parts.text.forward(q, k, v, segments, window)]
     if parts.prefix is not None:
         batch = q.shape[0]
         outs.append(parts.prefix.forward(q, _expand(prefix_k, batch).astype(q.dtype),
-                                         _expand(prefix_v, batch).astype(q.dtype), None))
+                                         _expand(prefix_v, batch).astype(q.dtype), None, None))
     out, lse = _merge_outputs(outs) if len(outs) > 1 else outs[0]
     out = out.astype(q.dtype)
-    return out, (q, k, v, prefix_k, prefix_v, segments, out, lse)
+    return out, (q, k, v, prefix_k, prefix_v, segments, window, out, lse)
 
 
 def _merged_bwd(parts, res, dout):
-    q, k, v, prefix_k, prefix_v, segments, out, lse = res
+    q, k, v, prefix_k, prefix_v, segments, window, out, lse = res
     dout = dout.astype(q.dtype)
-    dq, dk, dv = parts.text.backward(q, k, v, segments, out, lse, dout)
+    dq, dk, dv = parts.text.backward(q, k, v, segments, window, out, lse, dout)
     dpk = dpv = None
     if parts.prefix is not None:
         batch = q.shape[0]
         dq_p, dpk, dpv = parts.prefix.backward(q, _expand(prefix_k, batch).astype(q.dtype),
-                                               _expand(prefix_v, batch).astype(q.dtype), None, out, lse, dout)
+                                               _expand(prefix_v, batch).astype(q.dtype), None, None, out, lse,
+                                               dout)
         dq = (dq.astype(jnp.float32) + dq_p.astype(jnp.float32)).astype(q.dtype)
         unbroadcast = lambda g, like: jnp.sum(g.astype(jnp.float32), axis=0, keepdims=like.shape[0] == 1
                                               ).reshape(like.shape).astype(like.dtype)
         dpk, dpv = unbroadcast(dpk, prefix_k), unbroadcast(dpv, prefix_v)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dpk, dpv, None
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dpk, dpv, None, None
 
 
 _merged.defvjp(_merged_fwd, _merged_bwd)
 
 
-def merged_attention(text: FlashPart, prefix_part: Optional[FlashPart], q, k, v, prefix, segments):
+def merged_attention(text: FlashPart, prefix_part: Optional[FlashPart], q, k, v, prefix, segments,
+                     window: Optional[jax.Array] = None):
     """Attention of q over [prefix | k, v] as `text` over k, v and `prefix_part` over the prefix keys
     (B|1, P, KV, d), merged exactly through the log-sum-exp, forward and backward. prefix: a
-    `(k, v)` pair or None. Returns (B, T, H, dv) in q's dtype."""
+    `(k, v)` pair or None; window: the text part's run-time window (see `FlashPart`) or None. Returns
+    (B, T, H, dv) in q's dtype."""
     if prefix is None:
         prefix_part = None
         prefix = (jnp.zeros((1, 0) + k.shape[2:], k.dtype), jnp.zeros((1, 0) + v.shape[2:], v.dtype))
-    return _merged(_Parts(text, prefix_part), q, k, v, prefix[0], prefix[1], segments)
+    return _merged(_Parts(text, prefix_part), q, k, v, prefix[0], prefix[1], segments, window)
 
 
-def per_device(fn: Callable, q, k, v, prefix, segments):
-    """fn(q, k, v, prefix, segments) on each device's rows and heads.
+def per_device(fn: Callable, q, k, v, prefix, segments, window: Optional[jax.Array] = None):
+    """fn(q, k, v, prefix, segments, window) on each device's rows and heads (window: a run-time window,
+    the same on every device, or None).
 
     A kernel is a custom call XLA cannot split, so under a multi-device mesh (`parallel.sharding_context`)
     shard_map runs it on the local block: rows as the rules split 'batch', query and KV heads as they split
@@ -289,22 +302,28 @@ def per_device(fn: Callable, q, k, v, prefix, segments):
     mesh = jax.sharding.get_abstract_mesh()
     prefix = None if prefix is None else tuple(prefix)
     if mesh.empty or mesh.size == 1:
-        return fn(q, k, v, prefix, segments)
+        return fn(q, k, v, prefix, segments, window)
     rows = kernel_mesh_axes("batch", (q.shape[0],), mesh)
     heads = kernel_mesh_axes("heads", (q.shape[2], k.shape[2]), mesh)
     big = PartitionSpec(rows, None, heads, None)
     pre = None if prefix is None else (PartitionSpec(None, None, heads, None),) * 2
     seg = None if segments is None else PartitionSpec(rows, None)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(big, big, big, pre, seg), out_specs=big,
-                         check_vma=False)(q, k, v, prefix, segments)
+    everywhere = None if window is None else PartitionSpec()
+    return jax.shard_map(fn, mesh=mesh, in_specs=(big, big, big, pre, seg, everywhere), out_specs=big,
+                         check_vma=False)(q, k, v, prefix, segments, window)
 
 
-def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], backend: str) -> jax.Array:
+def skipping_attention(q, k, v, prefix, segments, *, window: Union[None, int, jax.Array], backend: str
+                       ) -> jax.Array:
     """Attention of text queries q (B, T, H, dk) over the prefix keys (all visible) and the text keys
     k (B, T, KV, dk), v (B, T, KV, dv) at or before each query (within `window` positions unless None, in
     its own document where `segments` (B, T) differ), on a tile-skipping `backend`; equal to
-    `dot_product_attention` with the `TextMask` of the same structure. Returns (B, T, H, dv)."""
+    `dot_product_attention` with the `TextMask` of the same structure. `window` may be an int32 scalar
+    array (known at run time) except on `STATIC_WINDOW_BACKENDS`. Returns (B, T, H, dv)."""
     scale = q.shape[-1] ** -0.5
+    if backend in STATIC_WINDOW_BACKENDS and isinstance(window, jax.Array):
+        raise ValueError(f"attention_backend={backend!r} builds the window into its kernel: it needs an int "
+                         "window, not an array (run its layers kind by kind, `layer_runs`)")
     if backend == "splash":
         from hymba_jax.ops.attention_splash import splash_part
         text = splash_part(window=window, scale=scale)
@@ -315,8 +334,8 @@ def skipping_attention(q, k, v, prefix, segments, *, window: Optional[int], back
         prefix_part = cudnn_part(window=None, causal=False, scale=scale)
     elif backend == "pallas_flash":
         from hymba_jax.ops.attention_flash_gpu import flash_attention
-        return per_device(functools.partial(flash_attention, window=window, scale=scale), q, k, v, prefix,
-                          segments)
+        band = jnp.asarray(q.shape[1] if window is None else window, jnp.int32)   # global: the text length
+        return per_device(functools.partial(flash_attention, scale=scale), q, k, v, prefix, segments, band)
     else:
         raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")
     return per_device(lambda *a: merged_attention(text, prefix_part, *a), q, k, v, prefix, segments)

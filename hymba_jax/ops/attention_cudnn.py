@@ -57,12 +57,14 @@ def cudnn_part(*, window: Optional[int], causal: bool, scale: float, unpadded: O
                       mask_type=mask_type, layout=layout, sliding_window_length=sliding)
         return args, params
 
-    def forward(q, k, v, segments):
+    def forward(q, k, v, segments, run_time_window):
+        del run_time_window                  # None: the window is one of cuDNN's mask parameters
         args, params = inputs(q, k, v, segments)
         out, lse = cudnn._dot_product_attention_fwd_p_wrapper.bind(*args, **params, is_training=True)
         return out, lse
 
-    def backward(q, k, v, segments, out, lse, dout):
+    def backward(q, k, v, segments, run_time_window, out, lse, dout):
+        del run_time_window
         args, params = inputs(q, k, v, segments)
         dq, dk, dv = cudnn._dot_product_attention_bwd_p_wrapper.bind(*args, lse, out, dout, **params)[:3]
         dk_width = q.shape[-1]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -118,29 +117,26 @@ def _band_blocks(first_masked_lo, full_lo, full_hi, hi):
     return first_masked_lo, a, b, hi
 
 
-def _key_blocks(i, block_q: int, block_k: int, window: Optional[int]):
+def _key_blocks(i, block_q: int, block_k: int, window):
     """Key blocks of query block i (queries q0 .. q0 + block_q - 1, q0 = i * block_q), as (lo, a, b, hi):
     [lo, hi) hold a key some query sees (key <= query, query - key <= window), [a, b) only keys every
-    query sees. Causal: key block ends <= q0; window: key block starts >= q0 + block_q - 1 - window."""
+    query sees. Causal: key block ends <= q0; window: key block starts >= q0 + block_q - 1 - window (a
+    window of the text length or more: from block 0, the global layers' band)."""
     q0 = i * block_q
     hi = (q0 + block_q - 1) // block_k + 1          # the block of the last query's own key, inclusive
     full_hi = (q0 + 1) // block_k                   # blocks whose last key <= q0
-    if window is None:
-        return _band_blocks(0, 0, full_hi, hi)
     lo = jnp.maximum(q0 - window, 0) // block_k      # the block of the first query's farthest key
     full_lo = (jnp.maximum(q0 + block_q - 1 - window, 0) + block_k - 1) // block_k
     return _band_blocks(lo, full_lo, full_hi, hi)
 
 
-def _query_blocks(j, block_q: int, block_k: int, nq: int, window: Optional[int]):
+def _query_blocks(j, block_q: int, block_k: int, nq: int, window):
     """Query blocks that see key block j (keys k0 .. k0 + block_k - 1, k0 = j * block_k), as (lo, a, b, hi)
-    like `_key_blocks`: whole from the first block starting at or after the last key, up to (window) the
-    last block whose last query is within `window` of k0."""
+    like `_key_blocks`: whole from the first block starting at or after the last key, up to the last block
+    whose last query is within `window` of k0."""
     k0 = j * block_k
     lo = k0 // block_q
     full_lo = (k0 + block_k - 1 + block_q - 1) // block_q
-    if window is None:
-        return _band_blocks(lo, full_lo, nq, nq)
     hi = jnp.minimum((k0 + block_k - 1 + window) // block_q + 1, nq)
     full_hi = (k0 + window + 1) // block_q
     return _band_blocks(lo, full_lo, full_hi, hi)
@@ -155,10 +151,9 @@ def _sweep(bounds, body, carry):
     return jax.lax.fori_loop(a, b, functools.partial(body, False), carry)
 
 
-def _visible(qpos, kpos, window: Optional[int]):
-    """Causal (and window) visibility of broadcastable query and key positions."""
-    keep = kpos <= qpos
-    return keep if window is None else keep & (qpos - kpos <= window)
+def _visible(qpos, kpos, window):
+    """Causal and window visibility of broadcastable query and key positions."""
+    return (kpos <= qpos) & (qpos - kpos <= window)
 
 
 def _rows(start, size: int):
@@ -176,9 +171,11 @@ def _masked_scores(a, b, scale2: float, masked: bool, visible, same):
     return s if keep is None else jnp.where(keep, s, NEG)
 
 
-def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig = DEFAULT_CONFIG,
-                   num_prefix: int = 0, interpret: bool = False) -> FlashPart:
-    """The `FlashPart` of the text keys on Triton, causal or within `window`, documents apart by segments.
+def flash_gpu_part(*, scale: float, config: FlashConfig = DEFAULT_CONFIG, num_prefix: int = 0,
+                   interpret: bool = False) -> FlashPart:
+    """The `FlashPart` of the text keys on Triton, causal within the run-time window (an int32 scalar; a
+    global layer's is the text length, so one compiled kernel per shape serves both layer kinds), documents
+    apart by segments.
 
     With `num_prefix` = P > 0 the K/V given are [P prefix keys | T text keys] (B, P + T, KV, d), the prefix
     (the meta tokens) visible to every query whatever its document: the forward and dq kernels walk the
@@ -205,7 +202,7 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             raise ValueError(f"pallas_flash: {num_prefix} prefix keys are not a whole number of key blocks of "
                              f"config {config}")
 
-    def forward(q, k, v, segments):
+    def forward(q, k, v, segments, window):
         check(q, k, v)
         batch, length, heads, dk = q.shape
         dv, group = v.shape[-1], heads // k.shape[2]
@@ -215,9 +212,10 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         seg = segments is not None
         qblock = lambda p: nq - 1 - p                       # heaviest (latest) query blocks first
 
-        def kernel(q_ref, k_ref, v_ref, *refs):
+        def kernel(q_ref, k_ref, v_ref, window_ref, *refs):
             qs_ref, ks_ref, o_ref, lse_ref = refs if seg else (None, None) + refs
             i = qblock(pl.program_id(0))
+            window = window_ref[()]
             qb = q_ref[...]
             qpos = (i * bq + jnp.arange(bq))[:, None]
             qseg = qs_ref[...][:, None] if seg else None
@@ -246,7 +244,8 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         keys = k.shape[1]
         in_specs = [pl.BlockSpec((None, bq, None, dk), lambda p, h, b: (b, qblock(p), h, 0)),
                     pl.BlockSpec((None, keys, None, dk), lambda p, h, b: (b, 0, h // group, 0)),
-                    pl.BlockSpec((None, keys, None, dv), lambda p, h, b: (b, 0, h // group, 0))]
+                    pl.BlockSpec((None, keys, None, dv), lambda p, h, b: (b, 0, h // group, 0)),
+                    pl.BlockSpec((), lambda p, h, b: ())]
         if seg:
             in_specs += [pl.BlockSpec((None, bq), lambda p, h, b: (b, qblock(p))),
                          pl.BlockSpec((None, length), lambda p, h, b: (b, 0))]
@@ -254,16 +253,16 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
                      pl.BlockSpec((None, None, bq), lambda p, h, b: (b, h, qblock(p)))]
         out_shape = [jax.ShapeDtypeStruct(q.shape[:3] + (dv,), q.dtype),
                      jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)]
-        args = (q, k, v) + ((segments.astype(jnp.int32),) * 2 if seg else ())
+        args = (q, k, v, window) + ((segments.astype(jnp.int32),) * 2 if seg else ())
         return tuple(call(kernel, cfg, grid, in_specs, out_specs, out_shape, "hymba_flash_fwd")(*args))
 
-    def backward(q, k, v, segments, out, lse, dout):
+    def backward(q, k, v, segments, window, out, lse, dout):
         check(q, k, v)
-        dq, d = _dq(q, k, v, segments, out, lse, dout)
-        dk, dv = _dkv(q, k, v, segments, lse, d, dout)
+        dq, d = _dq(q, k, v, segments, window, out, lse, dout)
+        dk, dv = _dkv(q, k, v, segments, window, lse, d, dout)
         return dq, dk, dv
 
-    def _dq(q, k, v, segments, out, lse, dout):
+    def _dq(q, k, v, segments, window, out, lse, dout):
         """dq (B, T, H, dk) in q's dtype and D = rowsum(dout * out) (B, H, T) fp32."""
         batch, length, heads, dk = q.shape
         dv, group = v.shape[-1], heads // k.shape[2]
@@ -273,9 +272,10 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         seg = segments is not None
         qblock = lambda p: nq - 1 - p
 
-        def kernel(q_ref, k_ref, v_ref, *refs):
+        def kernel(q_ref, k_ref, v_ref, window_ref, *refs):
             qs_ref, ks_ref, do_ref, o_ref, lse_ref, dq_ref, d_ref = refs if seg else (None, None) + refs
             i = qblock(pl.program_id(0))
+            window = window_ref[()]
             qb, do = q_ref[...], do_ref[...]
             qpos = (i * bq + jnp.arange(bq))[:, None]
             qseg = qs_ref[...][:, None] if seg else None
@@ -304,16 +304,17 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         stat = pl.BlockSpec((None, None, bq), lambda p, h, b: (b, h, qblock(p)))
         keys = k.shape[1]
         in_specs = [rows(dk), pl.BlockSpec((None, keys, None, dk), lambda p, h, b: (b, 0, h // group, 0)),
-                    pl.BlockSpec((None, keys, None, dv), lambda p, h, b: (b, 0, h // group, 0))]
+                    pl.BlockSpec((None, keys, None, dv), lambda p, h, b: (b, 0, h // group, 0)),
+                    pl.BlockSpec((), lambda p, h, b: ())]
         if seg:
             in_specs += [pl.BlockSpec((None, bq), lambda p, h, b: (b, qblock(p))),
                          pl.BlockSpec((None, length), lambda p, h, b: (b, 0))]
         in_specs += [rows(dv), rows(dv), stat]
         out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)]
-        args = (q, k, v) + ((segments.astype(jnp.int32),) * 2 if seg else ()) + (dout, out, lse)
+        args = (q, k, v, window) + ((segments.astype(jnp.int32),) * 2 if seg else ()) + (dout, out, lse)
         return tuple(call(kernel, cfg, grid, in_specs, [rows(dk), stat], out_shape, "hymba_flash_dq")(*args))
 
-    def _dkv(q, k, v, segments, lse, d, dout):
+    def _dkv(q, k, v, segments, window, lse, d, dout):
         """dk (B, P + T, KV, dk) and dv (B, P + T, KV, dv) in k's and v's dtypes, summed over each GQA
         group."""
         batch, length, heads, dk = q.shape
@@ -336,9 +337,10 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
             block = jax.lax.rem(r, n) + jnp.where(prefix, i32(0), i32(nm))
             return block, jax.lax.rem(rest, i32(kv_heads)), jax.lax.div(rest, i32(kv_heads))
 
-        def kernel(q_ref, k_ref, v_ref, *refs):
+        def kernel(q_ref, k_ref, v_ref, window_ref, *refs):
             qs_ref, ks_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref = refs if seg else (None, None) + refs
             block, g, _ = program(pl.program_id(0))
+            window = window_ref[()]
             j, first_head = block - nm, g * group           # j < 0: a prefix block
             kb, vb = k_ref[...], v_ref[...]
             kpos = (j * bk + jnp.arange(bk))[:, None]
@@ -386,34 +388,35 @@ def flash_gpu_part(*, window: Optional[int], scale: float, config: FlashConfig =
         # every query head and row (whole-array blocks), indexed by the group's heads in the kernel
         group_all = lambda width: pl.BlockSpec((None, length, heads, width), lambda p: (program(p)[2], 0, 0, 0))
         stat = pl.BlockSpec((None, heads, length), lambda p: (program(p)[2], 0, 0))
-        in_specs = [group_all(dk), keys(dk), keys(dv)]
+        in_specs = [group_all(dk), keys(dk), keys(dv), pl.BlockSpec((), lambda p: ())]
         if seg:
             in_specs += [pl.BlockSpec((None, length), lambda p: (program(p)[2], 0)),
                          pl.BlockSpec((None, bk), key_segments)]
         in_specs += [group_all(dv), stat, stat]
         out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-        args = (q, k, v) + ((segments.astype(jnp.int32),) * 2 if seg else ()) + (dout, lse, d)
+        args = (q, k, v, window) + ((segments.astype(jnp.int32),) * 2 if seg else ()) + (dout, lse, d)
         return tuple(call(kernel, cfg, grid, in_specs, [keys(dk), keys(dv)], out_shape, "hymba_flash_dkv")(*args))
 
     return FlashPart(forward, backward)
 
 
-def flash_attention(q, k, v, prefix, segments, *, window: Optional[int], scale: float,
+def flash_attention(q, k, v, prefix, segments, window: jax.Array, *, scale: float,
                     config: FlashConfig = DEFAULT_CONFIG, interpret: bool = False) -> jax.Array:
     """The 'pallas_flash' backend: q (B, T, H, dk) over the prefix (k, v) (B|1, P, KV, d) or None and the
-    text keys k (B, T, KV, dk), v (B, T, KV, dv), causal or within `window`, documents apart by `segments`
-    (B, T) or None. Returns (B, T, H, dv) in q's dtype.
+    text keys k (B, T, KV, dk), v (B, T, KV, dv), causal within `window` (an int32 scalar, given at run
+    time; the text length for a global layer), documents apart by `segments` (B, T) or None. Returns
+    (B, T, H, dv) in q's dtype.
 
     A prefix of whole key blocks (the 1.5B's 128 meta tokens) goes into the kernels before the text keys
     ([P | T], broadcast to the batch; its gradients summed over the batch in fp32 by autodiff): on the H200
     that layer is 1.4-1.6x faster than with the prefix in XLA merged through the log-sum-exp
     (docs/performance.md), which remains for prefixes of other lengths."""
     if prefix is None or prefix[0].shape[1] % config.key_multiple:
-        text = flash_gpu_part(window=window, scale=scale, config=config, interpret=interpret)
-        return merged_attention(text, None if prefix is None else xla_prefix_part(scale), q, k, v, prefix, segments)
+        text = flash_gpu_part(scale=scale, config=config, interpret=interpret)
+        return merged_attention(text, None if prefix is None else xla_prefix_part(scale), q, k, v, prefix, segments,
+                                window)
     batch = q.shape[0]
     joined = lambda p, t: jnp.concatenate(
         [jnp.broadcast_to(p.astype(jnp.float32), (batch,) + p.shape[1:]).astype(t.dtype), t], axis=1)
-    part = flash_gpu_part(window=window, scale=scale, config=config, num_prefix=prefix[0].shape[1],
-                          interpret=interpret)
-    return merged_attention(part, None, q, joined(prefix[0], k), joined(prefix[1], v), None, segments)
+    part = flash_gpu_part(scale=scale, config=config, num_prefix=prefix[0].shape[1], interpret=interpret)
+    return merged_attention(part, None, q, joined(prefix[0], k), joined(prefix[1], v), None, segments, window)

@@ -66,13 +66,15 @@ def splash_part(*, window: Optional[int], scale: float, block: int = BLOCK, inte
         return None if segments is None else splash.SegmentIds(q=segments.astype(jnp.int32),
                                                                kv=segments.astype(jnp.int32))
 
-    def forward(q, k, v, segments):
+    def forward(q, k, v, segments, run_time_window):
+        del run_time_window                  # None: the window is built into the kernel's mask
         kernel = _kernel(q.shape[2], q.shape[1], window, block, interpret)
         qs, ks, vs = layout(q, k, v)
         out, (lse,) = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=ids(s)))(qs, ks, vs, segments)
         return jnp.swapaxes(out, 1, 2).astype(q.dtype), lse.astype(jnp.float32)
 
-    def backward(q, k, v, segments, out, lse, dout):
+    def backward(q, k, v, segments, run_time_window, out, lse, dout):
+        del run_time_window
         kernel = _kernel(q.shape[2], q.shape[1], window, block, interpret)
         kw = kernel.kwargs
         dq_info, dkv_info = _collapsed(kernel.dq_mask_info), _collapsed(kernel.dkv_mask_info)

@@ -69,6 +69,9 @@ class HymbaConfig:
     #                                  "pallas_flash" (hymba_jax.ops.attention)
     remat: str = "none"              # "none" | "full" | "dots" | "auto": rematerialisation of each layer
     scan_layers: bool = True         # compile each repeated run of layers once (hymba_jax.model.lm)
+    one_layer_body: bool = True      # with scan_layers, one compiled layer for every kind where the attention
+    #                                  backend allows (`uses_one_layer_body`); False: one per kind, steps ~4%
+    #                                  faster, the first compile ~35 s longer (1.5B, H200: docs/performance.md)
 
     def __post_init__(self):
         self.validate()

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from hymba_jax.data import Tokenizer, make_dataset
+from hymba_jax.model.lm import uses_one_layer_body
 from hymba_jax.parallel import collective_operands, make_mesh, shard_batch
 from hymba_jax.checkpoint import Checkpointer
 from hymba_jax.train.config import model_config
@@ -77,7 +78,7 @@ def main(out_path: str, workdir: str, meshes: str) -> None:
     cfg = model_config(config, tokenizer.vocab_size)
     data = iter(make_dataset(config.data, tokenizer, split="train", global_batch_size=8, seq_len=32, seed=0))
     batches = [next(data) for _ in range(3)]
-    results: dict = {"meshes": {}}
+    results: dict = {"meshes": {}, "one_layer_body": uses_one_layer_body(cfg)}
     runs = {}
 
     def train(mesh, steps=(0, 1)):

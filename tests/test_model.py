@@ -147,18 +147,37 @@ def test_layer_runs_group_repeated_units():
     assert layer_runs(hymba_tiny(kv_reuse_groups=((1, 4),))) is None    # a consumer apart from its owner
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_scanned_layers_equal_the_layer_loop(remat):
-    """`scan_layers` (runs of repeated units as one lax.scan) against the plain loop over layers: logits,
-    every hidden state and every parameter gradient, float64, packed documents, runs of two units."""
+def test_one_layer_body_where_the_window_can_be_data():
+    """The 1.5B's stack is one scan body with the window-as-data attention backends ('auto' on GPUs and
+    CPUs), and runs of units kind by kind with the kernels whose window is built in (splash, cuDNN's) or
+    when the config asks for it."""
+    from hymba_jax.config import hymba_1p5b, hymba_tiny
+    from hymba_jax.model.lm import uses_one_layer_body
+
+    for backend, one in [("xla", True), ("pallas_flash", True), ("cudnn", True), ("splash", False),
+                         ("cudnn_skip", False)]:
+        assert uses_one_layer_body(hymba_1p5b(attention_backend=backend)) is one, backend
+    assert not uses_one_layer_body(hymba_1p5b(attention_backend="xla", one_layer_body=False))
+    assert not uses_one_layer_body(llama_style(64, 5, 4, 2, 128))                # one kind already
+    assert not uses_one_layer_body(hymba_tiny(kv_reuse_groups=((1, 4),)))        # a consumer apart from its owner
+
+
+@pytest.mark.parametrize("remat,body", [("none", "one"), ("full", "one"), ("none", "runs")])
+def test_scanned_layers_equal_the_layer_loop(remat, body):
+    """`scan_layers` against the plain loop over layers: logits, every hidden state and every parameter
+    gradient, float64, packed documents. body "one": every layer one scan body, its window and K/V ownership
+    as data (the forward is one scan over the layers for the text, one for the meta tokens); "runs": runs of
+    repeated units (here of two) as one lax.scan each, as with the kernels whose window is built in."""
     from hymba_jax.config import paper_size
-    from hymba_jax.model.lm import layer_runs
+    from hymba_jax.model import lm
 
     with jax.enable_x64(True):
         config = paper_size(32, 12, 2, 1, 48, vocab_size=61, num_meta_tokens=3, sliding_window=6, d_state=4,
                             dt_rank=4, max_position_embeddings=64, orig_max_position_embeddings=16,
-                            dtype="float64", param_dtype="float64", remat=remat, scan_backend="sequential")
-        assert [len(run) for run in layer_runs(config)] == [1, 2, 1, 2, 1, 1]
+                            dtype="float64", param_dtype="float64", remat=remat, scan_backend="sequential",
+                            one_layer_body=body == "one")
+        assert [len(run) for run in lm.layer_runs(config)] == [1, 2, 1, 2, 1, 1]
+        assert lm.uses_one_layer_body(config) is (body == "one")
         params = jax.tree.map(lambda a: a.astype(jnp.float64), random_params(config))
         ids = jax.random.randint(jax.random.key(1), (2, 14), 0, config.vocab_size)
         segments = jnp.array([[1] * 5 + [2] * 9, [1] * 14])
@@ -170,6 +189,8 @@ def test_scanned_layers_equal_the_layer_loop(remat):
             return jnp.sum(logits * weights), (logits, hidden)
 
         grad = lambda scan: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, scan)
+        forward = str(jax.make_jaxpr(lambda p: loss(p, True)[0])(params))
+        assert forward.count(f"length={config.num_layers}") == (2 if body == "one" else 0)
         (_, (logits, hidden)), grads = grad(True)
         (_, (logits_ref, hidden_ref)), grads_ref = grad(False)
         np.testing.assert_allclose(logits, logits_ref, rtol=1e-12, atol=1e-12)

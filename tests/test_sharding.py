@@ -27,7 +27,7 @@ from hymba_jax.parallel import MeshError, check_divisible, collective_operands, 
 from train_testing import REPO
 
 sys.path.insert(0, str(REPO / "tests"))
-from sharding_testing import CHECKED, MESHES, MODEL  # noqa: E402
+from sharding_testing import CHECKED, MESHES  # noqa: E402
 
 RULES = {"batch": ("data", "fsdp"), "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "inner": "tensor",
          "mlp": "tensor"}   # DEFAULT_AXIS_RULES, written out independently
@@ -74,13 +74,15 @@ def test_fsdp_x_tensor_step_matches_one_device(default_run):
 
 
 def test_tensor_parallel_forward_needs_only_the_documented_reductions(default_run):
-    """Per layer of the text pass (batch 8 x 32 tokens): x_proj's output (dt_rank + 2 d_state = 12 wide,
-    contracted over d_inner), the sums of squares of the two RMSNorms over d_inner (one number per
-    token), out_proj and down_proj (hidden 32). No all-gather: nothing is re-assembled."""
+    """Per compiled layer of the text pass (batch 8 x 32 tokens; on the CPU both layers are one compiled
+    body, `uses_one_layer_body`): x_proj's output (dt_rank + 2 d_state = 12 wide, contracted over d_inner),
+    the sums of squares of the two RMSNorms over d_inner (one number per token), out_proj and down_proj
+    (hidden 32). No all-gather: nothing is re-assembled."""
     ops = default_run["forward_tensor4"]
     assert ops["all-gather"] == [] and ops["all-to-all"] == [] and ops["reduce-scatter"] == []
     text = Counter(s for s in ops["all-reduce"] if s.startswith("f32[8,"))
-    layers = MODEL["num_layers"]
+    assert default_run["one_layer_body"]
+    layers = 1
     assert text == Counter({"f32[8,32,12]": layers, "f32[8,32]": 2 * layers, "f32[8,32,32]": 2 * layers})
 
 

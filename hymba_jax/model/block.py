@@ -40,19 +40,22 @@ class MLP(nn.Module):
 
 class HymbaLayer(nn.Module):
     config: HymbaConfig
-    index: int
+    index: Optional[int]    # None: any layer of the one-body scan (its kind comes with its inputs)
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: Mask, doc_pos: Optional[jax.Array],
-                 prefix: Optional[LayerState], shared_kv: Optional[KV], lengths: Optional[jax.Array] = None
-                 ) -> tuple[jax.Array, LayerState]:
+                 prefix: Optional[LayerState], shared_kv: Optional[KV], lengths: Optional[jax.Array] = None,
+                 owns_kv: Optional[jax.Array] = None) -> tuple[jax.Array, LayerState]:
         """x (B, T, d). positions (B|1, T) RoPE positions; mask (B|1, T, S_prefix + T) the attention mask
         for this layer's kind (or its `TextMask`); doc_pos (B, T) or None, positions inside packed documents
         (SSM and conv restart where it is 0); prefix: the state of the positions before x (the meta tokens),
         or None; shared_kv: the producer's K/V for x when this layer is a KV consumer; lengths (B,) or None: the
         number of real positions in each row of x (the rest is padding that leaves the SSM state unchanged).
+        With `index` None, `owns_kv` (a bool scalar) says whether the layer uses its own K/V or shared_kv, and
+        `mask` is the layer's (`layer_kind_mask`).
 
-        Returns the layer output (B, T, d) and the state it leaves (its K/V if it owns them).
+        Returns the layer output (B, T, d) and the state it leaves (its K/V if it owns them; with `index`
+        None, the K/V it used).
         """
         cfg = self.config
         norm = lambda axis, name: RMSNorm(cfg.rms_norm_eps, axis, cfg.param_dtype, name=name)
@@ -61,11 +64,11 @@ class HymbaLayer(nn.Module):
         branches = []
         kv = ssm_state = None
         if cfg.has_attention:
-            owns = cfg.owns_kv(self.index)
+            owns = None if self.index is None else cfg.owns_kv(self.index)
             attn, kv = AttentionBranch(cfg, owns, name="attention")(
-                u, positions, mask, prefix.kv if prefix is not None else None, shared_kv)
+                u, positions, mask, prefix.kv if prefix is not None else None, shared_kv, owns_kv)
             branches.append(norm("inner", "attn_out_norm")(attn))
-            kv = kv if owns else None
+            kv = None if owns is False else kv
         if cfg.has_ssm:
             ssm, ssm_state = SSMBranch(cfg, name="ssm")(u, prefix.ssm if prefix is not None else None, doc_pos,
                                                   lengths)

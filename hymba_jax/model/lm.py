@@ -10,18 +10,23 @@ document restarts its positions, attention, conv and SSM from the meta tokens' s
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
+from flax.errors import ScopeParamShapeError
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.attention import KV, Mask, attention_mask, text_mask
+from hymba_jax.model.attention import KV, Mask, attention_mask, layer_kind_mask, text_mask
 from hymba_jax.model.block import HymbaLayer, LayerState
 from hymba_jax.model.norms import RMSNorm
 from hymba_jax.model.params import accum_dtype, logical_param
+from hymba_jax.ops.attention import STATIC_WINDOW_BACKENDS
+from hymba_jax.ops.auto import attention_backend
 from hymba_jax.parallel import AxisRules, logical_shardings
 
 REMAT_POLICIES = {
@@ -151,12 +156,15 @@ class HymbaForCausalLM(nn.Module):
         the SSM state unchanged. Returns (x, the per-layer state after x: K/V of this pass for owners,
         None for consumers; the inputs of every layer if collect_hidden).
 
-        scan: run each run of repeated layer units as one `lax.scan` (see `layer_runs`), so XLA compiles
-        one unit per run instead of every layer. The result is the same; the parameters of a run are
-        stacked on the fly (the parameter tree keeps one entry per layer). The decode step does not scan:
-        it would stack the whole cache every token.
+        scan: run the layers as one `lax.scan` whose body is any layer (`uses_one_layer_body`), or else each run
+        of repeated layer units as one `lax.scan` (see `layer_runs`), so XLA compiles one layer, or one unit
+        per run, instead of every layer. The result is the same; the parameters are stacked on the fly (the
+        parameter tree keeps one entry per layer). The decode step does not scan: it would stack the whole
+        cache every token.
         """
         cfg = self.config
+        if scan and not self.is_initializing() and uses_one_layer_body(cfg):
+            return self._scan_one_body(x, positions, masks, doc_pos, prefix, lengths, collect_hidden)
         if scan and not self.is_initializing() and layer_runs(cfg) is not None:
             return self._scan_layers(x, positions, masks, doc_pos, prefix, lengths, collect_hidden)
         states: list[LayerState] = []
@@ -174,6 +182,68 @@ class HymbaForCausalLM(nn.Module):
             states.append(state)
         return x, tuple(states), hidden
 
+    def _stackable_params(self) -> dict:
+        """The parameters (unboxed), checked to stack: a layer whose parameter shapes differ from its kind's
+        first layer is compared with the model's shapes (traced only then) and the wrong parameter named, as
+        the layer itself would name it unstacked; stacking would fail without naming it."""
+        cfg = self.config
+        params = nn.meta.unbox(self.variables["params"])
+        shapes = lambda tree: {path: value.shape for path, value in traverse_util.flatten_dict(tree).items()}
+        first = {}
+        for i in range(cfg.num_layers):
+            kind = cfg.has_attention and not cfg.owns_kv(i)
+            first.setdefault(kind, shapes(params[f"layers_{i}"]))
+            if shapes(params[f"layers_{i}"]) == first[kind]:
+                continue
+            for j in range(cfg.num_layers):
+                want = shapes(param_shapes(cfg)[f"layers_{j}"])
+                for path, shape in shapes(params[f"layers_{j}"]).items():
+                    if path in want and shape != want[path]:
+                        raise ScopeParamShapeError(path[-1], "/".join(("", f"layers_{j}") + path[:-1]), shape,
+                                                   want[path])
+        return params
+
+    def _scan_one_body(self, x, positions, masks, doc_pos, prefix, lengths, collect_hidden):
+        """`run_layers` as one `lax.scan` over every layer, each layer's kind as data: whether it is global
+        (`layer_kind_mask`: the attention backend takes the window at run time) and whether it owns its K/V
+        (the latest owner's K/V ride in the carry; a consumer's K/V projections are stacked as zeros, and the
+        K/V it computes from them are dropped by a select). XLA compiles one layer, forward and backward,
+        instead of ten (the 1.5B's `layer_runs`); a consumer spends its discarded K/V projections (3% of a
+        layer's projection FLOPs). (Choosing between layer bodies with `lax.switch` instead made the 1.5B
+        step 13-15% slower and 12 GiB larger, docs/performance.md.)"""
+        cfg = self.config
+        params = self._stackable_params()
+        complete = params[f"layers_{cfg.kv_owner_layers[0]}"]          # an owner has every parameter
+        layers = range(cfg.num_layers)
+        stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+        per_layer = (stack([_with_zeros_for_missing(params[f"layers_{i}"], complete) for i in layers]),
+                     jnp.array([cfg.is_global(i) for i in layers]),
+                     jnp.array([cfg.owns_kv(i) for i in layers]),
+                     None if prefix is None else stack([LayerState(prefix[cfg.kv_producer(i)].kv, prefix[i].ssm)
+                                                        for i in layers]))
+        policy = save_matmuls_and_kernels if cfg.remat in ("none", "auto") else REMAT_POLICIES[cfg.remat]
+        layer = HymbaLayer(cfg, None, parent=None)
+
+        def apply(layer_params, x, is_global, owns, layer_prefix, shared_kv):
+            return layer.apply({"params": layer_params}, x, positions, layer_kind_mask(masks, is_global), doc_pos,
+                               layer_prefix, shared_kv, lengths, owns_kv=owns)
+
+        apply = jax.checkpoint(apply, policy=policy, prevent_cse=False)   # the scan keeps XLA from merging
+
+        def step(carry, inputs):
+            x, kv = carry
+            new_x, state = apply(inputs[0], x, *inputs[1:], kv)
+            kv = KV(*(a.astype(b.dtype) for a, b in zip(state.kv, kv)))
+            return (new_x, kv), (state, x if collect_hidden else None)
+
+        zeros = lambda width: jnp.zeros(x.shape[:2] + (cfg.num_kv_heads, width), x.dtype)
+        (x, _), (states, ins) = jax.lax.scan(step, (x, KV(zeros(cfg.qk_head_dim), zeros(cfg.v_head_dim))),
+                                             per_layer)
+        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)
+        states = tuple(LayerState(take(states.kv, i) if cfg.owns_kv(i) else None, take(states.ssm, i))
+                       for i in layers)
+        return x, states, [ins[i] for i in layers] if collect_hidden else []
+
     def _scan_layers(self, x, positions, masks, doc_pos, prefix, lengths, collect_hidden):
         """`run_layers` with every run of identical units as one `lax.scan` over the stacked parameters
         (and prefix states) of its units; a run of one unit is called directly.
@@ -185,7 +255,7 @@ class HymbaForCausalLM(nn.Module):
         owner or consumer, global or sliding window), so the first unit's layers stand for every unit.
         """
         cfg = self.config
-        params = nn.meta.unbox(self.variables["params"])
+        params = self._stackable_params()
         steps: dict[tuple, Callable] = {}
         states: list[Optional[LayerState]] = [None] * cfg.num_layers
         hidden: list[Optional[jax.Array]] = [None] * cfg.num_layers
@@ -250,6 +320,34 @@ class HymbaForCausalLM(nn.Module):
         return jnp.concatenate([jnp.broadcast_to(xm, (x.shape[0],) + xm.shape[1:]), x], axis=1)
 
 
+def uses_one_layer_body(config: HymbaConfig) -> bool:
+    """Whether `run_layers(scan=True)` runs the whole stack as one scan whose body is any layer (its kind as
+    data, `HymbaForCausalLM._scan_one_body`): `config.one_layer_body` is on, the stack has layers of more
+    than one kind, the attention backend takes the window at run time (all but `STATIC_WINDOW_BACKENDS`: on
+    GPUs and CPUs, not with splash on TPUs), and every KV consumer reuses the latest owner before it (the
+    K/V the scan carries). Otherwise the runs of `layer_runs` are scanned, kind by kind."""
+    cfg = config
+    runs = layer_runs(cfg)
+    if not cfg.one_layer_body or not cfg.has_attention or (runs is not None and len(runs) == 1):
+        return False
+    if attention_backend(cfg.attention_backend, cfg.dtype) in STATIC_WINDOW_BACKENDS:
+        return False
+    latest_owner = None
+    for i in range(cfg.num_layers):
+        if cfg.owns_kv(i):
+            latest_owner = i
+        elif cfg.kv_producer(i) != latest_owner:
+            return False
+    return True
+
+
+def _with_zeros_for_missing(tree: Mapping, complete: Mapping) -> dict:
+    """`tree` with every entry of `complete` it lacks added as zeros of the same shape (a KV consumer's
+    layer has no K/V projections; the one-body scan stacks it with the owners)."""
+    return {name: (_with_zeros_for_missing(tree[name], value) if isinstance(value, Mapping) else tree[name])
+            if name in tree else jax.tree.map(jnp.zeros_like, value) for name, value in complete.items()}
+
+
 def layer_runs(config: HymbaConfig) -> Optional[tuple[tuple[tuple[int, ...], ...], ...]]:
     """The layer stack as runs of identical units, for `run_layers(scan=True)`.
 
@@ -289,7 +387,7 @@ def _initialisers(config: HymbaConfig, length: int = 8):
     parameters (embedding, meta tokens, final norm, LM head) and, per layer kind (KV consumer or not),
     (its layers, init_layer(key) -> one layer's parameters), both boxed with their logical axes."""
     cfg = config
-    model = HymbaForCausalLM(cfg)
+    model = HymbaForCausalLM(cfg, parent=None)      # parent=None: also built inside a module's method
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.zeros((1, length, cfg.hidden_size), dtype)
     index = jnp.arange(length)[None]
@@ -306,7 +404,7 @@ def _initialisers(config: HymbaConfig, length: int = 8):
         kinds.setdefault(cfg.has_attention and not cfg.owns_kv(i), []).append(i)
     layer_inits = {}
     for consumer, layers in kinds.items():
-        layer = HymbaLayer(cfg, layers[0])
+        layer = HymbaLayer(cfg, layers[0], parent=None)
 
         def init_layer(key, layer=layer, consumer=consumer):
             return layer.init(key, x, index, mask, None, None, kv if consumer else None)["params"]

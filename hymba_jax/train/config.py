@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "attention_backend", "remat", "scan_layers")
+NUMERIC_FIELDS = ("dtype", "param_dtype", "scan_backend", "attention_backend", "remat", "scan_layers",
+                  "one_layer_body")
 
 
 def paper_recipe(preset: str, *, remat: str, batch_size: int, num_steps: int,

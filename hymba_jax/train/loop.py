@@ -32,6 +32,7 @@ from hymba_jax import compilation_cache
 from hymba_jax.checkpoint import CHECKPOINT_DIR, Checkpointer
 from hymba_jax.data import load_tokenizer, make_dataset
 from hymba_jax.hf import load_hf_checkpoint
+from hymba_jax.model.lm import uses_one_layer_body
 from hymba_jax.ops.auto import default_platform, describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import data_parallel_size, make_mesh, shard_batch
 from hymba_jax.train import validation
@@ -166,7 +167,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, start_over: bo
             logger.message(note)
         logger.write("run", start, {"platform": default_platform(), "scan_backend": kernels_cfg.scan_backend,
                                     "attention_backend": kernels_cfg.attention_backend,
-                                    "scan_layers": kernels_cfg.scan_layers, "remat": kernels_cfg.remat,
+                                    "scan_layers": kernels_cfg.scan_layers,
+                                    "one_layer_body": uses_one_layer_body(kernels_cfg), "remat": kernels_cfg.remat,
                                     "compilation_cache": cache_dir})
         tick, tick_step = time.perf_counter(), start
         while step < config.num_steps and not stop.reached(step):

@@ -162,7 +162,8 @@ def test_one_layer_body_where_the_window_can_be_data():
     assert not uses_one_layer_body(hymba_tiny(kv_reuse_groups=((1, 4),)))        # a consumer apart from its owner
 
 
-@pytest.mark.parametrize("remat,body", [("none", "one"), ("full", "one"), ("none", "runs")])
+@pytest.mark.parametrize("remat,body", [("none", "one"), pytest.param("full", "one", marks=pytest.mark.slow),
+                                        ("none", "runs")])
 def test_scanned_layers_equal_the_layer_loop(remat, body):
     """`scan_layers` against the plain loop over layers: logits, every hidden state and every parameter
     gradient, float64, packed documents. body "one": every layer one scan body, its window and K/V ownership

@@ -74,8 +74,7 @@ def _variant(name):
         spec = name.split("@", 1)[1]
         config = _flash_config(spec)
         return lambda q, k, v, prefix, mask: flash_attention(
-            q, k, v, prefix, mask.segments, _band(mask, q.shape[1]), scale=scale, config=config,
-            interpret=INTERPRET)
+            q, k, v, prefix, mask.segments, mask.window, scale=scale, config=config, interpret=INTERPRET)
     from hymba_jax.ops.attention_cudnn import cudnn_part
     unpadded = "_pad" not in name
     meta = xla_prefix_part(scale) if "_xlameta" in name else cudnn_part(

@@ -100,11 +100,8 @@ def _pallas_flash(config):
     def make(window, scale):
         from hymba_jax.ops.attention_flash_gpu import FlashConfig, flash_attention
 
-        def fn(q, k, v, prefix, segments):
-            band = jnp.asarray(q.shape[1] if window is None else window, jnp.int32)   # global: the length
-            return flash_attention(q, k, v, prefix, segments, band, scale=scale, config=FlashConfig.parse(config),
-                                   interpret=True)
-        return fn
+        return functools.partial(flash_attention, window=window, scale=scale, config=FlashConfig.parse(config),
+                                 interpret=True)
     return make
 
 

@@ -191,9 +191,8 @@ class HymbaForCausalLM(nn.Module):
         shapes = lambda tree: {path: value.shape for path, value in traverse_util.flatten_dict(tree).items()}
         first = {}
         for i in range(cfg.num_layers):
-            kind = cfg.has_attention and not cfg.owns_kv(i)
-            first.setdefault(kind, shapes(params[f"layers_{i}"]))
-            if shapes(params[f"layers_{i}"]) == first[kind]:
+            got = shapes(params[f"layers_{i}"])
+            if got == first.setdefault(cfg.has_attention and not cfg.owns_kv(i), got):
                 continue
             for j in range(cfg.num_layers):
                 want = shapes(param_shapes(cfg)[f"layers_{j}"])
@@ -324,21 +323,13 @@ def uses_one_layer_body(config: HymbaConfig) -> bool:
     """Whether `run_layers(scan=True)` runs the whole stack as one scan whose body is any layer (its kind as
     data, `HymbaForCausalLM._scan_one_body`): `config.one_layer_body` is on, the stack has layers of more
     than one kind, the attention backend takes the window at run time (all but `STATIC_WINDOW_BACKENDS`: on
-    GPUs and CPUs, not with splash on TPUs), and every KV consumer reuses the latest owner before it (the
-    K/V the scan carries). Otherwise the runs of `layer_runs` are scanned, kind by kind."""
+    GPUs and CPUs, not with splash on TPUs), and every KV consumer directly follows its group (`layer_runs`
+    is not None: the latest owner's K/V are the ones the scan carries). Otherwise the runs of `layer_runs`
+    are scanned, kind by kind."""
     cfg = config
     runs = layer_runs(cfg)
-    if not cfg.one_layer_body or not cfg.has_attention or (runs is not None and len(runs) == 1):
-        return False
-    if attention_backend(cfg.attention_backend, cfg.dtype) in STATIC_WINDOW_BACKENDS:
-        return False
-    latest_owner = None
-    for i in range(cfg.num_layers):
-        if cfg.owns_kv(i):
-            latest_owner = i
-        elif cfg.kv_producer(i) != latest_owner:
-            return False
-    return True
+    return (cfg.one_layer_body and cfg.has_attention and runs is not None and len(runs) > 1
+            and attention_backend(cfg.attention_backend, cfg.dtype) not in STATIC_WINDOW_BACKENDS)
 
 
 def _with_zeros_for_missing(tree: Mapping, complete: Mapping) -> dict:

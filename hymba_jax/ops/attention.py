@@ -178,7 +178,7 @@ class FlashPart(NamedTuple):
     exp(s - lse) are the full softmax restricted to the part's keys).
 
     window: the band as data, an int32 scalar (a global layer's is the text length) for the parts that
-    take it at run time (`RUN_TIME_WINDOW_BACKENDS`' kernels), so one compiled kernel serves every layer;
+    take it at run time (the 'pallas_flash' kernels), so one compiled kernel serves every layer;
     None for the parts built for one window (splash, cuDNN's masks) and the prefix parts, which ignore it.
     """
 
@@ -291,9 +291,9 @@ def merged_attention(text: FlashPart, prefix_part: Optional[FlashPart], q, k, v,
     return _merged(_Parts(text, prefix_part), q, k, v, prefix[0], prefix[1], segments, window)
 
 
-def per_device(fn: Callable, q, k, v, prefix, segments, window: Optional[jax.Array] = None):
-    """fn(q, k, v, prefix, segments, window) on each device's rows and heads (window: a run-time window,
-    the same on every device, or None).
+def per_device(fn: Callable, q, k, v, prefix, segments, window=None):
+    """fn(q, k, v, prefix, segments, window) on each device's rows and heads (window: the same on every
+    device, or None).
 
     A kernel is a custom call XLA cannot split, so under a multi-device mesh (`parallel.sharding_context`)
     shard_map runs it on the local block: rows as the rules split 'batch', query and KV heads as they split
@@ -334,8 +334,7 @@ def skipping_attention(q, k, v, prefix, segments, *, window: Union[None, int, ja
         prefix_part = cudnn_part(window=None, causal=False, scale=scale)
     elif backend == "pallas_flash":
         from hymba_jax.ops.attention_flash_gpu import flash_attention
-        band = jnp.asarray(q.shape[1] if window is None else window, jnp.int32)   # global: the text length
-        return per_device(functools.partial(flash_attention, scale=scale), q, k, v, prefix, segments, band)
+        return per_device(functools.partial(flash_attention, scale=scale), q, k, v, prefix, segments, window)
     else:
         raise ValueError(f"attention_backend={backend!r} does not skip tiles; choose one of {SKIPPING_BACKENDS}")
     return per_device(lambda *a: merged_attention(text, prefix_part, *a), q, k, v, prefix, segments)

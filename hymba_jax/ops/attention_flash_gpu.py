@@ -400,17 +400,18 @@ def flash_gpu_part(*, scale: float, config: FlashConfig = DEFAULT_CONFIG, num_pr
     return FlashPart(forward, backward)
 
 
-def flash_attention(q, k, v, prefix, segments, window: jax.Array, *, scale: float,
+def flash_attention(q, k, v, prefix, segments, window, *, scale: float,
                     config: FlashConfig = DEFAULT_CONFIG, interpret: bool = False) -> jax.Array:
     """The 'pallas_flash' backend: q (B, T, H, dk) over the prefix (k, v) (B|1, P, KV, d) or None and the
-    text keys k (B, T, KV, dk), v (B, T, KV, dv), causal within `window` (an int32 scalar, given at run
-    time; the text length for a global layer), documents apart by `segments` (B, T) or None. Returns
-    (B, T, H, dv) in q's dtype.
+    text keys k (B, T, KV, dk), v (B, T, KV, dv), causal within `window` (an int or an int32 scalar array
+    known at run time; None: global, the kernels' window is then the text length), documents apart by
+    `segments` (B, T) or None. Returns (B, T, H, dv) in q's dtype.
 
     A prefix of whole key blocks (the 1.5B's 128 meta tokens) goes into the kernels before the text keys
     ([P | T], broadcast to the batch; its gradients summed over the batch in fp32 by autodiff): on the H200
     that layer is 1.4-1.6x faster than with the prefix in XLA merged through the log-sum-exp
     (docs/performance.md), which remains for prefixes of other lengths."""
+    window = jnp.asarray(q.shape[1] if window is None else window, jnp.int32)
     if prefix is None or prefix[0].shape[1] % config.key_multiple:
         text = flash_gpu_part(scale=scale, config=config, interpret=interpret)
         return merged_attention(text, None if prefix is None else xla_prefix_part(scale), q, k, v, prefix, segments,

@@ -1,8 +1,9 @@
 """Checkpoints of a training workdir with Orbax, and loading a trained workdir's parameters.
 
 Layout: `<workdir>/checkpoints/<step>/` holds the Orbax items
-    params      fp32 master weights (sharded arrays, OCDBT)
-    opt_state   optimizer state
+    params      fp32 master weights (sharded arrays, OCDBT), in the training layout (`stack_layers`: the
+                layers' parameters stacked; checkpoints written per layer, before that layout, restore too)
+    opt_state   optimizer state (its moments in the layout of params)
     data        the Grain iterator position of every host (process_<i>-of-<n>.json)
     config      the training config (JSON)
     model       the HymbaConfig fields (JSON), so a workdir can be loaded without the config files
@@ -45,7 +46,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hymba_jax.config import HymbaConfig
-from hymba_jax.model.lm import param_shapes, param_shardings
+from hymba_jax.model.lm import is_stacked, param_shapes, param_shardings, stack_layers, unstack_layers
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, AxisRules, make_mesh
 
 if TYPE_CHECKING:   # reading parameters (eval, generation, export) needs neither the optimizer nor the data
@@ -69,6 +70,23 @@ class CheckpointRestoreWarning(UserWarning):
 
 def _abstract(shardings: Any, shapes: Any) -> Any:
     return jax.tree.map(lambda sh, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shardings, shapes)
+
+
+def _parameter_trees(tree: Any, fn) -> Any:
+    """`tree` with fn applied to every parameter tree in it (the params item, or an optimizer state's
+    moments): the dicts in either layout, stacked or per layer."""
+    is_params = lambda x: isinstance(x, dict) and (is_stacked(x) or "layers_0" in x)
+    return jax.tree.map(lambda x: fn(x) if is_params(x) else x, tree, is_leaf=is_params)
+
+
+def _one_layer(target: jax.ShapeDtypeStruct, _: int) -> jax.ShapeDtypeStruct:
+    """One layer's restore target from a stacked parameter's (the layer axis is never sharded)."""
+    sharding = NamedSharding(target.sharding.mesh, PartitionSpec(*target.sharding.spec[1:]))
+    return jax.ShapeDtypeStruct(target.shape[1:], target.dtype, sharding=sharding)
+
+
+def _stacked_sharding(shardings: list[NamedSharding]) -> NamedSharding:
+    return NamedSharding(shardings[0].mesh, PartitionSpec(None, *shardings[0].spec))
 
 
 def model_config_from_dict(fields: dict) -> HymbaConfig:
@@ -209,30 +227,51 @@ class Checkpointer:
 
         def restore(step):
             self._check_shapes(step, shapes.params, model_config)
+            saved = model_config_from_dict(self._read_json(step, "model"))
+            targets = {"params": _abstract(shardings.params, shapes.params),
+                       "opt_state": _abstract(shardings.opt_state, shapes.opt_state)}
+            per_layer = not self._stacked_on_disk(step)     # written before the training layout
+            if per_layer:
+                targets = _parameter_trees(targets, lambda t: unstack_layers(t, saved, take=_one_layer))
             r = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(shardings.params, shapes.params)),
-                opt_state=ocp.args.StandardRestore(_abstract(shardings.opt_state, shapes.opt_state)),
+                params=ocp.args.StandardRestore(targets["params"]),
+                opt_state=ocp.args.StandardRestore(targets["opt_state"]),
                 data=iterator_restore_args(data_iterator)))
             self._verify(step, {"params": r.params, "opt_state": r.opt_state})
+            params, opt_state = r.params, r.opt_state
+            if per_layer:
+                params, opt_state = jax.jit(lambda t: _parameter_trees(t, lambda p: stack_layers(p, saved)),
+                                            out_shardings=(shardings.params, shardings.opt_state))((params, opt_state))
             return shapes.replace(step=jax.device_put(jax.numpy.asarray(step, "int32"), shardings.step),
-                                  params=r.params, opt_state=r.opt_state)
+                                  params=params, opt_state=opt_state)
         return self._latest(restore)
 
     def restore_params(self, model_config: HymbaConfig, shardings: Any) -> tuple[int, Any]:
-        """(step, params) of the latest restorable step."""
+        """(step, params) of the latest restorable step, per layer (the model's layout) on `shardings`."""
         shapes = param_shapes(model_config)
 
         def restore(step):
             self._check_shapes(step, shapes, model_config)
+            stacked = self._stacked_on_disk(step)
+            target = _abstract(shardings, shapes)
+            if stacked:
+                target = _abstract(stack_layers(shardings, model_config, _stacked_sharding),
+                                   param_shapes(model_config, stacked=True))
             params = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(shardings, shapes)))).params
+                params=ocp.args.StandardRestore(target))).params
             self._verify(step, {"params": params})
+            if stacked:
+                params = jax.jit(lambda p: unstack_layers(p, model_config), out_shardings=shardings)(params)
             return step, params
 
         result = self._latest(restore)
         if result is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to load")
         return result
+
+    def _stacked_on_disk(self, step: int) -> bool:
+        """Whether a step's params item is in the training layout (else per layer, written before it)."""
+        return is_stacked(ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "params").tree)
 
     def read_json(self, item: str) -> dict:
         """The `config` or `model` item of the latest step (plain JSON, no arrays)."""
@@ -254,10 +293,11 @@ class Checkpointer:
             raise ValueError(f"{path}: cannot be read as JSON ({one_line(e)})") from None
 
     def _check_shapes(self, step: int, shapes: Any, model_config: Optional[HymbaConfig]) -> None:
-        """Raises CheckpointError when step's model has other parameter shapes than `shapes`."""
+        """Raises CheckpointError when step's model has other parameter shapes than `shapes` (compared in
+        the layout of `shapes`, whichever layout the step was written in)."""
         saved = model_config_from_dict(self._read_json(step, "model"))
-        saved_shapes = {jax.tree_util.keystr(p): tuple(s.shape)
-                        for p, s in jax.tree_util.tree_leaves_with_path(param_shapes(saved))}
+        saved_shapes = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in
+                        jax.tree_util.tree_leaves_with_path(param_shapes(saved, stacked=is_stacked(shapes)))}
         wanted = {jax.tree_util.keystr(p): tuple(s.shape) for p, s in jax.tree_util.tree_leaves_with_path(shapes)}
         if saved_shapes == wanted:
             return

@@ -42,17 +42,18 @@ MESHES = {
     "data=2,tensor=4": dict(data=2, fsdp=1, tensor=4),
     "fsdp=2,tensor=4": dict(data=1, fsdp=2, tensor=4),
 }
-# Parameters whose sharding is checked, with their logical axes (the model's).
+# Parameters whose sharding is checked, with their logical axes (the model's; in the state's training layout
+# the layers are stacked on a leading axis that is never sharded; no KV sharing here, so every layer has K/V).
 CHECKED = {
     "embedding": ("vocab", "embed"),
-    "layers_0/attention/q_proj/kernel": ("embed", "heads", "head_dim"),
-    "layers_0/attention/k_proj/kernel": ("embed", "kv_heads", "head_dim"),
-    "layers_0/ssm/in_proj/kernel": ("embed", None, "inner"),
-    "layers_0/ssm/x_proj/kernel": ("inner", None),
-    "layers_0/ssm/A_log": ("inner", "state"),
-    "layers_0/out_proj/kernel": ("inner", "embed"),
-    "layers_0/mlp/down_proj/kernel": ("mlp", "embed"),
-    "layers_0/input_norm/scale": ("embed",),
+    "layers/attention/q_proj/kernel": (None, "embed", "heads", "head_dim"),
+    "layers/attention/k_proj/kernel": (None, "embed", "kv_heads", "head_dim"),
+    "layers/ssm/in_proj/kernel": (None, "embed", None, "inner"),
+    "layers/ssm/x_proj/kernel": (None, "inner", None),
+    "layers/ssm/A_log": (None, "inner", "state"),
+    "layers/out_proj/kernel": (None, "inner", "embed"),
+    "layers/mlp/down_proj/kernel": (None, "mlp", "embed"),
+    "layers/input_norm/scale": (None, "embed"),
 }
 
 
@@ -149,7 +150,7 @@ def checkpoint_round_trip(config, cfg, ref_state, ref_params, data, work, run_on
         "restored_step": int(restored.step),
         "restored_on_8_max_diff": max(float(np.max(np.abs(np.asarray(v) - ref_params[k])))
                                       for k, v in flat(jax.device_get(restored.params)).items()),
-        "restored_on_8_spec": spec_list(flat(restored.params)["layers_0/out_proj/kernel"].sharding.spec)}
+        "restored_on_8_spec": spec_list(flat(restored.params)["layers/out_proj/kernel"].sharding.spec)}
     state8, metrics8 = run_on_8(restored, 2)
     state1, metrics1 = run_on_1(ref_state, 2)
     saver = Checkpointer(work / "ckpt_from_8", async_save=False)

@@ -202,6 +202,45 @@ def test_scanned_layers_equal_the_layer_loop(remat, body):
                      grads, grads_ref)
 
 
+def test_the_training_layout_is_the_same_model():
+    """The training layout (`stack_layers`: layers stacked, K/V projections stacked over the KV owners)
+    against the per-layer tree: the round trip is exact, `init_params(stacked=True)` is the stacked
+    per-layer init of the same key, and the model gives the same logits and (stacked) gradients from it in
+    every structure (one scan body, runs of units, the layer loop), float64, packed documents."""
+    from hymba_jax.config import paper_size
+    from hymba_jax.model import lm
+
+    config = paper_size(32, 12, 2, 1, 48, vocab_size=61, num_meta_tokens=3, sliding_window=6, d_state=4, dt_rank=4,
+                        max_position_embeddings=64, orig_max_position_embeddings=16, scan_backend="sequential")
+    per_layer = lm.init_params(config, jax.random.key(3))
+    stacked = lm.init_params(config, jax.random.key(3), stacked=True)
+    assert set(stacked) == {"embedding", "meta_tokens", "final_norm", lm.STACKED, lm.STACKED_KV_OWNERS}
+    assert stacked[lm.STACKED_KV_OWNERS]["attention"]["k_proj"]["kernel"].shape[0] == len(config.kv_owner_layers)
+    assert "k_proj" not in stacked[lm.STACKED]["attention"]
+    jax.tree.map(np.testing.assert_array_equal, stacked, lm.stack_layers(per_layer, config))
+    jax.tree.map(np.testing.assert_array_equal, lm.unstack_layers(stacked, config), per_layer)
+    assert jax.tree.structure(stacked) == jax.tree.structure(lm.param_shapes(config, stacked=True))
+    with jax.enable_x64(True):
+        config = config.replace(dtype="float64", param_dtype="float64")
+        per_layer = jax.tree.map(lambda a: a.astype(jnp.float64), per_layer)
+        ids = jax.random.randint(jax.random.key(1), (2, 14), 0, config.vocab_size)
+        segments = jnp.array([[1] * 5 + [2] * 9, [1] * 14])
+
+        def run(params, **structure):
+            loss = lambda p: jnp.sum(HymbaForCausalLM(config.replace(**structure)).apply(
+                {"params": p}, ids, segment_ids=segments) * jnp.cos(jnp.arange(config.vocab_size)))
+            return jax.jit(jax.value_and_grad(loss))(params)
+
+        value_ref, grads_ref = run(per_layer, scan_layers=False)
+        for structure in ({"scan_layers": True}, {"scan_layers": True, "one_layer_body": False},
+                          {"scan_layers": False}):
+            value, grads = run(lm.stack_layers(per_layer, config), **structure)
+            np.testing.assert_allclose(value, value_ref, rtol=1e-12)
+            assert lm.is_stacked(grads)
+            jax.tree.map(lambda g, g_ref: np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12),
+                         lm.unstack_layers(grads, config), grads_ref)
+
+
 def test_a_reused_segment_id_is_a_new_document():
     """Positions, conv and SSM restart where the id changes; attention follows the same rule, so the id
     of an earlier document used again starts a separate document (not a join with the earlier one)."""
@@ -239,3 +278,7 @@ def test_a_parameter_of_the_wrong_shape_is_refused_by_name():
     params["layers_1"]["mlp"]["up_proj"]["kernel"] = kernel[:, :-1]
     with pytest.raises(ScopeParamShapeError, match=r"\"kernel\" in \"\S*mlp/up_proj\".*\(64, 95\)"):
         HymbaForCausalLM(cfg).apply({"params": params}, jnp.zeros((1, 8), jnp.int32))
+    stacked = init_params(cfg, jax.random.key(0), stacked=True)        # the training layout: the stack named
+    stacked["layers"]["mlp"]["up_proj"]["kernel"] = stacked["layers"]["mlp"]["up_proj"]["kernel"][:, :, :-1]
+    with pytest.raises(ScopeParamShapeError, match=r"\"kernel\" in \"/layers/mlp/up_proj\".*\(2, 64, 95\)"):
+        HymbaForCausalLM(cfg).apply({"params": stacked}, jnp.zeros((1, 8), jnp.int32))

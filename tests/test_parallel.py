@@ -64,12 +64,12 @@ SCRIPT = textwrap.dedent("""
             state, m = step(state, shard_batch(batch, bs))
         losses[mesh.size] = float(m["loss"])
         if mesh.size == 8:
-            q = state.params["layers_0"]["attention"]["q_proj"]["kernel"]
-            assert q.sharding.spec == P("fsdp", "tensor", None), q.sharding.spec
-            mu = state.opt_state[1][0].mu["layers_0"]["attention"]["q_proj"]["kernel"]
+            q = state.params["layers"]["attention"]["q_proj"]["kernel"]     # stacked: (layers, d, heads, dim)
+            assert q.sharding.spec == P(None, "fsdp", "tensor", None), q.sharding.spec
+            mu = state.opt_state[1][0].mu["layers"]["attention"]["q_proj"]["kernel"]
             assert mu.sharding.spec == q.sharding.spec, mu.sharding.spec
             assert state.params["embedding"].sharding.spec == P(None, "fsdp")
-            assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (32, 2, 16)
+            assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[1:] == (32, 2, 16)
     print("LOSSES", losses[1], losses[8])
     assert abs(losses[1] - losses[8]) < 1e-5 * abs(losses[1]), losses
 """)

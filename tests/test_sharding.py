@@ -69,8 +69,8 @@ def check_mesh(result: dict, reference: dict, name: str) -> None:
 def test_fsdp_x_tensor_step_matches_one_device(default_run):
     check_mesh(default_run, default_run["reference"], "fsdp=2,tensor=4")
     shard = default_run["meshes"]["fsdp=2,tensor=4"]["shard_shapes"]
-    assert shard["layers_0/ssm/in_proj/kernel"] == [16, 2, 16]      # (d/fsdp, x|z, d_inner/tensor)
-    assert shard["layers_0/attention/q_proj/kernel"] == [16, 1, 8]  # one head per tensor device
+    assert shard["layers/ssm/in_proj/kernel"] == [2, 16, 2, 16]      # (layers, d/fsdp, x|z, d_inner/tensor)
+    assert shard["layers/attention/q_proj/kernel"] == [2, 16, 1, 8]  # one head per tensor device
 
 
 def test_tensor_parallel_forward_needs_only_the_documented_reductions(default_run):
@@ -90,7 +90,7 @@ def test_checkpoint_restores_across_meshes(default_run):
     c = default_run["checkpoint"]
     assert c["restored_step"] == 2
     assert c["restored_on_8_max_diff"] == 0.0                    # saved from 1 device, read exactly on 8
-    assert c["restored_on_8_spec"] == ["tensor", "fsdp"]          # and laid out for the new mesh
+    assert c["restored_on_8_spec"] == [None, "tensor", "fsdp"]          # and laid out for the new mesh
     assert c["loss_step3_on_8"] == pytest.approx(c["loss_step3_on_1"], rel=1e-5)
     assert c["back_on_1_devices"] == 1
     assert c["back_on_1_max_diff_vs_1_device_run"] < 5e-5

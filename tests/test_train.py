@@ -15,7 +15,7 @@ import pytest
 
 from hymba_jax.config import hymba_tiny
 from hymba_jax.data import Tokenizer, make_dataset
-from hymba_jax.model.lm import HymbaForCausalLM, param_shapes
+from hymba_jax.model.lm import HymbaForCausalLM, param_shapes, unstack_layers
 from hymba_jax.parallel import make_mesh, shard_batch
 from hymba_jax.train import metrics
 from hymba_jax.checkpoint import Checkpointer, CheckpointRestoreWarning, restore_params
@@ -221,7 +221,8 @@ def test_corrupted_latest_checkpoint_falls_back_with_warning(tmp_path, small, co
 
     model_loaded, params = restore_params(tmp_path)
     assert model_loaded == small.model_cfg
-    for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(restored.params))):
+    per_layer = unstack_layers(restored.params, small.model_cfg)     # the state's layout, the model's
+    for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(per_layer))):
         np.testing.assert_array_equal(a, b)
 
 

@@ -158,19 +158,23 @@ class HymbaForCausalLM(nn.Module):
 
         scan: run the layers as one `lax.scan` whose body is any layer (`uses_one_layer_body`), or else each run
         of repeated layer units as one `lax.scan` (see `layer_runs`), so XLA compiles one layer, or one unit
-        per run, instead of every layer. The result is the same; the parameters are stacked on the fly (the
-        parameter tree keeps one entry per layer). The decode step does not scan: it would stack the whole
-        cache every token.
+        per run, instead of every layer. The result is the same. The parameters may come in either layout
+        (`stack_layers`): the training layout is scanned as it is, the per-layer one is stacked on the fly.
+        The decode step does not scan: it would stack the whole cache every token.
         """
         cfg = self.config
         if scan and not self.is_initializing() and uses_one_layer_body(cfg):
             return self._scan_one_body(x, positions, masks, doc_pos, prefix, lengths, collect_hidden)
         if scan and not self.is_initializing() and layer_runs(cfg) is not None:
             return self._scan_layers(x, positions, masks, doc_pos, prefix, lengths, collect_hidden)
+        layers = self.layers
+        if not self.is_initializing() and is_stacked(self.variables["params"]):
+            params = self._stacked_params()
+            layers = [self._applied_layer(i, layer_params(params, cfg, i)) for i in range(cfg.num_layers)]
         states: list[LayerState] = []
         hidden: list[jax.Array] = []
         pass_kv: dict[int, KV] = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             producer = cfg.kv_producer(i)
             if collect_hidden:
                 hidden.append(x)
@@ -182,40 +186,40 @@ class HymbaForCausalLM(nn.Module):
             states.append(state)
         return x, tuple(states), hidden
 
-    def _stackable_params(self) -> dict:
-        """The parameters (unboxed), checked to stack: a layer whose parameter shapes differ from its kind's
-        first layer is compared with the model's shapes (traced only then) and the wrong parameter named, as
-        the layer itself would name it unstacked; stacking would fail without naming it."""
+    def _applied_layer(self, i: int, params: dict) -> Callable:
+        """Layer i as a function of the loop's arguments, on `params` (one layer's tree) given as data rather
+        than found by the module's name (the training layout has no `layers_<i>` entries)."""
+        apply = functools.partial(HymbaLayer(self.config, i, parent=None).apply, {"params": params})
+        if self.config.remat in ("none", "auto"):
+            return apply
+        return jax.checkpoint(apply, policy=REMAT_POLICIES[self.config.remat], prevent_cse=True)
+
+    def _stacked_params(self) -> dict:
+        """The parameters (unboxed) in the training layout (`stack_layers`; the per-layer layout is stacked
+        here), their shapes checked first: a wrong parameter is named as the layer itself would name it
+        (stacking, or scanning, would fail without naming it)."""
         cfg = self.config
         params = nn.meta.unbox(self.variables["params"])
-        shapes = lambda tree: {path: value.shape for path, value in traverse_util.flatten_dict(tree).items()}
-        first = {}
-        for i in range(cfg.num_layers):
-            got = shapes(params[f"layers_{i}"])
-            if got == first.setdefault(cfg.has_attention and not cfg.owns_kv(i), got):
-                continue
-            for j in range(cfg.num_layers):
-                want = shapes(param_shapes(cfg)[f"layers_{j}"])
-                for path, shape in shapes(params[f"layers_{j}"]).items():
-                    if path in want and shape != want[path]:
-                        raise ScopeParamShapeError(path[-1], "/".join(("", f"layers_{j}") + path[:-1]), shape,
-                                                   want[path])
-        return params
+        flat = lambda tree: traverse_util.flatten_dict(tree)
+        stacked = is_stacked(params)
+        want, got = flat(param_shapes(cfg, stacked=stacked)), flat(params)
+        for path, shape in want.items():
+            if path in got and got[path].shape != shape.shape:
+                raise ScopeParamShapeError(path[-1], "/".join(("",) + path[:-1]), got[path].shape, shape.shape)
+        return params if stacked else stack_layers(params, cfg)
 
     def _scan_one_body(self, x, positions, masks, doc_pos, prefix, lengths, collect_hidden):
         """`run_layers` as one `lax.scan` over every layer, each layer's kind as data: whether it is global
         (`layer_kind_mask`: the attention backend takes the window at run time) and whether it owns its K/V
-        (the latest owner's K/V ride in the carry; a consumer's K/V projections are stacked as zeros, and the
-        K/V it computes from them are dropped by a select). XLA compiles one layer, forward and backward,
-        instead of ten (the 1.5B's `layer_runs`); a consumer spends its discarded K/V projections (3% of a
-        layer's projection FLOPs). (Choosing between layer bodies with `lax.switch` instead made the 1.5B
-        step 13-15% slower and 12 GiB larger, docs/performance.md.)"""
+        (the latest owner's K/V ride in the carry; a consumer is given its producer's K/V projections, and
+        the K/V it computes from them are dropped by a select, so their gradient is zero). XLA compiles one
+        layer, forward and backward, instead of ten (the 1.5B's `layer_runs`); a consumer spends its
+        discarded K/V projections (3% of a layer's projection FLOPs). (Choosing between layer bodies with
+        `lax.switch` instead made the 1.5B step 13-15% slower and 12 GiB larger, docs/performance.md.)"""
         cfg = self.config
-        params = self._stackable_params()
-        complete = params[f"layers_{cfg.kv_owner_layers[0]}"]          # an owner has every parameter
         layers = range(cfg.num_layers)
         stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
-        per_layer = (stack([_with_zeros_for_missing(params[f"layers_{i}"], complete) for i in layers]),
+        per_layer = (gather_layers(self._stacked_params(), cfg, layers, with_kv=True),
                      jnp.array([cfg.is_global(i) for i in layers]),
                      jnp.array([cfg.owns_kv(i) for i in layers]),
                      None if prefix is None else stack([LayerState(prefix[cfg.kv_producer(i)].kv, prefix[i].ssm)
@@ -254,7 +258,7 @@ class HymbaForCausalLM(nn.Module):
         owner or consumer, global or sliding window), so the first unit's layers stand for every unit.
         """
         cfg = self.config
-        params = self._stackable_params()
+        params = self._stacked_params()
         steps: dict[tuple, Callable] = {}
         states: list[Optional[LayerState]] = [None] * cfg.num_layers
         hidden: list[Optional[jax.Array]] = [None] * cfg.num_layers
@@ -265,16 +269,17 @@ class HymbaForCausalLM(nn.Module):
                 steps[key] = self._unit_step(run[0], scanned, positions, masks, doc_pos, lengths, collect_hidden)
             unit_step = steps[key]
 
-            def unit_inputs(u):
-                return (tuple(params[f"layers_{i}"] for i in u),
-                        None if prefix is None else tuple(prefix[i] for i in u))
-
+            prefixes = lambda u: None if prefix is None else tuple(prefix[i] for i in u)
             if not scanned:
-                x, (outs, ins) = unit_step(x, unit_inputs(run[0]))
+                unit = run[0]
+                x, (outs, ins) = unit_step(x, (tuple(layer_params(params, cfg, i) for i in unit), prefixes(unit)))
                 per_unit = [(outs, ins)]
             else:
-                stacked = jax.tree.map(lambda *a: jnp.stack(a), *[unit_inputs(u) for u in run])
-                x, ys = jax.lax.scan(unit_step, x, stacked)
+                # Each position of the unit: that layer of every unit of the run, stacked.
+                unit_params = tuple(gather_layers(params, cfg, [u[j] for u in run], with_kv=cfg.owns_kv(run[0][j]))
+                                    for j in range(len(run[0])))
+                unit_prefix = jax.tree.map(lambda *a: jnp.stack(a), *[prefixes(u) for u in run])
+                x, ys = jax.lax.scan(unit_step, x, (unit_params, unit_prefix))
                 per_unit = [jax.tree.map(lambda a, k=k: a[k], ys) for k in range(len(run))]
             for u, (outs, ins) in zip(run, per_unit):
                 for j, i in enumerate(u):
@@ -332,13 +337,6 @@ def uses_one_layer_body(config: HymbaConfig) -> bool:
             and attention_backend(cfg.attention_backend, cfg.dtype) not in STATIC_WINDOW_BACKENDS)
 
 
-def _with_zeros_for_missing(tree: Mapping, complete: Mapping) -> dict:
-    """`tree` with every entry of `complete` it lacks added as zeros of the same shape (a KV consumer's
-    layer has no K/V projections; the one-body scan stacks it with the owners)."""
-    return {name: (_with_zeros_for_missing(tree[name], value) if isinstance(value, Mapping) else tree[name])
-            if name in tree else jax.tree.map(jnp.zeros_like, value) for name, value in complete.items()}
-
-
 def layer_runs(config: HymbaConfig) -> Optional[tuple[tuple[tuple[int, ...], ...], ...]]:
     """The layer stack as runs of identical units, for `run_layers(scan=True)`.
 
@@ -376,7 +374,9 @@ def unit_kind(config: HymbaConfig, unit: tuple[int, ...]) -> tuple[tuple[bool, b
 def _initialisers(config: HymbaConfig, length: int = 8):
     """The pieces `init_params` and `boxed_param_shapes` are built from: init_shared(key) -> the top-level
     parameters (embedding, meta tokens, final norm, LM head) and, per layer kind (KV consumer or not),
-    (its layers, init_layer(key) -> one layer's parameters), both boxed with their logical axes."""
+    (its layers, init_layer(key) -> one layer's parameters), both boxed with their logical axes. The kind
+    that is not a consumer (KV owners, or every layer without KV sharing; layer 0 is one) has every
+    parameter."""
     cfg = config
     model = HymbaForCausalLM(cfg, parent=None)      # parent=None: also built inside a module's method
     dtype = jnp.dtype(cfg.dtype)
@@ -404,39 +404,131 @@ def _initialisers(config: HymbaConfig, length: int = 8):
     return init_shared, layer_inits
 
 
-def init_params(config: HymbaConfig, rng: jax.Array, shardings: Optional[dict] = None) -> dict:
-    """Randomly initialised parameters (plain arrays, logical-axis boxes removed), made layer by layer.
+def init_params(config: HymbaConfig, rng: jax.Array, shardings: Optional[dict] = None,
+                stacked: bool = False) -> dict:
+    """Randomly initialised parameters (plain arrays, logical-axis boxes removed), in the per-layer layout
+    or, with `stacked`, the training layout (`stack_layers`).
 
     Compiling the whole model's `init` means one RNG expansion per tensor of every layer (the 1.5B: 4,270
-    fusions; XLA's GPU passes spent about 4 minutes on them on the H200 host, docs/performance.md). All
-    layers of one kind (KV owner or KV consumer) have the same parameters, so one compiled initialiser per
-    kind makes every layer of that kind, from the layer's own key (`fold_in(rng, index)`); the rest
-    (embedding, meta tokens, final norm, LM head) is one more small program. Each parameter has the
-    distribution `HymbaForCausalLM.init` gives it (the modules' own initialisers); the random streams differ.
+    fusions; XLA's GPU passes spent about 4 minutes on them on the H200 host, docs/performance.md). Every
+    layer is instead made by one vmapped initialiser of a layer with every parameter (a KV owner's), from
+    the layer's own key (`fold_in(rng, index)`), so XLA compiles one RNG expansion per tensor for all
+    layers (a KV consumer's parameters are those without the K/V projections). The rest (embedding, meta
+    tokens, final norm, LM head) is one more small program. Each parameter has the distribution
+    `HymbaForCausalLM.init` gives it (the modules' own initialisers); the random streams differ.
 
-    shardings: the parameter tree's NamedShardings (e.g. `param_shardings`): every array is
-    created on its devices, so no device holds more than its shard. None: default placement.
+    shardings: the parameter tree's NamedShardings (`param_shardings` with the same `stacked`): every array
+    is created on its devices, so no device holds more than its shard. None: default placement.
     """
     init_shared, layer_inits = _initialisers(config)
+    init_layer = layer_inits[False][1]
     shared_rng, layer_rng = jax.random.split(rng)
-    shared_shardings = None if shardings is None else {
-        k: v for k, v in shardings.items() if not k.startswith("layers_")}
-    unboxed = lambda init: lambda key: nn.meta.unbox(init(key))
-    params = dict(jax.jit(unboxed(init_shared), out_shardings=shared_shardings)(shared_rng))
-    for layers, init_layer in layer_inits.values():
-        make = jax.jit(unboxed(init_layer),
-                       out_shardings=None if shardings is None else shardings[f"layers_{layers[0]}"])
-        for i in layers:
-            params[f"layers_{i}"] = make(jax.random.fold_in(layer_rng, i))
+    is_layer = lambda name: name in (STACKED, STACKED_KV_OWNERS) or name.startswith("layers_")
+    split = lambda tree: ({k: v for k, v in tree.items() if not is_layer(k)},
+                          {k: v for k, v in tree.items() if is_layer(k)})
+    shared_shardings, layer_shardings = (None, None) if shardings is None else split(shardings)
+    params = dict(jax.jit(lambda key: nn.meta.unbox(init_shared(key)), out_shardings=shared_shardings)(shared_rng))
+
+    def make_layers(key):
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(config.num_layers))
+        every = traverse_util.flatten_dict(nn.meta.unbox(jax.vmap(init_layer)(keys)))   # (num_layers, ...)
+        kv_only = owner_only_paths(config)
+        layers = {STACKED: traverse_util.unflatten_dict({p: a for p, a in every.items() if p not in kv_only})}
+        if kv_only:
+            owners = jnp.asarray(config.kv_owner_layers)
+            layers[STACKED_KV_OWNERS] = traverse_util.unflatten_dict(
+                {p: jnp.take(a, owners, axis=0) for p, a in every.items() if p in kv_only})
+        return layers if stacked else unstack_layers(layers, config)
+
+    params.update(jax.jit(make_layers, out_shardings=layer_shardings)(layer_rng))
     return params
 
 
+# The training layout of the parameters (`stack_layers`): instead of one entry per layer (`layers_<i>`,
+# the model's own and the Hugging Face layout's), STACKED holds the parameters every layer has, stacked on
+# a leading layer axis, and STACKED_KV_OWNERS the ones only KV owners have (their K/V projections), stacked
+# over `config.kv_owner_layers`. The scanned layer stack reads it as it is (no per-step stacking), and the
+# optimizer updates a few dozen arrays instead of one per parameter of every layer: for the 1.5B, 25 arrays
+# instead of 677, which XLA compiles and JAX traces several times faster (docs/performance.md).
+STACKED = "layers"
+STACKED_KV_OWNERS = "kv_owner_layers"
+
+
+def is_stacked(params: Mapping) -> bool:
+    """Whether a parameter tree is in the training layout (`stack_layers`)."""
+    return STACKED in params
+
+
 @functools.lru_cache(maxsize=16)
-def boxed_param_shapes(config: HymbaConfig) -> dict:
-    """The parameter tree as ShapeDtypeStructs boxed with their logical axes (nn.Partitioned), nothing
-    allocated: what the sharding rules read. Traced once per layer kind, not per layer (tracing the whole
-    model's init took 5-8 s for the 1.5B, and start-up needed it several times), and cached per config:
-    treat the result as read-only."""
+def owner_only_paths(config: HymbaConfig) -> frozenset[tuple[str, ...]]:
+    """Paths inside a layer's tree that only KV owners have (their K/V projections); empty when every layer
+    has the same parameters."""
+    shapes = _per_layer_boxed_shapes(config)
+    paths = [set(traverse_util.flatten_dict(shapes[f"layers_{i}"])) for i in range(config.num_layers)]
+    return frozenset(set.union(*paths) - set.intersection(*paths))
+
+
+def stack_layers(params: Mapping, config: HymbaConfig, stack: Optional[Callable] = None) -> dict:
+    """A per-layer parameter tree in the training layout (see STACKED). stack: how the leaves of one
+    parameter, a list in layer order, become one leaf (default `jnp.stack`)."""
+    stack = stack or jnp.stack
+    kv_only = owner_only_paths(config)
+    layers = [traverse_util.flatten_dict(params[f"layers_{i}"]) for i in range(config.num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    paths = layers[config.kv_owner_layers[0]]
+    out[STACKED] = traverse_util.unflatten_dict({p: stack([layer[p] for layer in layers])
+                                                 for p in paths if p not in kv_only})
+    if kv_only:
+        out[STACKED_KV_OWNERS] = traverse_util.unflatten_dict({p: stack([layers[i][p] for i in config.kv_owner_layers])
+                                                               for p in paths if p in kv_only})
+    return out
+
+
+def unstack_layers(params: Mapping, config: HymbaConfig, take: Optional[Callable] = None) -> dict:
+    """The training layout back in the per-layer layout. take(leaf, i): the i-th entry of a stacked leaf
+    (default: indexing; inside `jax.jit` for sharded parameters)."""
+    out = {k: v for k, v in params.items() if k not in (STACKED, STACKED_KV_OWNERS)}
+    out.update({f"layers_{i}": layer_params(params, config, i, take) for i in range(config.num_layers)})
+    return out
+
+
+def layer_params(params: Mapping, config: HymbaConfig, i: int, take: Optional[Callable] = None) -> dict:
+    """Layer i's own parameter tree (what `layers_<i>` holds) from a tree in either layout (take: as in
+    `unstack_layers`)."""
+    if not is_stacked(params):
+        return params[f"layers_{i}"]
+    take = take or (lambda a, index: a[index])
+    flat = {p: take(a, i) for p, a in traverse_util.flatten_dict(params[STACKED]).items()}
+    if STACKED_KV_OWNERS in params and config.owns_kv(i):
+        slot = config.kv_owner_layers.index(i)
+        flat.update({p: take(a, slot) for p, a in traverse_util.flatten_dict(params[STACKED_KV_OWNERS]).items()})
+    return traverse_util.unflatten_dict(flat)
+
+
+def gather_layers(params: Mapping, config: HymbaConfig, layers: Sequence[int], with_kv: bool) -> dict:
+    """The parameters of `layers` from the training layout, stacked in that order (leading axis
+    len(layers)). with_kv: also the owner-only parameters, each layer's KV producer's (a consumer's are its
+    producer's, whose K/V it uses anyway; the one-body scan computes them and drops the result)."""
+    layers = tuple(layers)
+
+    def take(a, indices):
+        if indices == tuple(range(a.shape[0])):
+            return a
+        step = indices[1] - indices[0] if len(indices) > 1 else 1
+        if step > 0 and indices == tuple(range(indices[0], indices[-1] + 1, step)):
+            return a[indices[0]:indices[-1] + 1:step]
+        return jnp.take(a, jnp.asarray(indices), axis=0)
+
+    flat = {p: take(a, layers) for p, a in traverse_util.flatten_dict(params[STACKED]).items()}
+    if with_kv and STACKED_KV_OWNERS in params:
+        slots = tuple(config.kv_owner_layers.index(config.kv_producer(i)) for i in layers)
+        flat.update({p: take(a, slots) for p, a in traverse_util.flatten_dict(params[STACKED_KV_OWNERS]).items()})
+    return traverse_util.unflatten_dict(flat)
+
+
+@functools.lru_cache(maxsize=16)
+def _per_layer_boxed_shapes(config: HymbaConfig) -> dict:
+    """`boxed_param_shapes` per layer: traced once per layer kind."""
     init_shared, layer_inits = _initialisers(config)
     key = jax.random.key(0)
     params = dict(jax.eval_shape(init_shared, key))
@@ -446,12 +538,33 @@ def boxed_param_shapes(config: HymbaConfig) -> dict:
     return params
 
 
-def param_shapes(config: HymbaConfig) -> dict:
-    """The parameter tree as ShapeDtypeStructs, nothing allocated."""
-    return nn.meta.unbox(boxed_param_shapes(config))
+@functools.lru_cache(maxsize=32)
+def boxed_param_shapes(config: HymbaConfig, stacked: bool = False) -> dict:
+    """The parameter tree (per-layer, or with `stacked` the training layout) as ShapeDtypeStructs boxed with
+    their logical axes (nn.Partitioned; a stacked parameter's layer axis is named None, never sharded),
+    nothing allocated: what the sharding rules read. Traced once, not per layer (tracing the whole model's
+    init took 5-8 s for the 1.5B, and start-up needed it several times), and cached per config: treat the
+    result as read-only."""
+    per_layer = _per_layer_boxed_shapes(config)
+    if not stacked:
+        return per_layer
+
+    def stack(boxes):
+        first = boxes[0]
+        value = jax.ShapeDtypeStruct((len(boxes),) + first.value.shape, first.value.dtype)
+        return first.replace(value=value, names=(None,) + tuple(first.names))
+
+    return stack_layers(per_layer, config, stack)
 
 
-def param_shardings(config: HymbaConfig, mesh: Mesh, rules: AxisRules) -> dict:
-    """NamedShardings of the parameter tree on `mesh`, from the model's logical axes and `rules` (nothing
-    allocated): what training, loading and export place each parameter by."""
-    return logical_shardings(boxed_param_shapes(config), mesh, rules)
+def param_shapes(config: HymbaConfig, stacked: bool = False) -> dict:
+    """The parameter tree (per-layer, or with `stacked` the training layout) as ShapeDtypeStructs, nothing
+    allocated."""
+    return nn.meta.unbox(boxed_param_shapes(config, stacked))
+
+
+def param_shardings(config: HymbaConfig, mesh: Mesh, rules: AxisRules, stacked: bool = False) -> dict:
+    """NamedShardings of the parameter tree (per-layer, or with `stacked` the training layout) on `mesh`,
+    from the model's logical axes and `rules` (nothing allocated): what training, loading and export place
+    each parameter by."""
+    return logical_shardings(boxed_param_shapes(config, stacked), mesh, rules)

@@ -32,7 +32,7 @@ from hymba_jax import compilation_cache
 from hymba_jax.checkpoint import CHECKPOINT_DIR, Checkpointer
 from hymba_jax.data import load_tokenizer, make_dataset
 from hymba_jax.hf import load_hf_checkpoint
-from hymba_jax.model.lm import uses_one_layer_body
+from hymba_jax.model.lm import param_shardings, uses_one_layer_body
 from hymba_jax.ops.auto import default_platform, describe as describe_kernels, resolve_kernels
 from hymba_jax.parallel import data_parallel_size, make_mesh, shard_batch
 from hymba_jax.train import validation
@@ -307,7 +307,7 @@ def _initial_state(config: ml_collections.ConfigDict, program: TrainProgram, che
     params = None
     if config.init_from_hf:
         _, params = load_hf_checkpoint(config.init_from_hf, dtype=program.model_config.param_dtype,
-                                       shardings=lambda _: program.state_shardings.params)
+                                       shardings=lambda c: param_shardings(c, program.mesh, program.rules))
         logging.info("initialised from %s", config.init_from_hf)
     return program.init_state(jax.random.key(config.seed), params)
 

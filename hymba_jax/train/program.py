@@ -93,7 +93,7 @@ class TrainProgram:
     def abstract_state(self) -> TrainState:
         """The TrainState as ShapeDtypeStructs carrying their shardings: for AOT lowering, and the shapes a
         checkpoint restore is checked against. Nothing is allocated or traced beyond the model's init."""
-        params = param_shapes(self.model_config)
+        params = param_shapes(self.model_config, stacked=True)
         state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                            opt_state=jax.eval_shape(self.tx.init, params))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state,

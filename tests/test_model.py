@@ -241,6 +241,18 @@ def test_the_training_layout_is_the_same_model():
                          lm.unstack_layers(grads, config), grads_ref)
 
 
+def test_initialisation_does_not_depend_on_the_kernels():
+    """init_params vmaps a layer's init over the layers; the kernels a config names (cuDNN attention has no
+    batching rule for it, and neither runs on the CPU) make the same parameters as plain JAX."""
+    from hymba_jax.model.lm import init_params
+
+    cfg = hymba_tiny(num_layers=3, global_layers=(0,), kv_reuse_groups=((1, 2),))
+    plain = init_params(cfg, jax.random.key(0), stacked=True)
+    named = init_params(cfg.replace(attention_backend="cudnn", scan_backend="pallas_gpu"), jax.random.key(0),
+                        stacked=True)
+    jax.tree.map(np.testing.assert_array_equal, named, plain)
+
+
 def test_a_reused_segment_id_is_a_new_document():
     """Positions, conv and SSM restart where the id changes; attention follows the same rule, so the id
     of an earlier document used again starts a separate document (not a join with the earlier one)."""

@@ -376,8 +376,9 @@ def _initialisers(config: HymbaConfig, length: int = 8):
     parameters (embedding, meta tokens, final norm, LM head) and, per layer kind (KV consumer or not),
     (its layers, init_layer(key) -> one layer's parameters), both boxed with their logical axes. The kind
     that is not a consumer (KV owners, or every layer without KV sharing; layer 0 is one) has every
-    parameter."""
-    cfg = config
+    parameter. The kernels do not change the parameters, so the initialisers run plain JAX ones: they are
+    vmapped over layers, which cuDNN's attention does not support, and run on any platform."""
+    cfg = config.replace(attention_backend="xla", scan_backend="associative")
     model = HymbaForCausalLM(cfg, parent=None)      # parent=None: also built inside a module's method
     dtype = jnp.dtype(cfg.dtype)
     x = jnp.zeros((1, length, cfg.hidden_size), dtype)

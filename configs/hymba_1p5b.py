@@ -7,10 +7,11 @@ The defaults make a run of 210B tokens (num_steps x batch_size x seq_len); see
 
 Kernels and remat are chosen where it runs (no flags needed): `auto` scan and attention backends, and
 `remat="auto"`: no rematerialisation when the compiled step fits the device, else full remat. Measured
-(docs/performance.md, 2026-12-02): one H200 at 8 x 2048, none 22.0k tokens/s with 91.2 GiB (full remat,
-measured with the cuDNN attention of before: 17.4k with 51.2 GiB); TPU v5p (95 GiB) at 8 x 2048 per chip,
-full needs 19.4 GiB with splash attention (v5p:2x2x1, `python -m hymba_jax.aot`), none did not fit with
-XLA attention (169 GB of temporaries) and has not been compiled with splash.
+(docs/performance.md, 2026-12-03): one H200 at 8 x 2048, none 21.5k tokens/s with 89.5 GiB, first step
+36-44 s after launch (full remat, measured 2026-12-02 with the cuDNN attention of before: 17.4k with
+51.2 GiB); TPU v5p (95 GiB) at 8 x 2048 per chip, full needs 22.1 GiB with splash attention (v5p:2x2x1,
+`python -m hymba_jax.aot`), none did not fit with XLA attention (169 GB of temporaries) and has not been
+compiled with splash.
 """
 
 from hymba_jax.train.config import paper_recipe

@@ -424,21 +424,17 @@ def init_params(config: HymbaConfig, rng: jax.Array, shardings: Optional[dict] =
     init_shared, layer_inits = _initialisers(config)
     init_layer = layer_inits[False][1]
     shared_rng, layer_rng = jax.random.split(rng)
-    is_layer = lambda name: name in (STACKED, STACKED_KV_OWNERS) or name.startswith("layers_")
-    split = lambda tree: ({k: v for k, v in tree.items() if not is_layer(k)},
-                          {k: v for k, v in tree.items() if is_layer(k)})
+    split = lambda tree: ({k: v for k, v in tree.items() if not is_layer_entry(k)},
+                          {k: v for k, v in tree.items() if is_layer_entry(k)})
     shared_shardings, layer_shardings = (None, None) if shardings is None else split(shardings)
     params = dict(jax.jit(lambda key: nn.meta.unbox(init_shared(key)), out_shardings=shared_shardings)(shared_rng))
 
     def make_layers(key):
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(config.num_layers))
         every = traverse_util.flatten_dict(nn.meta.unbox(jax.vmap(init_layer)(keys)))   # (num_layers, ...)
-        kv_only = owner_only_paths(config)
-        layers = {STACKED: traverse_util.unflatten_dict({p: a for p, a in every.items() if p not in kv_only})}
-        if kv_only:
-            owners = jnp.asarray(config.kv_owner_layers)
-            layers[STACKED_KV_OWNERS] = traverse_util.unflatten_dict(
-                {p: jnp.take(a, owners, axis=0) for p, a in every.items() if p in kv_only})
+        every_layer = tuple(range(config.num_layers))
+        layers = _training_layout(config, lambda path, indices: every[path] if indices == every_layer
+                                  else jnp.take(every[path], jnp.asarray(indices), axis=0))
         return layers if stacked else unstack_layers(layers, config)
 
     params.update(jax.jit(make_layers, out_shardings=layer_shardings)(layer_rng))
@@ -469,26 +465,40 @@ def owner_only_paths(config: HymbaConfig) -> frozenset[tuple[str, ...]]:
     return frozenset(set.union(*paths) - set.intersection(*paths))
 
 
+def is_layer_entry(name: str) -> bool:
+    """Whether a top-level key of a parameter tree holds layers (`layers_<i>`, or the training layout's
+    STACKED / STACKED_KV_OWNERS) rather than the embedding, meta tokens, final norm or LM head."""
+    return name in (STACKED, STACKED_KV_OWNERS) or name.startswith("layers_")
+
+
+def _training_layout(config: HymbaConfig, leaf: Callable) -> dict:
+    """The layer entries of the training layout: leaf(path, layer indices) gives one stacked parameter (its
+    leading axis over those layers) for each path of a layer's tree; the owner-only paths are stacked over
+    the KV owners, the others over every layer."""
+    kv_only = owner_only_paths(config)
+    paths = traverse_util.flatten_dict(_per_layer_boxed_shapes(config)[f"layers_{config.kv_owner_layers[0]}"])
+    every_layer = tuple(range(config.num_layers))
+    out = {STACKED: traverse_util.unflatten_dict({p: leaf(p, every_layer) for p in paths if p not in kv_only})}
+    if kv_only:
+        out[STACKED_KV_OWNERS] = traverse_util.unflatten_dict(
+            {p: leaf(p, tuple(config.kv_owner_layers)) for p in paths if p in kv_only})
+    return out
+
+
 def stack_layers(params: Mapping, config: HymbaConfig, stack: Optional[Callable] = None) -> dict:
     """A per-layer parameter tree in the training layout (see STACKED). stack: how the leaves of one
     parameter, a list in layer order, become one leaf (default `jnp.stack`)."""
     stack = stack or jnp.stack
-    kv_only = owner_only_paths(config)
     layers = [traverse_util.flatten_dict(params[f"layers_{i}"]) for i in range(config.num_layers)]
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    paths = layers[config.kv_owner_layers[0]]
-    out[STACKED] = traverse_util.unflatten_dict({p: stack([layer[p] for layer in layers])
-                                                 for p in paths if p not in kv_only})
-    if kv_only:
-        out[STACKED_KV_OWNERS] = traverse_util.unflatten_dict({p: stack([layers[i][p] for i in config.kv_owner_layers])
-                                                               for p in paths if p in kv_only})
+    out = {k: v for k, v in params.items() if not is_layer_entry(k)}
+    out.update(_training_layout(config, lambda path, indices: stack([layers[i][path] for i in indices])))
     return out
 
 
 def unstack_layers(params: Mapping, config: HymbaConfig, take: Optional[Callable] = None) -> dict:
     """The training layout back in the per-layer layout. take(leaf, i): the i-th entry of a stacked leaf
     (default: indexing; inside `jax.jit` for sharded parameters)."""
-    out = {k: v for k, v in params.items() if k not in (STACKED, STACKED_KV_OWNERS)}
+    out = {k: v for k, v in params.items() if not is_layer_entry(k)}
     out.update({f"layers_{i}": layer_params(params, config, i, take) for i in range(config.num_layers)})
     return out
 

@@ -153,6 +153,17 @@ def test_pallas_gpu_forward_alone_on_a_small_grid_runs_the_time_parallel_kernel(
         assert rel(g, ref_g) < 5e-6, name
 
 
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu_parallel", "pallas_tpu"])
+def test_decays_take_exp2_only_for_inputs_narrower_than_fp32(backend):
+    """bf16 inputs: the kernels' decays are exp2 (one instruction on a GPU; about 3e-6 from 'sequential' in
+    the gradients on the H200, far below a bf16 ulp); fp32 inputs keep the exact exp (<= 1e-6). On the CPU
+    both are exact, so the values cannot tell them apart: the kernels' programs can."""
+    for dtype, fast in ((jnp.bfloat16, True), (jnp.float32, False)):
+        inputs, reset = make_inputs(0, dtype, BATCH)
+        program = str(jax.make_jaxpr(value_and_grads(BACKENDS[backend]))(inputs, reset))
+        assert (" exp2 " in program) == fast, dtype
+
+
 def test_resets_restart_from_initial_state():
     """A document after a reset gives what it gives alone from the initial state (every backend)."""
     inputs, _ = make_inputs(1, jnp.float32, BATCH)

@@ -17,6 +17,7 @@ reset flag (1, 1) of step i through a `ChunkIO`. The platform modules (`scan_pal
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple, Optional, Protocol
 
 import jax
@@ -140,13 +141,40 @@ class ChunkIO(Protocol):
     def put_col(self, name: str, i: int, value: Array) -> None: ...   # dB, dC
 
 
+LOG2E = math.log2(math.e)
+
+
+def fast_decays(dtype) -> bool:
+    """Whether a kernel whose inputs x have `dtype` computes its decays with the hardware exp2 (`decay`):
+    for inputs narrower than fp32. On a GPU exp2 is one instruction (MUFU ex2) where an exact exp takes
+    about ten (a range reduction to extra precision around the same ex2), and a scan takes N of them per
+    channel and step. Its error on the unreduced argument puts the gradients about 3e-6 from 'sequential'
+    (dA; measured on the H200, docs/performance.md): a thousandth of a bf16 ulp, but above the 1e-6 that
+    fp32 inputs keep with the exact exp."""
+    return jnp.dtype(dtype) != jnp.float32
+
+
+def decay(delta: Array, A: Array, A_log2: Optional[Array] = None) -> Array:
+    """exp(delta A); with A_log2 (= A log2(e)) as exp2(delta A_log2) (see `fast_decays`)."""
+    return jnp.exp(delta * A) if A_log2 is None else jnp.exp2(delta * A_log2)
+
+
 class Params(NamedTuple):
-    """A program's share of the parameters: A (N, bD), D and bias (1, bD), h0 (N, bD), fp32."""
+    """A program's share of the parameters: A (N, bD), D and bias (1, bD), h0 (N, bD), fp32; A_log2 = A
+    log2(e) when the decays take exp2 (`fast_decays`), else None."""
 
     A: Array
     D: Array
     bias: Array
     h0: Array
+    A_log2: Optional[Array]
+
+    @classmethod
+    def from_refs(cls, refs) -> "Params":
+        """Read from a kernel's refs named A, D, bias, h0 (each program's block) and x (its dtype)."""
+        A = refs["A"][...]
+        A_log2 = A * LOG2E if fast_decays(refs["x"].dtype) else None
+        return cls(A, refs["D"][...], refs["bias"][...], refs["h0"][...], A_log2)
 
 
 def softplus(v):
@@ -157,24 +185,31 @@ def sigmoid(v):
     return 1.0 / (1.0 + jnp.exp(-v))
 
 
-def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...] = ("B", "C")) -> dict:
-    step = {k: io.row(k, i) for k in names}
-    step.update({k: io.col(k, i) for k in cols}, reset=io.flag(i))
-    return step
+def forward_rows(has_z: bool) -> tuple[str, ...]:
+    """The rows a forward step reads."""
+    return ("x", "dt", "z") if has_z else ("x", "dt")
 
 
-def _load_steps(io: ChunkIO, steps: int, names: tuple[str, ...]) -> list[dict]:
-    """All loads of a chunk first: they do not depend on the state, so their latency overlaps."""
-    return [_load_step(io, i, names) for i in range(steps)]
+def load_rows(io: ChunkIO, steps: int, names: tuple[str, ...]) -> list[dict]:
+    """Rows `names` of each of the chunk's steps, (1, bD) fp32."""
+    return [{k: io.row(k, i) for k in names} for i in range(steps)]
 
 
-def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int) -> Array:
-    """Advance the (N, bD) state over `steps` positions, writing y; returns the state after them."""
-    names = ("x", "dt", "z") if io.has_z else ("x", "dt")
-    for i, s in enumerate(_load_steps(io, steps, names)):
+def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[list[dict]] = None) -> Array:
+    """Advance the (N, bD) state over `steps` positions, writing y; returns the state after them.
+
+    All of a chunk's loads come first: they do not depend on the state, so their latency overlaps. rows:
+    the chunk's rows (`load_rows` of `forward_rows`) when the caller loaded them ahead: the GPU kernel
+    loads the next chunk's rows before computing this one, as they come from HBM and their latency would
+    otherwise stall every chunk (the B and C columns, read by every program of a row, come from L2)."""
+    if rows is None:
+        rows = load_rows(io, steps, forward_rows(io.has_z))
+    cols = [dict(B=io.col("B", i), C=io.col("C", i), reset=io.flag(i)) for i in range(steps)]
+    for i in range(steps):
+        s = {**rows[i], **cols[i]}
         h = jnp.where(s["reset"] > 0, p.h0, h)
         delta = softplus(s["dt"] + p.bias)
-        h = jnp.exp(delta * p.A) * h + (delta * s["x"]) * s["B"]
+        h = decay(delta, p.A, p.A_log2) * h + (delta * s["x"]) * s["B"]
         y = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * s["x"]
         if io.has_z:
             y = y * (s["z"] * sigmoid(s["z"]))
@@ -191,26 +226,33 @@ class Accum(NamedTuple):
     dh0: Array
 
 
-def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int
-                   ) -> tuple[Array, Accum]:
+def backward_rows(has_z: bool) -> tuple[str, ...]:
+    """The rows a backward step reads."""
+    return ("x", "dt", "z", "dy") if has_z else ("x", "dt", "dy")
+
+
+def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int,
+                   rows: Optional[list[dict]] = None) -> tuple[Array, Accum]:
     """Gradients of one chunk. h_start: the state before it; dh: d loss / d (state after it).
     Writes dx, ddt, dz rows and dB, dC columns (this program's channels only); returns
-    d loss / d h_start and the updated sums."""
+    d loss / d h_start and the updated sums. rows: the chunk's rows (`load_rows` of `backward_rows`)
+    when the caller loaded them ahead (see `forward_chunk`); without them each pass loads what it reads."""
+    loaded = lambda i, names: rows[i] if rows is not None else {k: io.row(k, i) for k in names}
     saved = []
     h = h_start
     for i in range(steps):                                   # recompute the chunk's states
-        s = _load_step(io, i, ("x", "dt"), cols=("B",))
+        s = {**loaded(i, ("x", "dt")), "B": io.col("B", i), "reset": io.flag(i)}
         hp = jnp.where(s["reset"] > 0, p.h0, h)
         delta = softplus(s["dt"] + p.bias)
-        a = jnp.exp(delta * p.A)
+        a = decay(delta, p.A, p.A_log2)
         h = a * hp + (delta * s["x"]) * s["B"]
         saved.append((hp, a, delta))     # h is recomputed on the way back: an FMA costs less than its registers
-    # The walk back loads each step's inputs again rather than keeping them: on a GPU the loaded values
-    # of a whole chunk would not fit in registers next to the saved states.
-    names = ("x", "dt", "z", "dy") if io.has_z else ("x", "dt", "dy")
+    # The walk back loads the columns again rather than keeping them: on a GPU the loaded values of a whole
+    # chunk would not fit in registers next to the saved states.
+    names = backward_rows(io.has_z)
     dA, dD, dbias, dh0 = acc
     for i in reversed(range(steps)):
-        s = _load_step(io, i, names)
+        s = {**loaded(i, names), "B": io.col("B", i), "C": io.col("C", i), "reset": io.flag(i)}
         hp, a, delta = saved[i]
         x, dy = s["x"], s["dy"]
         h = a * hp + (delta * x) * s["B"]

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
-    forward_chunk, fused_scan
+    forward_chunk, forward_rows, fused_scan, load_rows
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -84,10 +84,6 @@ def _specs(length: int, n: int, block: int):
     return row, col, flag, param, vec, state
 
 
-def _params(refs) -> Params:
-    return Params(refs["A"][...], refs["D"][...], refs["bias"][...], refs["h0"][...])
-
-
 def triton_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg,
                 num_warps: Optional[int] = None):
     """pallas_call of `kernel(refs)`, its refs by name (inputs, then outputs); Triton's warps from
@@ -104,9 +100,12 @@ def triton_call(name, kernel, names_in, names_out, out_shape, in_specs, out_spec
 
 
 def _inputs(c: Canon):
-    """Kernel operands: columns get a trailing unit axis so one step's column loads as (N, 1)."""
+    """Kernel operands: columns get a trailing unit axis so one step's column loads as (N, 1). They are
+    passed in fp32: every thread reads the whole column, so converting them here saves each thread 2N
+    conversions per step (H200, 8 x 2048: forward 0.97 ms against 1.06 with bf16 columns)."""
     names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias", "h0"]
-    values = dict(c._asdict(), B=c.B[..., None], C=c.C[..., None])
+    f32 = jnp.float32
+    values = dict(c._asdict(), B=c.B.astype(f32)[..., None], C=c.C.astype(f32)[..., None])
     return names, [values[k] for k in names]
 
 
@@ -165,14 +164,22 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     specs = dict(y=row, starts=starts_spec, last=state)
 
     def kernel(refs):
-        p = _params(refs)
+        p = Params.from_refs(refs)
+        names = forward_rows(has_z)
 
-        def body(k, h):
+        def rows_of(k):
+            """Chunk k's rows (the last chunk's past the end: the last iteration's look-ahead is unused)."""
+            return load_rows(_IO(refs, jnp.minimum(k, n_chunks - 1) * chunk, has_z), chunk, names)
+
+        def body(k, carry):
+            h, rows = carry
             if keep_starts:
                 refs["starts"][k] = h
-            return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk)
+            ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
+            return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk, rows), ahead
 
-        refs["last"][...] = jax.lax.fori_loop(0, n_chunks, body, p.h0)
+        h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.h0, rows_of(0)))
+        refs["last"][...] = h
 
     outs = triton_call("selective_scan_forward", kernel, names_in, names_out,
                  tuple(jax.ShapeDtypeStruct(*shapes[k]) for k in names_out),
@@ -208,7 +215,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
 
     def kernel(refs):
-        p = _params(refs)
+        p = Params.from_refs(refs)
 
         def body(k, carry):
             chunk_index = n_chunks - 1 - k

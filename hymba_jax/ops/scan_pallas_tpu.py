@@ -93,10 +93,6 @@ def _call(kernel, names_in, names_out, scratch, out_shape, in_specs, out_specs, 
                           compiler_params=params, interpret=cfg["interpret"])
 
 
-def _params(refs) -> Params:
-    return Params(refs["A"][...], refs["D"][...], refs["bias"][...], refs["h0"][...])
-
-
 def _forward(c: Canon, keep_starts: bool, cfg):
     del keep_starts  # the pipeline writes the chunk-start states either way
     names_in, operands, in_specs, specs, d = _common(c, cfg, reverse=False)
@@ -108,7 +104,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
     def kernel(refs):
         k = pl.program_id(2)
-        p = _params(refs)
+        p = Params.from_refs(refs)
 
         @pl.when(k == 0)
         def _():
@@ -156,7 +152,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
 
     def kernel(refs):
         k = pl.program_id(2)
-        p = _params(refs)
+        p = Params.from_refs(refs)
 
         @pl.when(k == 0)
         def _():

@@ -11,7 +11,10 @@ take 16 channels per program, two threads per channel (`_block`), and a forward 
 with a few rows, walking every channel's steps one by one leaves the GPU mostly idle. Rows are read
 straight from global memory at (t, channel block), so nothing but y (forward) and the input gradients
 (backward) crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a
-backward pass follows. dB and dC are summed over channel blocks outside the kernel (one (B, L, N) partial
+backward pass follows. The forward loads the next chunk's rows before computing the current one: with
+six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute
+put half of the forward's stalls on them. The backward does not: carrying its four rows per step through
+the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB and dC are summed over channel blocks outside the kernel (one (B, L, N) partial
 per block).
 `interpret=True` runs the same kernels on the CPU (tests).
 """
@@ -45,8 +48,10 @@ NUM_WARPS = 1
 SMALL_GRID = 512
 SMALL_GRID_BLOCK_D = 16
 # A forward without a backward on a grid under this many programs of BLOCK_D channels runs the
-# time-parallel kernel (H200: 4 x 4096 x 3200, 400 programs, 1.86 ms against 2.42; docs/performance.md).
-TIME_PARALLEL_FORWARD_GRID = SMALL_GRID
+# time-parallel kernel. H200, d_inner 3200 (docs/performance.md, 2026-12-03): 3 x 4096 (300 programs)
+# 1.11 ms against 1.45, 2 x 4096 0.95 against 1.46, 1 x 8192 2.15 against 7.10; from 4 x 4096 (400) this
+# kernel's own forward is faster (1.43 against 1.87).
+TIME_PARALLEL_FORWARD_GRID = 400
 
 
 class _IO:

@@ -185,6 +185,12 @@ def sigmoid(v):
     return 1.0 / (1.0 + jnp.exp(-v))
 
 
+def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...] = ("B", "C")) -> dict:
+    step = {k: io.row(k, i) for k in names}
+    step.update({k: io.col(k, i) for k in cols}, reset=io.flag(i))
+    return step
+
+
 def forward_rows(has_z: bool) -> tuple[str, ...]:
     """The rows a forward step reads."""
     return ("x", "dt", "z") if has_z else ("x", "dt")
@@ -226,33 +232,27 @@ class Accum(NamedTuple):
     dh0: Array
 
 
-def backward_rows(has_z: bool) -> tuple[str, ...]:
-    """The rows a backward step reads."""
-    return ("x", "dt", "z", "dy") if has_z else ("x", "dt", "dy")
-
-
-def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int,
-                   rows: Optional[list[dict]] = None) -> tuple[Array, Accum]:
+def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int
+                   ) -> tuple[Array, Accum]:
     """Gradients of one chunk. h_start: the state before it; dh: d loss / d (state after it).
     Writes dx, ddt, dz rows and dB, dC columns (this program's channels only); returns
-    d loss / d h_start and the updated sums. rows: the chunk's rows (`load_rows` of `backward_rows`)
-    when the caller loaded them ahead (see `forward_chunk`); without them each pass loads what it reads."""
-    loaded = lambda i, names: rows[i] if rows is not None else {k: io.row(k, i) for k in names}
+    d loss / d h_start and the updated sums."""
     saved = []
     h = h_start
     for i in range(steps):                                   # recompute the chunk's states
-        s = {**loaded(i, ("x", "dt")), "B": io.col("B", i), "reset": io.flag(i)}
+        s = _load_step(io, i, ("x", "dt"), cols=("B",))
         hp = jnp.where(s["reset"] > 0, p.h0, h)
         delta = softplus(s["dt"] + p.bias)
         a = decay(delta, p.A, p.A_log2)
         h = a * hp + (delta * s["x"]) * s["B"]
         saved.append((hp, a, delta))     # h is recomputed on the way back: an FMA costs less than its registers
-    # The walk back loads the columns again rather than keeping them: on a GPU the loaded values of a whole
-    # chunk would not fit in registers next to the saved states.
-    names = backward_rows(io.has_z)
+    # The walk back loads each step's inputs again rather than keeping them: on a GPU the loaded values
+    # of a whole chunk would not fit in registers next to the saved states (nor would the next chunk's
+    # rows: loading them ahead, as the forward does, made the kernel spill and run 1.4x slower).
+    names = ("x", "dt", "z", "dy") if io.has_z else ("x", "dt", "dy")
     dA, dD, dbias, dh0 = acc
     for i in reversed(range(steps)):
-        s = {**loaded(i, names), "B": io.col("B", i), "C": io.col("C", i), "reset": io.flag(i)}
+        s = _load_step(io, i, names)
         hp, a, delta = saved[i]
         x, dy = s["x"], s["dy"]
         h = a * hp + (delta * x) * s["B"]

@@ -141,27 +141,24 @@ class ChunkIO(Protocol):
     def put_col(self, name: str, i: int, value: Array) -> None: ...   # dB, dC
 
 
-LOG2E = math.log2(math.e)
-
-
-def fast_decays(dtype) -> bool:
-    """Whether a kernel whose inputs x have `dtype` computes its decays with the hardware exp2 (`decay`):
-    for inputs narrower than fp32. On a GPU exp2 is one instruction (MUFU ex2) where an exact exp takes
-    about ten (a range reduction to extra precision around the same ex2), and a scan takes N of them per
-    channel and step. Its error on the unreduced argument puts the gradients about 3e-6 from 'sequential'
-    (dA; measured on the H200, docs/performance.md): a thousandth of a bf16 ulp, but above the 1e-6 that
-    fp32 inputs keep with the exact exp."""
-    return jnp.dtype(dtype) != jnp.float32
+def exp2_rates(A: Array, dtype) -> Optional[Array]:
+    """`decay`'s A_log2 for a kernel whose inputs x have `dtype`: A log2(e) for inputs narrower than fp32
+    (the decays then take the hardware exp2), None for fp32 (the exact exp). On a GPU exp2 is one
+    instruction (MUFU ex2) where an exact exp takes about ten (a range reduction to extra precision around
+    the same ex2), and a scan takes N of them per channel and step. Its error on the unreduced argument puts
+    the gradients about 3e-6 from 'sequential' (dA; measured on the H200, docs/performance.md): a thousandth
+    of a bf16 ulp, but above the 1e-6 that fp32 inputs keep with the exact exp."""
+    return A * math.log2(math.e) if jnp.dtype(dtype) != jnp.float32 else None
 
 
 def decay(delta: Array, A: Array, A_log2: Optional[Array] = None) -> Array:
-    """exp(delta A); with A_log2 (= A log2(e)) as exp2(delta A_log2) (see `fast_decays`)."""
+    """exp(delta A); with A_log2 (= A log2(e)) as exp2(delta A_log2) (see `exp2_rates`)."""
     return jnp.exp(delta * A) if A_log2 is None else jnp.exp2(delta * A_log2)
 
 
 class Params(NamedTuple):
     """A program's share of the parameters: A (N, bD), D and bias (1, bD), h0 (N, bD), fp32; A_log2 = A
-    log2(e) when the decays take exp2 (`fast_decays`), else None."""
+    log2(e) when the decays take exp2 (`exp2_rates`), else None."""
 
     A: Array
     D: Array
@@ -173,8 +170,7 @@ class Params(NamedTuple):
     def from_refs(cls, refs) -> "Params":
         """Read from a kernel's refs named A, D, bias, h0 (each program's block) and x (its dtype)."""
         A = refs["A"][...]
-        A_log2 = A * LOG2E if fast_decays(refs["x"].dtype) else None
-        return cls(A, refs["D"][...], refs["bias"][...], refs["h0"][...], A_log2)
+        return cls(A, refs["D"][...], refs["bias"][...], refs["h0"][...], exp2_rates(A, refs["x"].dtype))
 
 
 def softplus(v):

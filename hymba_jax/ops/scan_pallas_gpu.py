@@ -14,8 +14,8 @@ straight from global memory at (t, channel block), so nothing but y (forward) an
 backward pass follows. The forward loads the next chunk's rows before computing the current one: with
 six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute
 put half of the forward's stalls on them. The backward does not: carrying its four rows per step through
-the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB and dC are summed over channel blocks outside the kernel (one (B, L, N) partial
-per block).
+the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB and dC are summed over channel
+blocks outside the kernel (one (B, L, N) partial per block).
 `interpret=True` runs the same kernels on the CPU (tests).
 """
 

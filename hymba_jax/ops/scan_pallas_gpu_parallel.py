@@ -45,8 +45,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from hymba_jax.ops.scan import register_backend
-from hymba_jax.ops.scan_fused import LOG2E, Canon, Kernels, channel_block, decay, fast_decays, fused_scan, sigmoid, \
-    softplus
+from hymba_jax.ops.scan_fused import Canon, Kernels, channel_block, decay, exp2_rates, fused_scan, sigmoid, softplus
 from hymba_jax.ops.scan_pallas_gpu import pow2_state_kernels, triton_call
 
 try:  # the Triton compiler parameters and lowering (absent from some jaxlib builds)
@@ -204,7 +203,7 @@ def _state_tile(refs, s: dict, steps, i: int, h_start, first):
     also returns the decays a and the inputs b (unfolded)."""
     state = pl.ds(i, 1)
     A = refs["A"][:, state]
-    a = decay(s["delta"], A, A * LOG2E if fast_decays(refs["x"].dtype) else None)
+    a = decay(s["delta"], A, exp2_rates(A, refs["x"].dtype))
     b = s["u"] * _broadcast_row(refs["B"], i, steps, s["u"].shape[0])
     start = s["reset"] | first
     h_prev = jnp.where(s["reset"], refs["h0"][:, state], h_start)

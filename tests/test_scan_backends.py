@@ -132,6 +132,22 @@ def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):
         assert rel(g, ref_g) < 5e-6, name
 
 
+def test_pallas_gpu_backward_reduce_scatters_the_state_input_gradients():
+    """dB and dC: the backward's sums over a program's channels, as one reduce-scattered row per step
+    (`_channel_sums`, shuffles emulated in interpret mode) wherever 2N = bD; on a GPU only for one channel
+    per lane (32 channels, one warp). The backends above take it (N 4, 8 channels), and a smaller grid's
+    16 channels the columns (test above)."""
+    keys = jax.random.split(jax.random.key(3), 2)
+    p_terms, q_terms = (jax.random.normal(k, (16, 32), jnp.float32) for k in keys)
+    row, misplaced = scan_pallas_gpu._channel_sums(p_terms, q_terms, interpret=True)
+    want = jnp.concatenate([p_terms.sum(1), q_terms.sum(1)])[None]
+    assert row.shape == (1, 32) and rel(row, want) < 1e-6 and not misplaced.any()
+    scatters = lambda n, block, interpret, warps=1: scan_pallas_gpu._scatters_sums(
+        dict(interpret=interpret, num_warps=warps), n, block)
+    assert scatters(16, 32, False) and scatters(4, 8, True)
+    assert not scatters(4, 8, False) and not scatters(16, 32, False, warps=2) and not scatters(8, 32, True)
+
+
 def test_pallas_gpu_forward_alone_on_a_small_grid_runs_the_time_parallel_kernel(reference):
     """Without a backward pass, a grid under TIME_PARALLEL_FORWARD_GRID programs (3 x 4096 x 3200: 300)
     takes the time-parallel forward, padded to its tile (length 21 here); with a backward, or on a larger

@@ -9,7 +9,7 @@ the silu(z) gate are fused in, so y and the input gradients are the only (B, L, 
 
 The math of one chunk (`forward_chunk`, `backward_chunk`) is written once, on values: a program keeps its
 state as one (N, bD) fp32 tile, channels on the fast axis, and reads a row (1, bD), a column (N, 1) and a
-reset flag (1, 1) of step i through a `ChunkIO`. The platform modules (`scan_pallas_gpu`,
+reset of step i through a `ChunkIO`. The platform modules (`scan_pallas_gpu`,
 `scan_pallas_tpu`) only say how a program reads and writes those, and how the tile maps to the hardware
 (TPU: channels on the 128 lanes; GPU: one warp, one channel and its N states per thread).
 """
@@ -129,16 +129,25 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 # --------------------------------------------------------------------------------------------------
-# The math of one chunk, on values. Rows are (1, bD), columns (N, 1), flags (1, 1), all fp32.
+# The math of one chunk, on values. Rows are (1, bD), columns (N, 1), all fp32.
 
 class ChunkIO(Protocol):
     has_z: bool
 
     def row(self, name: str, i: int) -> Array: ...      # x, dt, z, dy
     def col(self, name: str, i: int) -> Array: ...      # B, C
-    def flag(self, i: int) -> Array: ...                # reset
     def put_row(self, name: str, i: int, value: Array) -> None: ...   # y, dx, ddt, dz
-    def put_col(self, name: str, i: int, value: Array) -> None: ...   # dB, dC
+
+    def restart(self, i: int, h: Array, h0: Array) -> Array:
+        """The state entering step i: h, or h0 where a document starts at i."""
+
+    def restart_adjoint(self, i: int, dh: Array, dh0: Optional[Array]) -> tuple[Array, Optional[Array]]:
+        """d loss / d (state before step i), given dh = its part through step i's decay: zero where a
+        document starts at i, dh then going to the initial state's gradient, returned added to dh0
+        (None where the platform keeps that sum itself)."""
+
+    def put_sums(self, i: int, dC_terms: Array, dB_terms: Array) -> None:
+        """Write step i's dC and dB: the sums over this program's channels (axis 1) of the (N, bD) terms."""
 
 
 def exp2_rates(A: Array, dtype) -> Optional[Array]:
@@ -183,7 +192,7 @@ def sigmoid(v):
 
 def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...] = ("B", "C")) -> dict:
     step = {k: io.row(k, i) for k in names}
-    step.update({k: io.col(k, i) for k in cols}, reset=io.flag(i))
+    step.update({k: io.col(k, i) for k in cols})
     return step
 
 
@@ -206,10 +215,10 @@ def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[l
     otherwise stall every chunk (the B and C columns, read by every program of a row, come from L2)."""
     if rows is None:
         rows = load_rows(io, steps, forward_rows(io.has_z))
-    cols = [dict(B=io.col("B", i), C=io.col("C", i), reset=io.flag(i)) for i in range(steps)]
+    cols = [dict(B=io.col("B", i), C=io.col("C", i)) for i in range(steps)]
     for i in range(steps):
         s = {**rows[i], **cols[i]}
-        h = jnp.where(s["reset"] > 0, p.h0, h)
+        h = io.restart(i, h, p.h0)
         delta = softplus(s["dt"] + p.bias)
         h = decay(delta, p.A, p.A_log2) * h + (delta * s["x"]) * s["B"]
         y = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * s["x"]
@@ -220,24 +229,25 @@ def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[l
 
 
 class Accum(NamedTuple):
-    """Gradients a program sums over its positions: dA, dh0 (N, bD); dD, dbias (1, bD)."""
+    """Gradients a program sums over its positions: dA (N, bD); dD, dbias (1, bD); dh0 (N, bD), or None
+    where the platform's `ChunkIO.restart_adjoint` keeps it."""
 
     dA: Array
     dD: Array
     dbias: Array
-    dh0: Array
+    dh0: Optional[Array]
 
 
 def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int
                    ) -> tuple[Array, Accum]:
     """Gradients of one chunk. h_start: the state before it; dh: d loss / d (state after it).
-    Writes dx, ddt, dz rows and dB, dC columns (this program's channels only); returns
+    Writes dx, ddt, dz rows and dB, dC sums (this program's channels only); returns
     d loss / d h_start and the updated sums."""
     saved = []
     h = h_start
     for i in range(steps):                                   # recompute the chunk's states
         s = _load_step(io, i, ("x", "dt"), cols=("B",))
-        hp = jnp.where(s["reset"] > 0, p.h0, h)
+        hp = io.restart(i, h, p.h0)
         delta = softplus(s["dt"] + p.bias)
         a = decay(delta, p.A, p.A_log2)
         h = a * hp + (delta * s["x"]) * s["B"]
@@ -246,6 +256,9 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     # of a whole chunk would not fit in registers next to the saved states (nor would the next chunk's
     # rows: loading them ahead, as the forward does, made the kernel spill and run 1.4x slower).
     names = ("x", "dt", "z", "dy") if io.has_z else ("x", "dt", "dy")
+    # d/d delta sums dh a h A over the states; with exp2 decays the rate array is A log2(e), and using it
+    # there (times ln 2) spares the GPU kernel a second (N, bD) array of registers.
+    rate, rate_scale = (p.A, 1.0) if p.A_log2 is None else (p.A_log2, math.log(2.0))
     dA, dD, dbias, dh0 = acc
     for i in reversed(range(steps)):
         s = _load_step(io, i, names)
@@ -260,21 +273,17 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         else:
             g = dy
         dD = dD + g * x
-        io.put_col("dC", i, jnp.sum(h * g, axis=1, keepdims=True))
         dh = dh + s["C"] * g
         u = delta * x
-        io.put_col("dB", i, jnp.sum(dh * u, axis=1, keepdims=True))
+        io.put_sums(i, h * g, dh * u)
         du = jnp.sum(dh * s["B"], axis=0, keepdims=True)
         q = dh * a * hp
         dA = dA + q * delta
-        dv = (jnp.sum(q * p.A, axis=0, keepdims=True) + du * x) * sigmoid(s["dt"] + p.bias)
+        dv = (jnp.sum(q * rate, axis=0, keepdims=True) * rate_scale + du * x) * sigmoid(s["dt"] + p.bias)
         dbias = dbias + dv
         io.put_row("ddt", i, dv)
         io.put_row("dx", i, du * delta + g * p.D)
-        dhp = dh * a
-        restart = s["reset"] > 0
-        dh0 = dh0 + jnp.where(restart, dhp, 0.0)
-        dh = jnp.where(restart, 0.0, dhp)
+        dh, dh0 = io.restart_adjoint(i, dh * a, dh0)
     return dh, Accum(dA, dD, dbias, dh0)
 
 

@@ -4,7 +4,9 @@ Grid (batch, channel blocks); each program keeps its (N, bD) state in registers 
 over chunks of `chunk` time steps. With one warp and bD = 32 (the defaults) Triton gives each thread one
 channel and its N states, so the recurrence and the sums over the state axis (y; the x and dt gradients)
 never leave the thread, and the backward's sums over channels (dB, dC) are warp shuffles: no shared memory
-and no barrier in the per-step path. More warps per program spread a tile's states across warps, and every
+and no barrier in the per-step path. Those sums are one reduce-scatter per step (`_channel_sums`: 31
+shuffles where Triton's reductions took 160, a third of the backward's instructions), and resets branch
+in the backward instead of keeping the initial state and its gradient in registers (`_IO`). More warps per program spread a tile's states across warps, and every
 step then pays cross-warp sums (measured in docs/performance.md). For small grids the training kernels
 take 16 channels per program, two threads per channel (`_block`), and a forward pass without a backward
 (evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' instead (`_time_parallel`):
@@ -55,11 +57,23 @@ TIME_PARALLEL_FORWARD_GRID = 400
 
 
 class _IO:
-    """Row/column access of one program at chunk offset t0. Refs: rows (Lp, bD), columns (Lp, N, 1),
-    flags (Lp, 1)."""
+    """Row/column access of one program at chunk offset t0 (chunks of `steps`). Refs: rows (Lp, bD),
+    columns (Lp, N, 1), resets (Lp, 1).
 
-    def __init__(self, refs: dict, t0, has_z: bool):
-        self.refs, self.t0, self.has_z = refs, t0, has_z
+    branch_resets: where a document starts, branch on the reset flag (one scalar for the program's batch
+    row, the same in every thread) and read the initial state, or add to its gradient, in memory there,
+    rather than selecting against h0 and summing dh0 at every step: two (N, bD) tiles fewer in registers.
+    The backward takes it (it spilled with them). The forward selects: with a branch there, Triton lays
+    the state out four channels by four states per thread (TTGIR) and the sums over states take shuffles.
+    scatter: a backward writes dB and dC as one reduce-scattered row per step (`_channel_sums`) to
+    "dBC", else as columns to "dB" and "dC"; misplaced carries that function's layout check."""
+
+    def __init__(self, refs: dict, t0, has_z: bool, steps: int, *, branch_resets: bool = False,
+                 scatter: bool = False, interpret: bool = False, misplaced=None):
+        self.refs, self.t0, self.has_z, self.steps = refs, t0, has_z, steps
+        self.branch_resets, self.scatter, self.interpret = branch_resets, scatter, interpret
+        self.misplaced = misplaced
+        self._flags = None
 
     def row(self, name, i):
         return self.refs[name][pl.ds(self.t0 + i, 1), :].astype(jnp.float32)
@@ -67,16 +81,89 @@ class _IO:
     def col(self, name, i):
         return self.refs[name][self.t0 + i].astype(jnp.float32)
 
-    def flag(self, i):
-        return self.refs["reset"][pl.ds(self.t0 + i, 1), :]
-
     def put_row(self, name, i, value):
         ref = self.refs[name]
         ref[pl.ds(self.t0 + i, 1), :] = value.astype(ref.dtype)
 
-    def put_col(self, name, i, value):
-        ref = self.refs[name]
-        ref[self.t0 + i] = value.astype(ref.dtype)
+    def _starts(self, i):
+        """Whether a document starts at step i: a scalar with branch_resets, else a (1, 1) tile. The
+        chunk's flags are loaded together at the first call, before the chunk stores anything: a load
+        cannot move above a store, and one per step then waited on memory at every step (H200, forward
+        1.97 against 0.81 ms)."""
+        if self._flags is None:
+            reset = self.refs["reset"]
+            load = ((lambda t: reset[t, 0]) if self.branch_resets else (lambda t: reset[pl.ds(t, 1), :]))
+            self._flags = [load(self.t0 + k) > 0 for k in range(self.steps)]
+        return self._flags[i]
+
+    def restart(self, i, h, h0):
+        if not self.branch_resets:
+            return jnp.where(self._starts(i), h0, h)
+        return jax.lax.cond(self._starts(i), lambda: self.refs["h0"][...], lambda: h)
+
+    def restart_adjoint(self, i, dh, dh0):
+        def start():
+            self.refs["dh0"][...] += dh
+            return jnp.zeros_like(dh)
+
+        return jax.lax.cond(self._starts(i), start, lambda: dh), dh0
+
+    def put_sums(self, i, dC_terms, dB_terms):
+        if self.scatter:
+            sums, misplaced = _channel_sums(dC_terms, dB_terms, self.interpret)
+            self.put_row("dBC", i, sums)
+            self.misplaced = self.misplaced | misplaced
+            return
+        for name, terms in (("dC", dC_terms), ("dB", dB_terms)):
+            self.refs[name][self.t0 + i] = jnp.sum(terms, axis=1, keepdims=True)
+
+
+def _shuffle_xor(v, mask: int, interpret: bool):
+    """Each lane's v from lane (its own XOR mask), by one `shfl.sync.bfly` per register. The lanes are
+    the channel axis (axis 1) of a one-warp program's tiles; interpret mode permutes that axis instead."""
+    if interpret:
+        return jnp.take(v, jnp.arange(v.shape[1]) ^ mask, axis=1)
+    [out] = plgpu.elementwise_inline_asm(f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, -1;", args=[v],
+                                         constraints="=f,f", pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])
+    return out
+
+
+def _misplaced(v, interpret: bool):
+    """(1, bD) int32: 1 where some element of v's column is not held by the lane of that column's index
+    (Triton chose another layout for v: the lane of each element, read by the same kind of elementwise op
+    as the shuffles, against its column). All zeros in interpret mode."""
+    column = jax.lax.broadcasted_iota(jnp.int32, v.shape, 1)
+    if interpret:
+        return jnp.zeros((1, v.shape[1]), jnp.int32)
+    [lane] = plgpu.elementwise_inline_asm("mov.u32 $0, %laneid;", args=[v], constraints="=r,f", pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)])
+    return jnp.max((lane != column).astype(jnp.int32), axis=0, keepdims=True)
+
+
+def _channel_sums(p_terms, q_terms, interpret: bool):
+    """The sums over channels (axis 1) of two (N, bD) tiles with 2N = bD, as one (1, bD) row: element j
+    is sum(p_terms[j]) for j < N, then sum(q_terms[j - N]); and a (1, bD) int32 row, nonzero if the
+    tiles were not laid out one channel per lane (`_misplaced`; the sums are then wrong).
+
+    A reduce-scatter: each round of shuffles halves the values a lane keeps, 2N - 1 shuffles in all,
+    where `jnp.sum` over the lanes takes log2(bD) for each of the 2N values (2N = bD = 32: 31 against
+    160 per step, PTX from Triton 3.9). Triton does lay these tiles out one channel per lane (TTGIR,
+    docs/performance.md), but nothing in Pallas promises it, hence the check."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, p_terms.shape[1]), 1)
+    half = p_terms.shape[1] // 2
+    upper = lane >= half
+    send = jnp.where(upper, p_terms, q_terms)
+    misplaced = _misplaced(send, interpret)
+    sums = jnp.where(upper, q_terms, p_terms) + _shuffle_xor(send, half, interpret)
+    while sums.shape[0] > 1:
+        half //= 2
+        low, high = jnp.split(sums, 2, axis=0)
+        upper = (lane & half) != 0
+        send = jnp.where(upper, low, high)
+        misplaced = misplaced | _misplaced(send, interpret)
+        sums = jnp.where(upper, high, low) + _shuffle_xor(send, half, interpret)
+    return sums, misplaced
 
 
 def _specs(length: int, n: int, block: int):
@@ -174,14 +261,14 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
         def rows_of(k):
             """Chunk k's rows (the last chunk's past the end: the last iteration's look-ahead is unused)."""
-            return load_rows(_IO(refs, jnp.minimum(k, n_chunks - 1) * chunk, has_z), chunk, names)
+            return load_rows(_IO(refs, jnp.minimum(k, n_chunks - 1) * chunk, has_z, chunk), chunk, names)
 
         def body(k, carry):
             h, rows = carry
             if keep_starts:
                 refs["starts"][k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-            return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk, rows), ahead
+            return forward_chunk(_IO(refs, k * chunk, has_z, chunk), h, p, chunk, rows), ahead
 
         h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.h0, rows_of(0)))
         refs["last"][...] = h
@@ -207,40 +294,62 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     in_specs = _in_specs(names_in[:-3], length, n, block) + [
         pl.BlockSpec((None, n_chunks, n, block), lambda b, j: (b, 0, 0, j)), row, state]
     partial_col = pl.BlockSpec((None, None, length, n, 1), lambda b, j: (b, j, 0, 0, 0))
+    partial_row = pl.BlockSpec((None, None, length, block), lambda b, j: (b, j, 0, 0))
     partial_vec = pl.BlockSpec((None, 1, block), lambda b, j: (b, 0, j))
     f32 = jnp.float32
-    names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + ["dB", "dC", "dA", "dD", "dbias", "dh0"]
+    scatter = _scatters_sums(cfg, n, block)
+    sums = ["dBC"] if scatter else ["dB", "dC"]
+    names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + sums + ["dA", "dD", "dbias", "dh0"]
     shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
                   dz=(c.x.shape, c.z.dtype if has_z else None),
                   dB=((batch, n_blocks, length, n, 1), f32), dC=((batch, n_blocks, length, n, 1), f32),
+                  dBC=((batch, n_blocks, length, 2 * n), f32),
                   dA=((batch, n, width), f32), dD=((batch, 1, width), f32), dbias=((batch, 1, width), f32),
                   dh0=((batch, n, width), f32))
-    specs = dict(dx=row, ddt=row, dz=row, dB=partial_col, dC=partial_col, dA=state, dD=partial_vec,
-                 dbias=partial_vec, dh0=state)
+    specs = dict(dx=row, ddt=row, dz=row, dB=partial_col, dC=partial_col, dBC=partial_row, dA=state,
+                 dD=partial_vec, dbias=partial_vec, dh0=state)
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
 
     def kernel(refs):
         p = Params.from_refs(refs)
+        refs["dh0"][...] = jnp.zeros_like(p.A)     # summed at resets by _IO.restart_adjoint
 
         def body(k, carry):
             chunk_index = n_chunks - 1 - k
-            dh, acc = carry
-            io = _IO(refs, chunk_index * chunk, has_z)
-            return backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
+            dh, acc, misplaced = carry
+            io = _IO(refs, chunk_index * chunk, has_z, chunk, branch_resets=True, scatter=scatter,
+                     interpret=cfg["interpret"], misplaced=misplaced)
+            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
+            return dh, acc, io.misplaced
 
         zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
-        acc = Accum(zeros_state, zeros_vec, zeros_vec, zeros_state)
-        dh, acc = jax.lax.fori_loop(0, n_chunks, body, (refs["dlast"][...], acc))
-        refs["dA"][...] = acc.dA
+        acc = Accum(zeros_state, zeros_vec, zeros_vec, None)
+        misplaced = jnp.zeros(p.D.shape, jnp.int32)
+        dh, acc, misplaced = jax.lax.fori_loop(0, n_chunks, body, (refs["dlast"][...], acc, misplaced))
+        # Sums from a layout `_channel_sums` does not expect are wrong: make the gradients NaN (the training
+        # loop skips non-finite steps, then stops) rather than wrong.
+        refs["dA"][...] = jnp.where(jnp.max(misplaced) > 0, jnp.nan, acc.dA)
         refs["dD"][...] = acc.dD
         refs["dbias"][...] = acc.dbias
-        refs["dh0"][...] = acc.dh0 + dh
+        refs["dh0"][...] += dh
 
     outs = dict(zip(names_out, triton_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
                                      in_specs, [specs[k] for k in names_out], (batch, n_blocks), cfg)(*operands)))
-    return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
-                 outs["dB"].sum(1)[..., 0].astype(c.B.dtype), outs["dC"].sum(1)[..., 0].astype(c.C.dtype),
+    if scatter:
+        dC, dB = jnp.split(outs["dBC"].sum(1), 2, axis=-1)
+    else:
+        dB, dC = outs["dB"].sum(1)[..., 0], outs["dC"].sum(1)[..., 0]
+    return Canon(outs["dx"], outs["ddt"], outs.get("dz"), dB.astype(c.B.dtype), dC.astype(c.C.dtype),
                  None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"])
+
+
+def _scatters_sums(cfg, n: int, block: int) -> bool:
+    """Whether the backward sums dB and dC by `_channel_sums`: 2N = bD, and on a GPU one channel per lane
+    (bD = 32 in one warp; other tiles spread states over lanes too). Interpret mode takes it whenever
+    2N = bD (tests)."""
+    if 2 * n != block:
+        return False
+    return cfg["interpret"] or (block == 32 and cfg["num_warps"] == 1)
 
 
 def _grow(t, axis: int, size: int):

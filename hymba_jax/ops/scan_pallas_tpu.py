@@ -44,14 +44,22 @@ class _IO:
     def col(self, name, i):
         return self._tile(name)[:, i:i + 1]
 
-    def flag(self, i):
-        return self._tile("reset")[i:i + 1, :]
+    def _starts(self, i):
+        return self._tile("reset")[i:i + 1, :] > 0
+
+    def restart(self, i, h, h0):
+        return jnp.where(self._starts(i), h0, h)
+
+    def restart_adjoint(self, i, dh, dh0):
+        starts = self._starts(i)
+        return jnp.where(starts, 0.0, dh), dh0 + jnp.where(starts, dh, 0.0)
 
     def put_row(self, name, i, value):
         self.refs[name + "_acc"][pl.ds(i, 1), :] = value
 
-    def put_col(self, name, i, value):
-        self.refs[name + "_acc"][:, pl.ds(i, 1)] = value
+    def put_sums(self, i, dC_terms, dB_terms):
+        for name, terms in (("dC", dC_terms), ("dB", dB_terms)):
+            self.refs[name + "_acc"][:, pl.ds(i, 1)] = jnp.sum(terms, axis=1, keepdims=True)
 
     def flush(self, names):
         for name in names:

@@ -93,8 +93,9 @@ def main():
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--backends", default="associative,chunked,pallas_gpu,pallas_gpu_parallel")
     parser.add_argument("--variants", default="2:32:1,8:32:1,4:64:2",
-                        help="pallas_gpu chunk:block_d:num_warps variants to time (its own kernels also "
-                             "forward: without the time-parallel forward 'pallas_gpu' takes on small grids)")
+                        help="pallas_gpu chunk:block_d:num_warps[:segments] variants to time (its own kernels "
+                             "also forward: without the time-parallel forward 'pallas_gpu' takes on small "
+                             "grids; the backward's time segments by grid size unless given)")
     parser.add_argument("--parallel-variants", default="64:64:16:4:16:4,64:64:4:1:4:1,64:64:8:2:8:2",
                         help="pallas_gpu_parallel variants to time, chunk:inference_chunk:block_d:num_warps:"
                              "backward_block_d:backward_num_warps")
@@ -109,9 +110,10 @@ def main():
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu:
         for variant in filter(None, args.variants.split(",")):
-            chunk, block, warps = map(int, variant.split(":"))
+            chunk, block, warps, *segments = map(int, variant.split(":"))
             backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(
-                chunk=chunk, inference_chunk=chunk, block_d=block, num_warps=warps, time_parallel_grid=0)
+                chunk=chunk, inference_chunk=chunk, block_d=block, num_warps=warps, time_parallel_grid=0,
+                segments=segments[0] if segments else None)
         for variant in filter(None, args.parallel_variants.split(",")):
             chunk, inference_chunk, block, warps, bwd_block, bwd_warps = map(int, variant.split(":"))
             backends[f"pallas_gpu_parallel[{variant}]"] = scan_pallas_gpu_parallel.with_kernels(

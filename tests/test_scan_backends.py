@@ -148,6 +148,29 @@ def test_pallas_gpu_backward_reduce_scatters_the_state_input_gradients():
     assert not scatters(4, 8, False) and not scatters(16, 32, False, warps=2) and not scatters(8, 32, True)
 
 
+def test_pallas_gpu_backward_splits_time_into_segments_on_small_grids(reference):
+    """The backward runs a grid (rows, channel blocks, time segments), the adjoint at each segment's end
+    found first by `adjoint_chunk` over the later segments: by default the fewest power-of-two segments
+    that divide the chunks and reach SEGMENT_GRID programs. One segment and four give the reference."""
+    segments = lambda batch, width, n_chunks, **cfg: scan_pallas_gpu._segments(
+        dict(dict(block_d=None, segments=None, segment_grid=scan_pallas_gpu.SEGMENT_GRID), **cfg),
+        batch, width, n_chunks)
+    assert segments(8, 3200, 512) == (32, 1) and segments(4, 3200, 1024) == (32, 2)
+    assert segments(1, 3200, 2048) == (32, 8) and segments(1, 3200, 6) == (32, 2)      # 6 chunks: 2 divide
+    assert segments(4, 3200, 1024, block_d=16, segments=4) == (16, 4)
+    with pytest.raises(ValueError, match="segments=4: must divide the 6 chunks"):
+        segments(1, 32, 6, segments=4)
+    inputs, reset = make_inputs(4, jnp.float32, BATCH)
+    ref_grads, (ref_y, ref_last) = reference(inputs, reset)
+    for count in (1, 4):                              # LENGTH 21, padded to 32 (inference_chunk): 8 chunks
+        fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=16, block_d=8, segments=count,
+                                          time_parallel_grid=0, interpret=True)
+        grads, (y, last) = value_and_grads(fn)(inputs, reset)
+        assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
+        for name, g, ref_g in zip(NAMES, grads, ref_grads):
+            assert rel(g, ref_g) < 5e-6, (count, name)
+
+
 def test_pallas_gpu_forward_alone_on_a_small_grid_runs_the_time_parallel_kernel(reference):
     """Without a backward pass, a grid under TIME_PARALLEL_FORWARD_GRID programs (3 x 4096 x 3200: 300)
     takes the time-parallel forward, padded to its tile (length 21 here); with a backward, or on a larger

@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
-from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
-    forward_chunk, forward_rows, fused_scan, load_rows
+from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, decay, \
+    forward_chunk, forward_rows, fused_scan, load_rows, sigmoid, softplus
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -54,6 +54,9 @@ SMALL_GRID_BLOCK_D = 16
 # 1.11 ms against 1.45, 2 x 4096 0.95 against 1.46, 1 x 8192 2.15 against 7.10; from 4 x 4096 (400) this
 # kernel's own forward is faster (1.43 against 1.87).
 TIME_PARALLEL_FORWARD_GRID = 400
+# The backward splits time into segments run by separate programs until its grid has this many programs
+# (`_segments`).
+SEGMENT_GRID = 800
 
 
 class _IO:
@@ -85,7 +88,7 @@ class _IO:
         ref = self.refs[name]
         ref[pl.ds(self.t0 + i, 1), :] = value.astype(ref.dtype)
 
-    def _starts(self, i):
+    def starts(self, i):
         """Whether a document starts at step i: a scalar with branch_resets, else a (1, 1) tile. The
         chunk's flags are loaded together at the first call, before the chunk stores anything: a load
         cannot move above a store, and one per step then waited on memory at every step (H200, forward
@@ -98,15 +101,15 @@ class _IO:
 
     def restart(self, i, h, h0):
         if not self.branch_resets:
-            return jnp.where(self._starts(i), h0, h)
-        return jax.lax.cond(self._starts(i), lambda: self.refs["h0"][...], lambda: h)
+            return jnp.where(self.starts(i), h0, h)
+        return jax.lax.cond(self.starts(i), lambda: self.refs["h0"][...], lambda: h)
 
     def restart_adjoint(self, i, dh, dh0):
         def start():
             self.refs["dh0"][...] += dh
             return jnp.zeros_like(dh)
 
-        return jax.lax.cond(self._starts(i), start, lambda: dh), dh0
+        return jax.lax.cond(self.starts(i), start, lambda: dh), dh0
 
     def put_sums(self, i, dC_terms, dB_terms):
         if self.scatter:
@@ -281,21 +284,101 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     return outs["y"], outs.get("starts"), outs["last"]
 
 
-def _backward(c: Canon, starts, dy, dlast, cfg):
+def _lift(spec: pl.BlockSpec) -> pl.BlockSpec:
+    """A (batch, channel block) spec for a grid with a third axis (time segments) it does not depend on."""
+    return pl.BlockSpec(spec.block_shape, lambda b, j, s: spec.index_map(b, j))
+
+
+def _segments(cfg, batch: int, width: int, n_chunks: int) -> tuple[int, int]:
+    """The backward's channels per program and time segments (`_backward`): cfg's block_d and segments
+    where given; by default 32 channels (one per lane: `_channel_sums` applies) and the fewest segments,
+    a power of two dividing the chunks, that make SEGMENT_GRID programs."""
+    block = channel_block(width, cfg["block_d"] or BLOCK_D)
+    segments = cfg["segments"]
+    if segments is None:
+        segments = 1
+        while (batch * (width // block) * segments < cfg["segment_grid"] and n_chunks % (2 * segments) == 0):
+            segments *= 2
+    if n_chunks % segments:
+        raise ValueError(f"pallas_gpu segments={segments}: must divide the {n_chunks} chunks")
+    return block, segments
+
+
+def adjoint_chunk(io: _IO, dh, decays, p: Params, steps: int):
+    """The adjoint recurrence alone over one chunk, walking back: dh <- a_t (dh + C_t g_t), zero where a
+    document starts (what `backward_chunk` carries from step to step), and the product of the decays
+    a_t (zero likewise): dh before the chunk = decays * (dh after it) + (this dh, from dh = 0)."""
+    names = ("dt", "z", "dy") if io.has_z else ("dt", "dy")
+    rows = load_rows(io, steps, names)
+    for i in reversed(range(steps)):
+        s = rows[i]
+        g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
+        a = decay(softplus(s["dt"] + p.bias), p.A, p.A_log2)
+        dh, decays = (dh + io.col("C", i) * g) * a, decays * a
+        dh, decays = jax.lax.cond(io.starts(i), lambda: (jnp.zeros_like(dh), jnp.zeros_like(dh)),
+                                  lambda dh=dh, decays=decays: (dh, decays))
+    return dh, decays
+
+
+def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
+    """d loss / d (state at the end of each time segment), (B, segments, N, D): dlast for the last one;
+    for the others, from the next segment's adjoint alone (`adjoint_chunk`, one program per (row,
+    channel block, segment), all segments at once) carried back through the segments' decay products."""
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    chunk, block = cfg["chunk"], _block(cfg, batch, width, training=True)
-    n_chunks, n_blocks = length // chunk, width // block
+    if segments == 1:
+        return dlast[:, None]
+    chunk, has_z = cfg["chunk"], c.z is not None
+    per_segment = length // chunk // segments
+    names_in, operands = _inputs(c)
+    names_in, operands = names_in + ["dy"], operands + [dy]
+    row, _, _, _, _, state = _specs(length, n, block)
+    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block)] + [_lift(row)]
+    out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
+    shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
+
+    def kernel(refs):
+        p = Params.from_refs(refs)
+        segment = pl.program_id(2) + 1          # the segment whose start this program finds
+
+        def body(k, carry):
+            io = _IO(refs, ((segment + 1) * per_segment - 1 - k) * chunk, has_z, chunk, branch_resets=True)
+            return adjoint_chunk(io, *carry, p, chunk)
+
+        dh, decays = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), jnp.ones_like(p.A)))
+        refs["sums"][...] = dh
+        refs["decays"][...] = decays
+
+    sums, decays = triton_call("selective_scan_segment_adjoints", kernel, names_in, ["sums", "decays"],
+                               (shape, shape), in_specs, (out, out), (batch, width // block, segments - 1),
+                               cfg)(*operands)
+    ends = [dlast]
+    for k in reversed(range(segments - 1)):
+        ends.insert(0, decays[:, k] * ends[0] + sums[:, k])
+    return jnp.stack(ends, axis=1)
+
+
+def _backward(c: Canon, starts, dy, dlast, cfg):
+    """The backward kernel, over a grid (rows, channel blocks, time segments): each program walks its
+    segment's chunks in reverse from the adjoint at the segment's end (`_segment_ends`), so a grid of a
+    few rows still has enough programs (4 x 4096 x 3200: 400 per segment)."""
+    batch, length, width = c.x.shape
+    n = c.A.shape[0]
+    chunk = cfg["chunk"]
+    n_chunks = length // chunk
+    block, segments = _segments(cfg, batch, width, n_chunks)
+    per_segment, n_blocks = n_chunks // segments, width // block
     has_z = c.z is not None
     names_in, operands = _inputs(c)
-    names_in = names_in + ["starts", "dy", "dlast"]
-    operands = operands + [starts, dy, dlast]
-    row, _, _, _, _, state = _specs(length, n, block)
-    in_specs = _in_specs(names_in[:-3], length, n, block) + [
-        pl.BlockSpec((None, n_chunks, n, block), lambda b, j: (b, 0, 0, j)), row, state]
-    partial_col = pl.BlockSpec((None, None, length, n, 1), lambda b, j: (b, j, 0, 0, 0))
-    partial_row = pl.BlockSpec((None, None, length, block), lambda b, j: (b, j, 0, 0))
-    partial_vec = pl.BlockSpec((None, 1, block), lambda b, j: (b, 0, j))
+    names_in = names_in + ["starts", "dy", "ends"]
+    operands = operands + [starts, dy, _segment_ends(c, dy, dlast, cfg, block, segments)]
+    row, _, _, _, _, _ = _specs(length, n, block)
+    by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
+    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-3], length, n, block)] + [
+        pl.BlockSpec((None, n_chunks, n, block), lambda b, j, s: (b, 0, 0, j)), _lift(row), by_segment]
+    partial_col = pl.BlockSpec((None, None, length, n, 1), lambda b, j, s: (b, j, 0, 0, 0))
+    partial_row = pl.BlockSpec((None, None, length, block), lambda b, j, s: (b, j, 0, 0))
+    partial_vec = pl.BlockSpec((None, None, 1, block), lambda b, j, s: (b, s, 0, j))
     f32 = jnp.float32
     scatter = _scatters_sums(cfg, n, block)
     sums = ["dBC"] if scatter else ["dB", "dC"]
@@ -303,19 +386,20 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
                   dz=(c.x.shape, c.z.dtype if has_z else None),
                   dB=((batch, n_blocks, length, n, 1), f32), dC=((batch, n_blocks, length, n, 1), f32),
-                  dBC=((batch, n_blocks, length, 2 * n), f32),
-                  dA=((batch, n, width), f32), dD=((batch, 1, width), f32), dbias=((batch, 1, width), f32),
-                  dh0=((batch, n, width), f32))
-    specs = dict(dx=row, ddt=row, dz=row, dB=partial_col, dC=partial_col, dBC=partial_row, dA=state,
-                 dD=partial_vec, dbias=partial_vec, dh0=state)
+                  dBC=((batch, n_blocks, length, 2 * n), f32), dA=((batch, segments, n, width), f32),
+                  dD=((batch, segments, 1, width), f32), dbias=((batch, segments, 1, width), f32),
+                  dh0=((batch, segments, n, width), f32))
+    specs = dict(dx=_lift(row), ddt=_lift(row), dz=_lift(row), dB=partial_col, dC=partial_col, dBC=partial_row,
+                 dA=by_segment, dD=partial_vec, dbias=partial_vec, dh0=by_segment)
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
 
     def kernel(refs):
         p = Params.from_refs(refs)
+        segment = pl.program_id(2)
         refs["dh0"][...] = jnp.zeros_like(p.A)     # summed at resets by _IO.restart_adjoint
 
         def body(k, carry):
-            chunk_index = n_chunks - 1 - k
+            chunk_index = (segment + 1) * per_segment - 1 - k
             dh, acc, misplaced = carry
             io = _IO(refs, chunk_index * chunk, has_z, chunk, branch_resets=True, scatter=scatter,
                      interpret=cfg["interpret"], misplaced=misplaced)
@@ -325,22 +409,25 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
         acc = Accum(zeros_state, zeros_vec, zeros_vec, None)
         misplaced = jnp.zeros(p.D.shape, jnp.int32)
-        dh, acc, misplaced = jax.lax.fori_loop(0, n_chunks, body, (refs["dlast"][...], acc, misplaced))
+        dh, acc, misplaced = jax.lax.fori_loop(0, per_segment, body, (refs["ends"][...], acc, misplaced))
         # Sums from a layout `_channel_sums` does not expect are wrong: make the gradients NaN (the training
         # loop skips non-finite steps, then stops) rather than wrong.
         refs["dA"][...] = jnp.where(jnp.max(misplaced) > 0, jnp.nan, acc.dA)
         refs["dD"][...] = acc.dD
         refs["dbias"][...] = acc.dbias
-        refs["dh0"][...] += dh
+        # The first segment's dh reaches the initial state; the others' is the end of the one before it.
+        refs["dh0"][...] += jnp.where(segment == 0, dh, 0.0)
 
     outs = dict(zip(names_out, triton_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
-                                     in_specs, [specs[k] for k in names_out], (batch, n_blocks), cfg)(*operands)))
+                                     in_specs, [specs[k] for k in names_out], (batch, n_blocks, segments),
+                                     cfg)(*operands)))
     if scatter:
         dC, dB = jnp.split(outs["dBC"].sum(1), 2, axis=-1)
     else:
         dB, dC = outs["dB"].sum(1)[..., 0], outs["dC"].sum(1)[..., 0]
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"), dB.astype(c.B.dtype), dC.astype(c.C.dtype),
-                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"])
+                 None, outs["dA"].sum((0, 1)), outs["dD"].sum((0, 1)), outs["dbias"].sum((0, 1)),
+                 outs["dh0"].sum(1))
 
 
 def _scatters_sums(cfg, n: int, block: int) -> bool:
@@ -385,7 +472,7 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 @functools.lru_cache(maxsize=None)
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, time_parallel_grid: int = TIME_PARALLEL_FORWARD_GRID,
-            interpret: bool = False) -> Kernels:
+            segments: int | None = None, segment_grid: int = SEGMENT_GRID, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
     per program, or None to pick by grid size (`_block`). time_parallel_grid: a forward without a backward
@@ -394,7 +481,8 @@ def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
-               time_parallel_grid=time_parallel_grid, interpret=interpret)
+               time_parallel_grid=time_parallel_grid, segments=segments, segment_grid=segment_grid,
+               interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 

@@ -5,7 +5,7 @@ memory of forward and forward+backward against the byte/exp floor measured on th
     PYTHONPATH=. python benchmarks/scan.py --batch 1 --length 64 --width 64 --backends chunked  # smoke
 
 Shape: batch 8 x 2048 tokens, d_inner 3200, d_state 16, bf16 inputs (x, dt, z, B, C), fp32 parameters,
-with resets and an initial state. Time: median over samples of `reps` back-to-back calls after warm-up,
+with resets and, as in training, no initial state (`--initial-state` adds one; the check runs both). Time: median over samples of `reps` back-to-back calls after warm-up,
 ended by block_until_ready. Memory: compiled temp + output bytes (memory_analysis). Floors: bytes that
 must move (inputs read once, outputs written once) at the measured copy bandwidth; exponentials
 (B L D N per pass; the backward recomputes them) at the measured exp rate.
@@ -28,7 +28,7 @@ def hardware_rates() -> dict:
     return dict(copy_bytes_per_s=copy_bandwidth(), bf16_flops=matmul_rate(), xla_exp_per_s=exp_rate())
 
 
-def make_inputs(key, batch, length, width, state, dtype):
+def make_inputs(key, batch, length, width, state, dtype, initial_state: bool = True):
     ks = jax.random.split(key, 10)
     normal = lambda k, shape, dt=dtype: jax.random.normal(k, shape, jnp.float32).astype(dt)
     x = normal(ks[0], (batch, length, width))
@@ -39,7 +39,7 @@ def make_inputs(key, batch, length, width, state, dtype):
     z = normal(ks[6], (batch, length, width))
     bias = normal(ks[7], (width,), jnp.float32) * 0.5
     reset = jax.random.uniform(ks[8], (batch, length)) < 1 / 512
-    h0 = normal(ks[9], (1, width, state), jnp.float32)
+    h0 = normal(ks[9], (1 if initial_state else 0, width, state), jnp.float32)
     return x, dt, A, B, C, D, z, bias, reset, h0
 
 
@@ -47,6 +47,7 @@ def scan_fn(backend):
     impl = backend if callable(backend) else None
 
     def forward(x, dt, A, B, C, D, z, bias, reset, h0):
+        h0 = None if h0.size == 0 else h0                  # an empty h0: no initial state
         if impl is not None:
             return impl(x, dt, A, B, C, D, z, bias, reset, h0)
         return selective_scan(x, dt, A, B, C, D, z, bias, reset=reset, initial_state=h0, backend=backend)
@@ -64,10 +65,10 @@ def rel(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
-def check(backends, batch, length, width, state, dtype) -> dict:
+def check(backends, batch, length, width, state, dtype, initial_state: bool = True) -> dict:
     """Relative norm error of y, last state and the 9 input gradients against 'sequential' (fp32
-    reference arithmetic on the same inputs)."""
-    args = make_inputs(jax.random.key(7), batch, length, width, state, dtype)
+    reference arithmetic on the same inputs); without an initial state dh0 is 0."""
+    args = make_inputs(jax.random.key(7), batch, length, width, state, dtype, initial_state)
     x, dt, A, B, C, D, z, bias, reset, h0 = args
     wy = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)
     wl = jax.random.normal(jax.random.key(9), (batch, width, state), jnp.float32)
@@ -99,7 +100,11 @@ def main():
     parser.add_argument("--parallel-variants", default="64:64:16:4:16:4,64:64:4:1:4:1,64:64:8:2:8:2",
                         help="pallas_gpu_parallel variants to time, chunk:inference_chunk:block_d:num_warps:"
                              "backward_block_d:backward_num_warps")
-    parser.add_argument("--check", action="store_true", help="compare with 'sequential' first")
+    parser.add_argument("--check", action="store_true", help="compare with 'sequential' first (with an initial "
+                        "state, then fp32 without)")
+    parser.add_argument("--initial-state", action="store_true",
+                        help="time with an initial state (a prefill continuing a cache); default without, as "
+                             "training runs")
     parser.add_argument("--check-shape", default="2x1000x320", help="batch x length x width of the check")
     parser.add_argument("--json", default=None, help="write all results here")
     args = parser.parse_args()
@@ -128,12 +133,12 @@ def main():
 
     if args.check:
         cb, cl, cd = map(int, args.check_shape.split("x"))
-        for dtype in (jnp.float32, jnp.bfloat16):
-            title = f"check_{jnp.dtype(dtype).name}_{args.check_shape}"
+        for dtype, initial in ((jnp.float32, True), (jnp.bfloat16, True), (jnp.float32, False)):
+            title = f"check_{jnp.dtype(dtype).name}_{args.check_shape}" + ("" if initial else "_no_initial_state")
             results[title] = {}
             for name, backend in backends.items():
                 try:
-                    errs = check({name: backend}, cb, cl, cd, args.state, dtype)[name]
+                    errs = check({name: backend}, cb, cl, cd, args.state, dtype, initial)[name]
                 except Exception as e:  # noqa: BLE001 - a failing backend is reported, the others still run
                     results[title][name] = f"{type(e).__name__}: {str(e)[:2000]}"
                     print(f"{title} {name:24s} FAILED: {results[title][name]}", flush=True)
@@ -149,7 +154,8 @@ def main():
           f"TFLOP/s, XLA exp {rates['xla_exp_per_s'] / 1e12:.2f} T/s")
 
     b, l, d, n = args.batch, args.length, args.width, args.state
-    x, dt, A, B, C, D, z, bias, reset, h0 = make_inputs(jax.random.key(0), b, l, d, n, jnp.bfloat16)
+    x, dt, A, B, C, D, z, bias, reset, h0 = make_inputs(jax.random.key(0), b, l, d, n, jnp.bfloat16,
+                                                        args.initial_state)
     wy = jax.random.normal(jax.random.key(1), x.shape, jnp.float32).astype(jnp.float32)
     wl = jnp.ones((b, d, n), jnp.float32)
     big = b * l * d * 2                       # one bf16 (B, L, D) tensor

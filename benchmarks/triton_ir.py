@@ -56,9 +56,10 @@ def capture_ttir(out: str, tag: str):
 
 
 def dump_kernels(backend, batch: int, length: int, width: int, state: int, out: str, tag: str) -> list[str]:
-    """Lower the scan's forward and forward+backward for CUDA; write each kernel's Triton IR under `out`."""
+    """Lower the scan's forward and forward+backward for CUDA (as training calls it: no initial state);
+    write each kernel's Triton IR under `out`."""
     with capture_ttir(out, tag) as paths:
-        args = make_inputs(jax.random.key(0), batch, length, width, state, jnp.bfloat16)
+        args = make_inputs(jax.random.key(0), batch, length, width, state, jnp.bfloat16, initial_state=False)
         x, dt, A, B, C, D, z, bias, reset, h0 = args
         forward, grad = scan_fn(backend)
         forward.trace(*args).lower(lowering_platforms=("cuda",))

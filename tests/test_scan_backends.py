@@ -110,14 +110,11 @@ def test_triton_kernels_pad_a_state_size_that_is_not_a_power_of_two(reference, b
         assert got.shape == want.shape and rel(got, want) < 5e-6
 
 
-def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):
-    """block_d=None: training kernels of a grid under SMALL_GRID programs use 16 channels per program
-    (H200: faster at 4 x 4096, slower at 8 x 2048), the forward alone keeps 32; both paths still equal the
-    reference, and the forward's chunk-start states are read correctly by a backward of other blocks."""
-    pick = lambda batch, width, training: scan_pallas_gpu._block(dict(block_d=None), batch, width, training)
-    assert pick(4, 3200, True) == 16 and pick(8, 3200, True) == 32 and pick(4, 3200, False) == 32
-    assert scan_pallas_gpu._block(dict(block_d=8), 4, 3200, True) == 8         # an explicit size is kept
-    width = 64                                                                  # 2 x 2 programs: small
+def test_pallas_gpu_default_kernels_on_a_small_grid(reference):
+    """The default tiles (32 channels per program, the backward's time segments chosen by grid size) on
+    2 rows x 64 channels: the forward alone, the forward with its chunk-start states and the segmented
+    backward all equal the reference."""
+    width = 64
     fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, time_parallel_grid=0, interpret=True)
     inputs, reset = make_inputs(2, jnp.float32, BATCH)
     x, dt, A, B, C, D, z, bias, h0 = inputs
@@ -126,7 +123,7 @@ def test_pallas_gpu_picks_smaller_blocks_for_small_training_grids(reference):
               jnp.tile(h0, (1, width // WIDTH, 1)))
     grads, (y, last) = value_and_grads(fn)(inputs, reset)
     ref_grads, (ref_y, ref_last) = value_and_grads(sequential)(inputs, reset)
-    y_alone, _ = jax.jit(fn)(*inputs[:8], reset, inputs[8])                    # forward only: 32 channels
+    y_alone, _ = jax.jit(fn)(*inputs[:8], reset, inputs[8])
     assert rel(y, ref_y) < 5e-6 and rel(y_alone, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
     for name, g, ref_g in zip(NAMES, grads, ref_grads):
         assert rel(g, ref_g) < 5e-6, name
@@ -155,8 +152,9 @@ def test_pallas_gpu_backward_splits_time_into_segments_on_small_grids(reference)
     segments = lambda batch, width, n_chunks, **cfg: scan_pallas_gpu._segments(
         dict(dict(block_d=None, segments=None, segment_grid=scan_pallas_gpu.SEGMENT_GRID), **cfg),
         batch, width, n_chunks)
-    assert segments(8, 3200, 512) == (32, 1) and segments(4, 3200, 1024) == (32, 2)
-    assert segments(1, 3200, 2048) == (32, 8) and segments(1, 3200, 6) == (32, 2)      # 6 chunks: 2 divide
+    assert segments(8, 3200, 512) == (32, 8) and segments(4, 3200, 1024) == (32, 16)
+    assert segments(1, 3200, 2048) == (32, 64) and segments(1, 3200, 6) == (32, 2)     # 6 chunks: 2 divide
+    assert segments(64, 3200, 512) == (32, 1)                                           # 6,400 already
     assert segments(4, 3200, 1024, block_d=16, segments=4) == (16, 4)
     with pytest.raises(ValueError, match="segments=4: must divide the 6 chunks"):
         segments(1, 32, 6, segments=4)
@@ -201,6 +199,24 @@ def test_decays_take_exp2_only_for_inputs_narrower_than_fp32(backend):
         inputs, reset = make_inputs(0, dtype, BATCH)
         program = str(jax.make_jaxpr(value_and_grads(BACKENDS[backend]))(inputs, reset))
         assert (" exp2 " in program) == fast, dtype
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_resets_without_initial_state_match_sequential(backend):
+    """As training calls the scan: resets, no initial state (documents start from zeros; the fused
+    kernels then keep no initial state or its gradient). Outputs and the 8 gradients equal the reference."""
+    (x, dt, A, B, C, D, z, bias, _), reset = make_inputs(5, jnp.float32, BATCH)
+
+    def grads(fn):
+        def loss(*args):
+            y, last = fn(*args, reset, None)
+            return jnp.sum(y * jnp.sin(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)) + jnp.sum(last)
+        return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(8))))(x, dt, A, B, C, D, z, bias)
+
+    (value, got), (ref_value, want) = grads(BACKENDS[backend]), grads(sequential)
+    assert abs(value - ref_value) <= 5e-6 * abs(ref_value)
+    for name, g, ref_g in zip(NAMES, got, want):
+        assert rel(g, ref_g) < 5e-6, name
 
 
 def test_resets_restart_from_initial_state():

@@ -32,8 +32,10 @@ Array = jax.Array
 
 class Canon(NamedTuple):
     """The kernels' inputs. x, dt, z (B, Lp, D) in their dtypes (z may be None); B, C (B, Lp, N);
-    reset (B, Lp, 1) fp32 (1 where a document starts); A (N, D), D and bias (1, D), h0 (B, N, D): fp32.
-    Lp is the length padded to a multiple of the chunk (padding steps leave the state unchanged)."""
+    reset (B, Lp, 1) fp32 (1 where a document starts); A (N, D), D and bias (1, D) fp32; h0 (B, N, D) fp32,
+    or None without an initial state (training): documents then start from zeros and the kernels keep
+    neither h0 nor its gradient in registers. Lp is the length padded to a multiple of the chunk (padding
+    steps leave the state unchanged)."""
 
     x: Array
     dt: Array
@@ -44,14 +46,14 @@ class Canon(NamedTuple):
     A: Array
     D: Array
     bias: Array
-    h0: Array
+    h0: Optional[Array]
 
 
 class Kernels(NamedTuple):
     """A platform's kernels. forward(c, keep_starts) -> (y (B, Lp, D), starts, last (B, N, D)), where
     starts are the states at the chunk starts in the platform's layout (what its backward reads; a kernel
     may skip them, returning None, when keep_starts is False: no backward follows);
-    backward(c, starts, dy, dlast) -> Canon of gradients (reset's is None)."""
+    backward(c, starts, dy, dlast) -> Canon of gradients (reset's is None, h0's too when c.h0 is)."""
 
     chunk: int
     forward: Callable
@@ -63,9 +65,9 @@ def fused_scan(kernels: Kernels, x, dt, A, B, C, D, z, dt_bias, reset, initial_s
     f32 = jnp.float32
     batch, length, width = x.shape
     n = A.shape[1]
-    h0 = jnp.zeros((batch, n, width), f32)
+    h0 = None
     if initial_state is not None:
-        h0 = jnp.broadcast_to(jnp.swapaxes(initial_state.astype(f32), 1, 2), h0.shape)
+        h0 = jnp.broadcast_to(jnp.swapaxes(initial_state.astype(f32), 1, 2), (batch, n, width))
     reset = jnp.zeros((batch, length), f32) if reset is None else reset.astype(f32)
     bias = jnp.zeros((width,), f32) if dt_bias is None else dt_bias.astype(f32)
     x, dt, z, B, C, reset = pad_time(length, kernels.chunk, (x, 0), (dt, PAD_DT), (z, 0), (B, 0), (C, 0),
@@ -92,7 +94,7 @@ def _per_device(fn: Callable, c: Canon):
     chans = kernel_mesh_axes("inner", (c.x.shape[2],), mesh)
     big, col, chan = PartitionSpec(rows, None, chans), PartitionSpec(rows, None, None), PartitionSpec(None, chans)
     specs = Canon(x=big, dt=big, z=None if c.z is None else big, B=col, C=col, reset=col, A=chan, D=chan,
-                  bias=chan, h0=big)
+                  bias=chan, h0=None if c.h0 is None else big)
     return jax.shard_map(fn, mesh=mesh, in_specs=(specs,), out_specs=(big, big), check_vma=False)(c)
 
 
@@ -136,18 +138,19 @@ class ChunkIO(Protocol):
 
     def row(self, name: str, i: int) -> Array: ...      # x, dt, z, dy
     def col(self, name: str, i: int) -> Array: ...      # B, C
+    def starts(self, i: int) -> Array: ...              # (1, 1) bool: a document starts at step i
     def put_row(self, name: str, i: int, value: Array) -> None: ...   # y, dx, ddt, dz
-
-    def restart(self, i: int, h: Array, h0: Array) -> Array:
-        """The state entering step i: h, or h0 where a document starts at i."""
-
-    def restart_adjoint(self, i: int, dh: Array, dh0: Optional[Array]) -> tuple[Array, Optional[Array]]:
-        """d loss / d (state before step i), given dh = its part through step i's decay: zero where a
-        document starts at i, dh then going to the initial state's gradient, returned added to dh0
-        (None where the platform keeps that sum itself)."""
 
     def put_sums(self, i: int, dC_terms: Array, dB_terms: Array) -> None:
         """Write step i's dC and dB: the sums over this program's channels (axis 1) of the (N, bD) terms."""
+
+
+def with_initial_state(c: Canon) -> Canon:
+    """c with zeros for a missing initial state, for kernels written for one (their h0 gradient is then
+    dropped: `Canon.h0`)."""
+    if c.h0 is not None:
+        return c
+    return c._replace(h0=jnp.zeros((c.x.shape[0],) + c.A.shape, jnp.float32))
 
 
 def exp2_rates(A: Array, dtype) -> Optional[Array]:
@@ -166,20 +169,25 @@ def decay(delta: Array, A: Array, A_log2: Optional[Array] = None) -> Array:
 
 
 class Params(NamedTuple):
-    """A program's share of the parameters: A (N, bD), D and bias (1, bD), h0 (N, bD), fp32; A_log2 = A
-    log2(e) when the decays take exp2 (`exp2_rates`), else None."""
+    """A program's share of the parameters: A (N, bD), D and bias (1, bD), h0 (N, bD) or None (`Canon.h0`),
+    fp32; A_log2 = A log2(e) when the decays take exp2 (`exp2_rates`), else None."""
 
     A: Array
     D: Array
     bias: Array
-    h0: Array
+    h0: Optional[Array]
     A_log2: Optional[Array]
 
     @classmethod
     def from_refs(cls, refs) -> "Params":
-        """Read from a kernel's refs named A, D, bias, h0 (each program's block) and x (its dtype)."""
+        """Read from a kernel's refs named A, D, bias, h0 if given (each program's block) and x (its dtype)."""
         A = refs["A"][...]
-        return cls(A, refs["D"][...], refs["bias"][...], refs["h0"][...], exp2_rates(A, refs["x"].dtype))
+        h0 = refs["h0"][...] if "h0" in refs else None
+        return cls(A, refs["D"][...], refs["bias"][...], h0, exp2_rates(A, refs["x"].dtype))
+
+    def initial(self) -> Array:
+        """The state a document starts from."""
+        return jnp.zeros_like(self.A) if self.h0 is None else self.h0
 
 
 def softplus(v):
@@ -192,8 +200,13 @@ def sigmoid(v):
 
 def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...] = ("B", "C")) -> dict:
     step = {k: io.row(k, i) for k in names}
-    step.update({k: io.col(k, i) for k in cols})
+    step.update({k: io.col(k, i) for k in cols}, start=io.starts(i))
     return step
+
+
+def restart(start: Array, h: Array, h0: Optional[Array]) -> Array:
+    """The state entering a step: h, or where a document starts there h0 (zeros if None)."""
+    return jnp.where(start, 0.0 if h0 is None else h0, h)
 
 
 def forward_rows(has_z: bool) -> tuple[str, ...]:
@@ -215,10 +228,10 @@ def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[l
     otherwise stall every chunk (the B and C columns, read by every program of a row, come from L2)."""
     if rows is None:
         rows = load_rows(io, steps, forward_rows(io.has_z))
-    cols = [dict(B=io.col("B", i), C=io.col("C", i)) for i in range(steps)]
+    cols = [dict(B=io.col("B", i), C=io.col("C", i), start=io.starts(i)) for i in range(steps)]
     for i in range(steps):
         s = {**rows[i], **cols[i]}
-        h = io.restart(i, h, p.h0)
+        h = restart(s["start"], h, p.h0)
         delta = softplus(s["dt"] + p.bias)
         h = decay(delta, p.A, p.A_log2) * h + (delta * s["x"]) * s["B"]
         y = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * s["x"]
@@ -229,8 +242,8 @@ def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[l
 
 
 class Accum(NamedTuple):
-    """Gradients a program sums over its positions: dA (N, bD); dD, dbias (1, bD); dh0 (N, bD), or None
-    where the platform's `ChunkIO.restart_adjoint` keeps it."""
+    """Gradients a program sums over its positions: dA (N, bD); dD, dbias (1, bD); dh0 (N, bD), None
+    without an initial state."""
 
     dA: Array
     dD: Array
@@ -247,7 +260,7 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     h = h_start
     for i in range(steps):                                   # recompute the chunk's states
         s = _load_step(io, i, ("x", "dt"), cols=("B",))
-        hp = io.restart(i, h, p.h0)
+        hp = restart(s["start"], h, p.h0)
         delta = softplus(s["dt"] + p.bias)
         a = decay(delta, p.A, p.A_log2)
         h = a * hp + (delta * s["x"]) * s["B"]
@@ -283,7 +296,10 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         dbias = dbias + dv
         io.put_row("ddt", i, dv)
         io.put_row("dx", i, du * delta + g * p.D)
-        dh, dh0 = io.restart_adjoint(i, dh * a, dh0)
+        dhp = dh * a
+        if dh0 is not None:
+            dh0 = dh0 + jnp.where(s["start"], dhp, 0.0)
+        dh = jnp.where(s["start"], 0.0, dhp)
     return dh, Accum(dA, dD, dbias, dh0)
 
 

@@ -5,8 +5,8 @@ over chunks of `chunk` time steps. With one warp and bD = 32 (the defaults) Trit
 channel and its N states, so the recurrence and the sums over the state axis (y; the x and dt gradients)
 never leave the thread, and the backward's sums over channels (dB, dC) are warp shuffles: no shared memory
 and no barrier in the per-step path. Those sums are one reduce-scatter per step (`_channel_sums`: 31
-shuffles where Triton's reductions took 160, a third of the backward's instructions), and resets branch
-in the backward instead of keeping the initial state and its gradient in registers (`_IO`). More warps per program spread a tile's states across warps, and every
+shuffles where Triton's reductions took 160, a third of the backward's instructions). Without an initial
+state (training) the kernels keep neither it nor its gradient in registers (`Canon.h0`). More warps per program spread a tile's states across warps, and every
 step then pays cross-warp sums (measured in docs/performance.md). For small grids the training kernels
 take 16 channels per program, two threads per channel (`_block`), and a forward pass without a backward
 (evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' instead (`_time_parallel`):
@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, decay, \
-    forward_chunk, forward_rows, fused_scan, load_rows, sigmoid, softplus
+    forward_chunk, forward_rows, fused_scan, load_rows, sigmoid, softplus, with_initial_state
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -44,39 +44,28 @@ CHUNK = 4              # H200, 8 x 2048 x 3200: fastest forward+backward (docs/p
 INFERENCE_CHUNK = 8    # fastest forward alone (1.25 ms against 1.60 at 4)
 BLOCK_D = 32
 NUM_WARPS = 1
-# The kernels are bound by parallelism: below SMALL_GRID programs of BLOCK_D channels, the training
-# kernels split each channel's states over two threads (16-channel programs, twice the programs). H200,
-# forward+backward: 4 x 4096 x 3200 (400 programs) 9.27 ms against 11.96; 8 x 2048 (800) 8.74 against 6.62.
-SMALL_GRID = 512
-SMALL_GRID_BLOCK_D = 16
 # A forward without a backward on a grid under this many programs of BLOCK_D channels runs the
 # time-parallel kernel. H200, d_inner 3200 (docs/performance.md, 2026-12-03): 3 x 4096 (300 programs)
 # 1.11 ms against 1.45, 2 x 4096 0.95 against 1.46, 1 x 8192 2.15 against 7.10; from 4 x 4096 (400) this
 # kernel's own forward is faster (1.43 against 1.87).
 TIME_PARALLEL_FORWARD_GRID = 400
 # The backward splits time into segments run by separate programs until its grid has this many programs
-# (`_segments`).
-SEGMENT_GRID = 800
+# (`_segments`). H200, forward+backward, d_inner 3200 (docs/performance.md, 2026-12-03): 4 x 4096 (400
+# programs a segment) 9.75 / 7.81 / 7.44 / 7.00 / 7.14 ms at 2 / 4 / 8 / 16 / 32 segments; 8 x 2048 (800)
+# 5.63 / 6.73 / 5.87 / 5.43 / 5.42 at 1 / 2 / 4 / 8 / 16: short programs, many waves.
+SEGMENT_GRID = 6400
 
 
 class _IO:
-    """Row/column access of one program at chunk offset t0 (chunks of `steps`). Refs: rows (Lp, bD),
-    columns (Lp, N, 1), resets (Lp, 1).
+    """Row/column access of one program at chunk offset t0. Refs: rows (Lp, bD), columns (Lp, N, 1),
+    resets (Lp, 1). scatter: a backward writes dB and dC as one reduce-scattered row per step
+    (`_channel_sums`) to "dBC", else as columns to "dB" and "dC"; misplaced carries that function's
+    layout check."""
 
-    branch_resets: where a document starts, branch on the reset flag (one scalar for the program's batch
-    row, the same in every thread) and read the initial state, or add to its gradient, in memory there,
-    rather than selecting against h0 and summing dh0 at every step: two (N, bD) tiles fewer in registers.
-    The backward takes it (it spilled with them). The forward selects: with a branch there, Triton lays
-    the state out four channels by four states per thread (TTGIR) and the sums over states take shuffles.
-    scatter: a backward writes dB and dC as one reduce-scattered row per step (`_channel_sums`) to
-    "dBC", else as columns to "dB" and "dC"; misplaced carries that function's layout check."""
-
-    def __init__(self, refs: dict, t0, has_z: bool, steps: int, *, branch_resets: bool = False,
-                 scatter: bool = False, interpret: bool = False, misplaced=None):
-        self.refs, self.t0, self.has_z, self.steps = refs, t0, has_z, steps
-        self.branch_resets, self.scatter, self.interpret = branch_resets, scatter, interpret
-        self.misplaced = misplaced
-        self._flags = None
+    def __init__(self, refs: dict, t0, has_z: bool, *, scatter: bool = False, interpret: bool = False,
+                 misplaced=None):
+        self.refs, self.t0, self.has_z = refs, t0, has_z
+        self.scatter, self.interpret, self.misplaced = scatter, interpret, misplaced
 
     def row(self, name, i):
         return self.refs[name][pl.ds(self.t0 + i, 1), :].astype(jnp.float32)
@@ -84,32 +73,12 @@ class _IO:
     def col(self, name, i):
         return self.refs[name][self.t0 + i].astype(jnp.float32)
 
+    def starts(self, i):
+        return self.refs["reset"][pl.ds(self.t0 + i, 1), :] > 0
+
     def put_row(self, name, i, value):
         ref = self.refs[name]
         ref[pl.ds(self.t0 + i, 1), :] = value.astype(ref.dtype)
-
-    def starts(self, i):
-        """Whether a document starts at step i: a scalar with branch_resets, else a (1, 1) tile. The
-        chunk's flags are loaded together at the first call, before the chunk stores anything: a load
-        cannot move above a store, and one per step then waited on memory at every step (H200, forward
-        1.97 against 0.81 ms)."""
-        if self._flags is None:
-            reset = self.refs["reset"]
-            load = ((lambda t: reset[t, 0]) if self.branch_resets else (lambda t: reset[pl.ds(t, 1), :]))
-            self._flags = [load(self.t0 + k) > 0 for k in range(self.steps)]
-        return self._flags[i]
-
-    def restart(self, i, h, h0):
-        if not self.branch_resets:
-            return jnp.where(self.starts(i), h0, h)
-        return jax.lax.cond(self.starts(i), lambda: self.refs["h0"][...], lambda: h)
-
-    def restart_adjoint(self, i, dh, dh0):
-        def start():
-            self.refs["dh0"][...] += dh
-            return jnp.zeros_like(dh)
-
-        return jax.lax.cond(self.starts(i), start, lambda: dh), dh0
 
     def put_sums(self, i, dC_terms, dB_terms):
         if self.scatter:
@@ -198,7 +167,8 @@ def _inputs(c: Canon):
     """Kernel operands: columns get a trailing unit axis so one step's column loads as (N, 1). They are
     passed in fp32: every thread reads the whole column, so converting them here saves each thread 2N
     conversions per step (H200, 8 x 2048: forward 0.97 ms against 1.06 with bf16 columns)."""
-    names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias", "h0"]
+    names = (["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias"]
+             + (["h0"] if c.h0 is not None else []))
     f32 = jnp.float32
     values = dict(c._asdict(), B=c.B.astype(f32)[..., None], C=c.C.astype(f32)[..., None])
     return names, [values[k] for k in names]
@@ -211,14 +181,10 @@ def _in_specs(names, length, n, block):
     return [kinds[k] for k in names]
 
 
-def _block(cfg, batch: int, width: int, training: bool) -> int:
-    """Channels per program: cfg's block_d, or when it is None BLOCK_D (SMALL_GRID_BLOCK_D for the training
-    kernels of a grid under SMALL_GRID programs). The forward's chunk-start states do not depend on it."""
-    largest = cfg["block_d"]
-    if largest is None:
-        small = training and batch * (width // BLOCK_D) < SMALL_GRID
-        largest = SMALL_GRID_BLOCK_D if small else BLOCK_D
-    return channel_block(width, largest)
+def _block(cfg, width: int) -> int:
+    """Channels per program: cfg's block_d, else BLOCK_D (one channel per lane), the largest power of two
+    up to it dividing width."""
+    return channel_block(width, cfg["block_d"] or BLOCK_D)
 
 
 def _time_parallel(cfg, batch: int, width: int, training: bool) -> bool:
@@ -244,10 +210,13 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     batch, length, width = c.x.shape
     if _time_parallel(cfg, batch, width, training=keep_starts):
         return _time_parallel_forward(c, cfg)
+    # The forward selects against h0 zeros rather than specializing on a missing initial state: it has the
+    # registers, and the specialized kernel ran slower (H200, 8 x 2048: 0.90 against 0.79 ms alone).
+    c = with_initial_state(c)
     n = c.A.shape[0]
     # Without a backward pass there are no chunk-start states to keep, so the loop can unroll further.
     chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
-    block = _block(cfg, batch, width, training=keep_starts)
+    block = _block(cfg, width)
     n_chunks = length // chunk
     has_z = c.z is not None
     names_in, operands = _inputs(c)
@@ -264,16 +233,16 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
         def rows_of(k):
             """Chunk k's rows (the last chunk's past the end: the last iteration's look-ahead is unused)."""
-            return load_rows(_IO(refs, jnp.minimum(k, n_chunks - 1) * chunk, has_z, chunk), chunk, names)
+            return load_rows(_IO(refs, jnp.minimum(k, n_chunks - 1) * chunk, has_z), chunk, names)
 
         def body(k, carry):
             h, rows = carry
             if keep_starts:
                 refs["starts"][k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-            return forward_chunk(_IO(refs, k * chunk, has_z, chunk), h, p, chunk, rows), ahead
+            return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk, rows), ahead
 
-        h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.h0, rows_of(0)))
+        h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.initial(), rows_of(0)))
         refs["last"][...] = h
 
     outs = triton_call("selective_scan_forward", kernel, names_in, names_out,
@@ -290,10 +259,10 @@ def _lift(spec: pl.BlockSpec) -> pl.BlockSpec:
 
 
 def _segments(cfg, batch: int, width: int, n_chunks: int) -> tuple[int, int]:
-    """The backward's channels per program and time segments (`_backward`): cfg's block_d and segments
-    where given; by default 32 channels (one per lane: `_channel_sums` applies) and the fewest segments,
-    a power of two dividing the chunks, that make SEGMENT_GRID programs."""
-    block = channel_block(width, cfg["block_d"] or BLOCK_D)
+    """The backward's channels per program (`_block`) and time segments (`_backward`): cfg's segments
+    where given, else the fewest, a power of two dividing the chunks, that make cfg's segment_grid
+    programs."""
+    block = _block(cfg, width)
     segments = cfg["segments"]
     if segments is None:
         segments = 1
@@ -310,13 +279,12 @@ def adjoint_chunk(io: _IO, dh, decays, p: Params, steps: int):
     a_t (zero likewise): dh before the chunk = decays * (dh after it) + (this dh, from dh = 0)."""
     names = ("dt", "z", "dy") if io.has_z else ("dt", "dy")
     rows = load_rows(io, steps, names)
+    starts = [io.starts(i) for i in range(steps)]
     for i in reversed(range(steps)):
         s = rows[i]
         g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
-        a = decay(softplus(s["dt"] + p.bias), p.A, p.A_log2)
+        a = jnp.where(starts[i], 0.0, decay(softplus(s["dt"] + p.bias), p.A, p.A_log2))
         dh, decays = (dh + io.col("C", i) * g) * a, decays * a
-        dh, decays = jax.lax.cond(io.starts(i), lambda: (jnp.zeros_like(dh), jnp.zeros_like(dh)),
-                                  lambda dh=dh, decays=decays: (dh, decays))
     return dh, decays
 
 
@@ -342,7 +310,7 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
         segment = pl.program_id(2) + 1          # the segment whose start this program finds
 
         def body(k, carry):
-            io = _IO(refs, ((segment + 1) * per_segment - 1 - k) * chunk, has_z, chunk, branch_resets=True)
+            io = _IO(refs, ((segment + 1) * per_segment - 1 - k) * chunk, has_z)
             return adjoint_chunk(io, *carry, p, chunk)
 
         dh, decays = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), jnp.ones_like(p.A)))
@@ -369,6 +337,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     block, segments = _segments(cfg, batch, width, n_chunks)
     per_segment, n_blocks = n_chunks // segments, width // block
     has_z = c.z is not None
+    has_h0 = c.h0 is not None
     names_in, operands = _inputs(c)
     names_in = names_in + ["starts", "dy", "ends"]
     operands = operands + [starts, dy, _segment_ends(c, dy, dlast, cfg, block, segments)]
@@ -382,7 +351,8 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     f32 = jnp.float32
     scatter = _scatters_sums(cfg, n, block)
     sums = ["dBC"] if scatter else ["dB", "dC"]
-    names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + sums + ["dA", "dD", "dbias", "dh0"]
+    names_out = (["dx", "ddt"] + (["dz"] if has_z else []) + sums + ["dA", "dD", "dbias"]
+                 + (["dh0"] if has_h0 else []))
     shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
                   dz=(c.x.shape, c.z.dtype if has_z else None),
                   dB=((batch, n_blocks, length, n, 1), f32), dC=((batch, n_blocks, length, n, 1), f32),
@@ -396,18 +366,17 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     def kernel(refs):
         p = Params.from_refs(refs)
         segment = pl.program_id(2)
-        refs["dh0"][...] = jnp.zeros_like(p.A)     # summed at resets by _IO.restart_adjoint
 
         def body(k, carry):
             chunk_index = (segment + 1) * per_segment - 1 - k
             dh, acc, misplaced = carry
-            io = _IO(refs, chunk_index * chunk, has_z, chunk, branch_resets=True, scatter=scatter,
-                     interpret=cfg["interpret"], misplaced=misplaced)
+            io = _IO(refs, chunk_index * chunk, has_z, scatter=scatter, interpret=cfg["interpret"],
+                     misplaced=misplaced)
             dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
             return dh, acc, io.misplaced
 
         zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
-        acc = Accum(zeros_state, zeros_vec, zeros_vec, None)
+        acc = Accum(zeros_state, zeros_vec, zeros_vec, zeros_state if has_h0 else None)
         misplaced = jnp.zeros(p.D.shape, jnp.int32)
         dh, acc, misplaced = jax.lax.fori_loop(0, per_segment, body, (refs["ends"][...], acc, misplaced))
         # Sums from a layout `_channel_sums` does not expect are wrong: make the gradients NaN (the training
@@ -415,8 +384,9 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         refs["dA"][...] = jnp.where(jnp.max(misplaced) > 0, jnp.nan, acc.dA)
         refs["dD"][...] = acc.dD
         refs["dbias"][...] = acc.dbias
-        # The first segment's dh reaches the initial state; the others' is the end of the one before it.
-        refs["dh0"][...] += jnp.where(segment == 0, dh, 0.0)
+        if has_h0:
+            # The first segment's dh reaches the initial state; the others' is the end of the one before it.
+            refs["dh0"][...] = acc.dh0 + jnp.where(segment == 0, dh, 0.0)
 
     outs = dict(zip(names_out, triton_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
                                      in_specs, [specs[k] for k in names_out], (batch, n_blocks, segments),
@@ -427,7 +397,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         dB, dC = outs["dB"].sum(1)[..., 0], outs["dC"].sum(1)[..., 0]
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"), dB.astype(c.B.dtype), dC.astype(c.C.dtype),
                  None, outs["dA"].sum((0, 1)), outs["dD"].sum((0, 1)), outs["dbias"].sum((0, 1)),
-                 outs["dh0"].sum(1))
+                 outs["dh0"].sum(1) if has_h0 else None)
 
 
 def _scatters_sums(cfg, n: int, block: int) -> bool:
@@ -447,7 +417,8 @@ def _pow2_state(c: Canon) -> Canon:
     """Triton loads need power-of-two sizes: pad the state axis (A = B = C = h0 = 0 keeps the padded
     states at zero and y unchanged)."""
     n = pl.next_power_of_2(c.A.shape[0])
-    return c._replace(B=_grow(c.B, 2, n), C=_grow(c.C, 2, n), A=_grow(c.A, 0, n), h0=_grow(c.h0, 1, n))
+    h0 = None if c.h0 is None else _grow(c.h0, 1, n)
+    return c._replace(B=_grow(c.B, 2, n), C=_grow(c.C, 2, n), A=_grow(c.A, 0, n), h0=h0)
 
 
 def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, chunk: int, cfg: dict) -> Kernels:
@@ -464,7 +435,7 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
         n = c.A.shape[0]
         m = pl.next_power_of_2(n)
         g = backward(_pow2_state(c), _grow(starts, starts_axis, m), dy, _grow(dlast, 1, m), cfg)
-        return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=g.h0[:, :n])
+        return g._replace(B=g.B[..., :n], C=g.C[..., :n], A=g.A[:n], h0=None if g.h0 is None else g.h0[:, :n])
 
     return Kernels(chunk, forward_any_state, backward_any_state)
 
@@ -475,8 +446,9 @@ def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM
             segments: int | None = None, segment_grid: int = SEGMENT_GRID, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
-    per program, or None to pick by grid size (`_block`). time_parallel_grid: a forward without a backward
-    on a grid of fewer programs runs the time-parallel kernel (`_time_parallel`; 0: never)."""
+    per program (None: BLOCK_D). time_parallel_grid: a forward without a backward on a grid of fewer
+    programs runs the time-parallel kernel (`_time_parallel`; 0: never). segments: the backward's time
+    segments, or None for the fewest that make segment_grid programs (`_segments`)."""
     for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")

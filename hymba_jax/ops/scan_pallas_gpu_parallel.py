@@ -45,7 +45,8 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from hymba_jax.ops.scan import register_backend
-from hymba_jax.ops.scan_fused import Canon, Kernels, channel_block, decay, exp2_rates, fused_scan, sigmoid, softplus
+from hymba_jax.ops.scan_fused import Canon, Kernels, channel_block, decay, exp2_rates, fused_scan, sigmoid, \
+    softplus, with_initial_state
 from hymba_jax.ops.scan_pallas_gpu import pow2_state_kernels, triton_call
 
 try:  # the Triton compiler parameters and lowering (absent from some jaxlib builds)
@@ -212,6 +213,7 @@ def _state_tile(refs, s: dict, steps, i: int, h_start, first):
 
 
 def _forward(c: Canon, keep_starts: bool, cfg):
+    c = with_initial_state(c)
     batch, length, width = c.x.shape
     n = c.A.shape[0]
     # The start states also carry the state between tiles, so they are always written; with a backward
@@ -258,6 +260,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
+    has_h0, c = c.h0 is not None, with_initial_state(c)
     batch, length, width = c.x.shape
     n = c.A.shape[0]
     chunk, block = cfg["chunk"], channel_block(width, cfg["backward_block_d"])
@@ -344,7 +347,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     return Canon(_t(outs["dx"]), _t(outs["ddt"]), _t(outs.get("dz")),
                  _t(outs["dB"].sum(1)).astype(c.B.dtype), _t(outs["dC"].sum(1)).astype(c.C.dtype),
                  None, outs["dA"].sum(0).T, outs["dD"].sum(0).T, outs["dbias"].sum(0).T,
-                 _t(outs["dh0"] + outs["dcarry"]))
+                 _t(outs["dh0"] + outs["dcarry"]) if has_h0 else None)
 
 
 @functools.lru_cache(maxsize=None)

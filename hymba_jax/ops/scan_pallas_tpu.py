@@ -20,7 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
-    forward_chunk, fused_scan
+    forward_chunk, fused_scan, with_initial_state
 
 CHUNK = 128     # a multiple of 128: the transposed B/C tiles have time on the lanes
 BLOCK_D = 128
@@ -44,15 +44,8 @@ class _IO:
     def col(self, name, i):
         return self._tile(name)[:, i:i + 1]
 
-    def _starts(self, i):
+    def starts(self, i):
         return self._tile("reset")[i:i + 1, :] > 0
-
-    def restart(self, i, h, h0):
-        return jnp.where(self._starts(i), h0, h)
-
-    def restart_adjoint(self, i, dh, dh0):
-        starts = self._starts(i)
-        return jnp.where(starts, 0.0, dh), dh0 + jnp.where(starts, dh, 0.0)
 
     def put_row(self, name, i, value):
         self.refs[name + "_acc"][pl.ds(i, 1), :] = value
@@ -103,6 +96,7 @@ def _call(kernel, names_in, names_out, scratch, out_shape, in_specs, out_specs, 
 
 def _forward(c: Canon, keep_starts: bool, cfg):
     del keep_starts  # the pipeline writes the chunk-start states either way
+    c = with_initial_state(c)
     names_in, operands, in_specs, specs, d = _common(c, cfg, reverse=False)
     has_z = c.z is not None
     out_shape = (jax.ShapeDtypeStruct(c.x.shape, c.x.dtype),
@@ -135,6 +129,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
+    has_h0, c = c.h0 is not None, with_initial_state(c)
     names_in, operands, in_specs, specs, d = _common(c, cfg, reverse=True)
     has_z = c.z is not None
     batch, n, width, length = d["batch"], d["n"], d["width"], d["length"]
@@ -188,7 +183,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
                  jnp.swapaxes(outs["dB"].sum(1), 1, 2).astype(c.B.dtype),
                  jnp.swapaxes(outs["dC"].sum(1), 1, 2).astype(c.C.dtype),
-                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"])
+                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"] if has_h0 else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,23 +1,24 @@
 """The 'pallas_gpu' scan backend: the fused scan (see scan_fused) as Pallas kernels lowered through Triton.
 
-Grid (batch, channel blocks); each program keeps its (N, bD) state in registers and runs a `fori_loop`
-over chunks of `chunk` time steps. With one warp and bD = 32 (the defaults) Triton gives each thread one
-channel and its N states, so the recurrence and the sums over the state axis (y; the x and dt gradients)
-never leave the thread, and the backward's sums over channels (dB, dC) are warp shuffles: no shared memory
-and no barrier in the per-step path. Those sums are one reduce-scatter per step (`_channel_sums`: 31
-shuffles where Triton's reductions took 160, a third of the backward's instructions). Without an initial
-state (training) the kernels keep neither it nor its gradient in registers (`Canon.h0`). More warps per program spread a tile's states across warps, and every
-step then pays cross-warp sums (measured in docs/performance.md). For small grids the training kernels
-take 16 channels per program, two threads per channel (`_block`), and a forward pass without a backward
-(evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' instead (`_time_parallel`):
-with a few rows, walking every channel's steps one by one leaves the GPU mostly idle. Rows are read
-straight from global memory at (t, channel block), so nothing but y (forward) and the input gradients
-(backward) crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a
-backward pass follows. The forward loads the next chunk's rows before computing the current one: with
-six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute
-put half of the forward's stalls on them. The backward does not: carrying its four rows per step through
-the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB and dC are summed over channel
-blocks outside the kernel (one (B, L, N) partial per block).
+Grid (batch, channel blocks), and for the backward time segments too; each program keeps its (N, bD)
+state in registers and runs a `fori_loop` over chunks of `chunk` time steps. With one warp and bD = 32
+(the defaults) Triton gives each thread one channel and its N states, so the recurrence and the sums over
+the state axis (y; the x and dt gradients) never leave the thread, and the backward's sums over channels
+(dB, dC) are one reduce-scatter of warp shuffles per step (`_channel_sums`: 31 shuffles where Triton's
+reductions took 160): no shared memory and no barrier in the per-step path. More warps per program spread
+a tile's states across warps, and every step then pays cross-warp sums (measured in docs/performance.md).
+
+The kernels are bound by latency and parallelism, not bytes: the backward splits time into segments run
+by separate programs (`_segments`, `_segment_ends`), and a forward pass without a backward on a grid of a
+few rows (evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' (`_time_parallel`).
+Without an initial state (training) the backward keeps neither it nor its gradient in registers
+(`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
+and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
+per chunk, and only when a backward pass follows. The forward loads the next chunk's rows before
+computing the current one: with six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their
+HBM latency, and Nsight Compute put half of the forward's stalls on them. The backward does not: carrying
+its four rows per step through the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB
+and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial per block).
 `interpret=True` runs the same kernels on the CPU (tests).
 """
 

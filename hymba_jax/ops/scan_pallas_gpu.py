@@ -106,9 +106,9 @@ def _misplaced(v, interpret: bool):
     """(1, bD) int32: 1 where some element of v's column is not held by the lane of that column's index
     (Triton chose another layout for v: the lane of each element, read by the same kind of elementwise op
     as the shuffles, against its column). All zeros in interpret mode."""
-    column = jax.lax.broadcasted_iota(jnp.int32, v.shape, 1)
     if interpret:
         return jnp.zeros((1, v.shape[1]), jnp.int32)
+    column = jax.lax.broadcasted_iota(jnp.int32, v.shape, 1)
     [lane] = plgpu.elementwise_inline_asm("mov.u32 $0, %laneid;", args=[v], constraints="=r,f", pack=1,
                                           result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)])
     return jnp.max((lane != column).astype(jnp.int32), axis=0, keepdims=True)
@@ -177,8 +177,7 @@ def _inputs(c: Canon):
 
 def _in_specs(names, length, n, block):
     row, col, flag, param, vec, state = _specs(length, n, block)
-    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, A=param, D=vec, bias=vec,
-                 h0=state, dlast=state)
+    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, A=param, D=vec, bias=vec, h0=state)
     return [kinds[k] for k in names]
 
 
@@ -301,7 +300,7 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
     per_segment = length // chunk // segments
     names_in, operands = _inputs(c)
     names_in, operands = names_in + ["dy"], operands + [dy]
-    row, _, _, _, _, state = _specs(length, n, block)
+    row = _specs(length, n, block)[0]
     in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block)] + [_lift(row)]
     out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
     shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
@@ -342,7 +341,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     names_in, operands = _inputs(c)
     names_in = names_in + ["starts", "dy", "ends"]
     operands = operands + [starts, dy, _segment_ends(c, dy, dlast, cfg, block, segments)]
-    row, _, _, _, _, _ = _specs(length, n, block)
+    row = _specs(length, n, block)[0]
     by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
     in_specs = [_lift(spec) for spec in _in_specs(names_in[:-3], length, n, block)] + [
         pl.BlockSpec((None, n_chunks, n, block), lambda b, j, s: (b, 0, 0, j)), _lift(row), by_segment]

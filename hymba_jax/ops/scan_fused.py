@@ -185,10 +185,6 @@ class Params(NamedTuple):
         h0 = refs["h0"][...] if "h0" in refs else None
         return cls(A, refs["D"][...], refs["bias"][...], h0, exp2_rates(A, refs["x"].dtype))
 
-    def initial(self) -> Array:
-        """The state a document starts from."""
-        return jnp.zeros_like(self.A) if self.h0 is None else self.h0
-
 
 def softplus(v):
     return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))

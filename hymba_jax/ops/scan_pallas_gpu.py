@@ -242,7 +242,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
             return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk, rows), ahead
 
-        h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.initial(), rows_of(0)))
+        h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.h0, rows_of(0)))
         refs["last"][...] = h
 
     outs = triton_call("selective_scan_forward", kernel, names_in, names_out,

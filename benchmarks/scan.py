@@ -5,8 +5,8 @@ memory of forward and forward+backward against the byte/exp floor measured on th
     PYTHONPATH=. python benchmarks/scan.py --batch 1 --length 64 --width 64 --backends chunked  # smoke
 
 Shape: batch 8 x 2048 tokens, d_inner 3200, d_state 16, bf16 inputs (x, dt, z, B, C), fp32 parameters,
-with resets and, as in training, no initial state (`--initial-state` adds one; the check runs both). Time: median over samples of `reps` back-to-back calls after warm-up,
-ended by block_until_ready. Memory: compiled temp + output bytes (memory_analysis). Floors: bytes that
+with resets and, as in training, no initial state (`--initial-state` adds one; the check runs both).
+Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready. Memory: compiled temp + output bytes (memory_analysis). Floors: bytes that
 must move (inputs read once, outputs written once) at the measured copy bandwidth; exponentials
 (B L D N per pass; the backward recomputes them) at the measured exp rate.
 """

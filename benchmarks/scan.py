@@ -93,13 +93,13 @@ def main():
     parser.add_argument("--width", type=int, default=3200)
     parser.add_argument("--state", type=int, default=16)
     parser.add_argument("--backends", default="associative,chunked,pallas_gpu,pallas_gpu_parallel")
-    parser.add_argument("--variants", default="2:32:1,8:32:1,4:64:2",
-                        help="pallas_gpu chunk:block_d:num_warps[:segments] variants to time (its own kernels "
-                             "also forward: without the time-parallel forward 'pallas_gpu' takes on small "
-                             "grids; the backward's time segments by grid size unless given)")
-    parser.add_argument("--parallel-variants", default="64:64:16:4:16:4,64:64:4:1:4:1,64:64:8:2:8:2",
-                        help="pallas_gpu_parallel variants to time, chunk:inference_chunk:block_d:num_warps:"
-                             "backward_block_d:backward_num_warps")
+    parser.add_argument("--variants", default="",
+                        help="'pallas_gpu' variants to time, ';'-separated, each comma-separated integer options "
+                             "of scan_pallas_gpu.kernels (the rest its defaults), e.g. "
+                             "'forward_segments=4,segments=8;recompute_decays=1;time_parallel_grid=0'")
+    parser.add_argument("--parallel-variants", default="",
+                        help="'pallas_gpu_parallel' variants likewise (scan_pallas_gpu_parallel.kernels), "
+                             "e.g. 'chunk=64,block_d=4,num_warps=1'")
     parser.add_argument("--check", action="store_true", help="compare with 'sequential' first (with an initial "
                         "state, then fp32 without)")
     parser.add_argument("--initial-state", action="store_true",
@@ -114,16 +114,11 @@ def main():
     backends = {name: name for name in args.backends.split(",") if name}
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu:
-        for variant in filter(None, args.variants.split(",")):
-            chunk, block, warps, *segments = map(int, variant.split(":"))
-            backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(
-                chunk=chunk, inference_chunk=chunk, block_d=block, num_warps=warps, time_parallel_grid=0,
-                segments=segments[0] if segments else None)
-        for variant in filter(None, args.parallel_variants.split(",")):
-            chunk, inference_chunk, block, warps, bwd_block, bwd_warps = map(int, variant.split(":"))
-            backends[f"pallas_gpu_parallel[{variant}]"] = scan_pallas_gpu_parallel.with_kernels(
-                chunk=chunk, inference_chunk=inference_chunk, block_d=block, num_warps=warps,
-                backward_block_d=bwd_block, backward_num_warps=bwd_warps)
+        for module, name, variants in ((scan_pallas_gpu, "pallas_gpu", args.variants),
+                                       (scan_pallas_gpu_parallel, "pallas_gpu_parallel", args.parallel_variants)):
+            for variant in filter(None, variants.split(";")):
+                options = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+                backends[f"{name}[{variant}]"] = module.with_kernels(**options)
     else:
         backends.pop("pallas_gpu", None)
         backends.pop("pallas_gpu_parallel", None)

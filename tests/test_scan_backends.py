@@ -23,10 +23,8 @@ from hymba_jax.ops.scan import available_backends, selective_scan
 BATCH, LENGTH, WIDTH, STATE = 2, 21, 16, 4      # length 21: not a multiple of the chunk (8)
 BACKENDS = {
     "chunked": scan_chunked.with_chunk(8),
-    # the gradient path keeps states every 4 steps, the forward-only path unrolls 8 (its own kernel: the
-    # time-parallel one small grids take is tested on its own below)
-    "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, time_parallel_grid=0,
-                                               interpret=True),
+    # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
+    "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
     "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True),
     # time tiles of 8 steps with a backward pass, of 16 without; other channel blocks forward and backward
     "pallas_gpu_parallel": scan_pallas_gpu_parallel.with_kernels(chunk=8, inference_chunk=16, block_d=8,
@@ -115,7 +113,7 @@ def test_pallas_gpu_default_kernels_on_a_small_grid(reference):
     2 rows x 64 channels: the forward alone, the forward with its chunk-start states and the segmented
     backward all equal the reference."""
     width = 64
-    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, time_parallel_grid=0, interpret=True)
+    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, interpret=True)
     inputs, reset = make_inputs(2, jnp.float32, BATCH)
     x, dt, A, B, C, D, z, bias, h0 = inputs
     wide = lambda t: jnp.tile(t, (1,) * (t.ndim - 1) + (width // WIDTH,))
@@ -145,49 +143,57 @@ def test_pallas_gpu_backward_reduce_scatters_the_state_input_gradients():
     assert not scatters(4, 8, False) and not scatters(16, 32, False, warps=2) and not scatters(8, 32, True)
 
 
-def test_pallas_gpu_backward_splits_time_into_segments_on_small_grids(reference):
-    """The backward runs a grid (rows, channel blocks, time segments), the adjoint at each segment's end
-    found first by `adjoint_chunk` over the later segments: by default the fewest power-of-two segments
-    that divide the chunks and reach SEGMENT_GRID programs. One segment and four give the reference."""
-    segments = lambda batch, width, n_chunks, **cfg: scan_pallas_gpu._segments(
-        dict(dict(block_d=None, segments=None, segment_grid=scan_pallas_gpu.SEGMENT_GRID), **cfg),
-        batch, width, n_chunks)
+def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
+    """Forward and backward run grids (rows, channel blocks, time segments): the state entering each
+    forward segment found first by `state_chunk` over the earlier segments, the adjoint at each backward
+    segment's end by `adjoint_chunk` over the later ones. By default the fewest power-of-two segments that
+    divide the chunks and reach SEGMENT_GRID (FORWARD_SEGMENT_GRID) programs. One segment and four give the
+    reference, with resets inside segments and at a segment's first step, and an initial state."""
+    def segments(batch, width, n_chunks, kind="", **cfg):
+        defaults = dict(block_d=None, segments=None, segment_grid=scan_pallas_gpu.SEGMENT_GRID,
+                        forward_segments=None, forward_segment_grid=scan_pallas_gpu.FORWARD_SEGMENT_GRID)
+        return scan_pallas_gpu._segments(dict(defaults, **cfg), batch, width, n_chunks, kind)
+
     assert segments(8, 3200, 512) == (32, 8) and segments(4, 3200, 1024) == (32, 16)
     assert segments(1, 3200, 2048) == (32, 64) and segments(1, 3200, 6) == (32, 2)     # 6 chunks: 2 divide
     assert segments(64, 3200, 512) == (32, 1)                                           # 6,400 already
     assert segments(4, 3200, 1024, block_d=16, segments=4) == (16, 4)
+    assert segments(8, 3200, 512, "forward_", forward_segment_grid=1600) == (32, 2)
+    assert segments(8, 3200, 512, "forward_", forward_segments=1) == (32, 1)
     with pytest.raises(ValueError, match="segments=4: must divide the 6 chunks"):
         segments(1, 32, 6, segments=4)
+    with pytest.raises(ValueError, match="forward_segments=4: must divide the 6 chunks"):
+        segments(1, 32, 6, "forward_", forward_segments=4)
     inputs, reset = make_inputs(4, jnp.float32, BATCH)
     ref_grads, (ref_y, ref_last) = reference(inputs, reset)
-    for count in (1, 4):                              # LENGTH 21, padded to 32 (inference_chunk): 8 chunks
+    for count in (1, 4):                    # LENGTH 21, padded to 32 (inference_chunk): 8 chunks of 4
         fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=16, block_d=8, segments=count,
-                                          time_parallel_grid=0, interpret=True)
+                                          forward_segments=count, interpret=True)
         grads, (y, last) = value_and_grads(fn)(inputs, reset)
         assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
         for name, g, ref_g in zip(NAMES, grads, ref_grads):
             assert rel(g, ref_g) < 5e-6, (count, name)
-
-
-def test_pallas_gpu_forward_alone_on_a_small_grid_runs_the_time_parallel_kernel(reference):
-    """Without a backward pass, a grid under TIME_PARALLEL_FORWARD_GRID programs (3 x 4096 x 3200: 300)
-    takes the time-parallel forward, padded to its tile (length 21 here); with a backward, or on a larger
-    grid (4 x 4096: 400), pallas_gpu's own kernels run. Both equal the reference."""
-    choose = lambda batch, width, training: scan_pallas_gpu._time_parallel(
-        dict(time_parallel_grid=scan_pallas_gpu.TIME_PARALLEL_FORWARD_GRID), batch, width, training)
-    assert choose(3, 3200, False) and not choose(4, 3200, False) and not choose(3, 3200, True)
-    assert not scan_pallas_gpu._time_parallel(dict(time_parallel_grid=0), 1, 32, False)
-    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, interpret=True)
-    inputs, reset = make_inputs(3, jnp.float32, BATCH)
-    ref_grads, (ref_y, ref_last) = reference(inputs, reset)
+    # the forward alone: padded to 24, 6 chunks of 4 in 2 segments (a reset at step 13 in the second)
+    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=4, block_d=8, forward_segments=2, interpret=True)
     y, last = jax.jit(fn)(*inputs[:8], reset, inputs[8])
     assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
-    calls = jax.make_jaxpr(fn)(*inputs[:8], reset, inputs[8])
-    assert "selective_scan_parallel_forward" in str(calls) and "selective_scan_forward" not in str(calls)
-    grads, (y, last) = value_and_grads(fn)(inputs, reset)
-    assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
-    for name, g, ref_g in zip(NAMES, grads, ref_grads):
-        assert rel(g, ref_g) < 5e-6, name
+
+
+def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
+    """Without a backward pass the forward runs whole on a grid of WHOLE_FORWARD_GRID programs or more (8 x
+    2048 x 3200: 800; the entry states' pass would cost more than it saves) and in segments below it; with
+    a backward it always splits (to FORWARD_SEGMENT_GRID programs). All equal the reference."""
+    inputs, reset = make_inputs(3, jnp.float32, BATCH)
+    ref_grads, (ref_y, ref_last) = reference(inputs, reset)
+    for whole_grid, split in ((4, False), (5, True)):          # 2 rows x 2 channel blocks: 4 programs
+        fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=4, block_d=8, forward_segment_grid=8,
+                                          whole_forward_grid=whole_grid, interpret=True)
+        y, last = jax.jit(fn)(*inputs[:8], reset, inputs[8])
+        assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
+        calls = str(jax.make_jaxpr(fn)(*inputs[:8], reset, inputs[8]))
+        assert ("selective_scan_segment_states" in calls) == split, whole_grid
+        calls = str(jax.make_jaxpr(value_and_grads(fn))(inputs, reset))
+        assert "selective_scan_segment_states" in calls, whole_grid
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu_parallel", "pallas_tpu"])

@@ -1,16 +1,20 @@
 """The 'pallas_gpu' scan backend: the fused scan (see scan_fused) as Pallas kernels lowered through Triton.
 
-Grid (batch, channel blocks), and for the backward time segments too; each program keeps its (N, bD)
-state in registers and runs a `fori_loop` over chunks of `chunk` time steps. With one warp and bD = 32
-(the defaults) Triton gives each thread one channel and its N states, so the recurrence and the sums over
+Programs (row, channel block, time segment); each keeps its (N, bD) state in registers and runs a
+`fori_loop` over chunks of `chunk` time steps. With one warp and bD = 32 (the defaults) Triton gives each
+thread one channel and its N states, so the recurrence and the sums over
 the state axis (y; the x and dt gradients) never leave the thread, and the backward's sums over channels
 (dB, dC) are one reduce-scatter of warp shuffles per step (`_channel_sums`: 31 shuffles where Triton's
 reductions took 160): no shared memory and no barrier in the per-step path. More warps per program spread
 a tile's states across warps, and every step then pays cross-warp sums (measured in docs/performance.md).
 
-The kernels are bound by latency and parallelism, not bytes: the backward splits time into segments run
-by separate programs (`_segments`, `_segment_ends`), and a forward pass without a backward on a grid of a
-few rows (evaluation, prefill) runs the time-parallel kernel of 'pallas_gpu_parallel' (`_time_parallel`).
+The kernels are bound by latency and parallelism, not bytes, so both passes split time into segments run
+by separate programs (`_segments`): the forward's programs start from the state entering their segment,
+found first by a pass of the state recurrence alone over each earlier segment (`_segment_entries`), the
+backward's from the adjoint at their segment's end, found likewise in reverse (`_segment_ends`); both
+carry the passes' results across segments in XLA. The products of a segment's decays are one exp of its
+summed deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more
+already keeps the GPU busy and runs whole.
 Without an initial state (training) the backward keeps neither it nor its gradient in registers
 (`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
 and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
@@ -25,16 +29,15 @@ and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from hymba_jax.ops.scan import register_backend
-from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, decay, \
-    forward_chunk, forward_rows, fused_scan, load_rows, sigmoid, softplus, with_initial_state
+    forward_chunk, forward_rows, fused_scan, load_rows, restart, sigmoid, softplus, with_initial_state
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -45,16 +48,17 @@ CHUNK = 4              # H200, 8 x 2048 x 3200: fastest forward+backward (docs/p
 INFERENCE_CHUNK = 8    # fastest forward alone (1.25 ms against 1.60 at 4)
 BLOCK_D = 32
 NUM_WARPS = 1
-# A forward without a backward on a grid under this many programs of BLOCK_D channels runs the
-# time-parallel kernel. H200, d_inner 3200 (docs/performance.md, 2026-12-03): 3 x 4096 (300 programs)
-# 1.11 ms against 1.45, 2 x 4096 0.95 against 1.46, 1 x 8192 2.15 against 7.10; from 4 x 4096 (400) this
-# kernel's own forward is faster (1.43 against 1.87).
-TIME_PARALLEL_FORWARD_GRID = 400
 # The backward splits time into segments run by separate programs until its grid has this many programs
 # (`_segments`). H200, forward+backward, d_inner 3200 (docs/performance.md, 2026-12-03): 4 x 4096 (400
 # programs a segment) 9.75 / 7.81 / 7.44 / 7.00 / 7.14 ms at 2 / 4 / 8 / 16 / 32 segments; 8 x 2048 (800)
 # 5.63 / 6.73 / 5.87 / 5.43 / 5.42 at 1 / 2 / 4 / 8 / 16: short programs, many waves.
 SEGMENT_GRID = 6400
+# The forward splits time likewise (`_forward`), a pass finding each segment's entry state first; without a
+# backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md,
+# 2026-12-04): training forward at 8 x 2048 1.22 ms whole against 1.13 in 8 segments (0.73 + 0.41 for the
+# entry states); the forward alone 0.73 whole against 1.17; 2 x 4096 (200 programs) 0.66 in 32 segments.
+FORWARD_SEGMENT_GRID = 6400
+WHOLE_FORWARD_GRID = 800
 
 
 class _IO:
@@ -187,70 +191,165 @@ def _block(cfg, width: int) -> int:
     return channel_block(width, cfg["block_d"] or BLOCK_D)
 
 
-def _time_parallel(cfg, batch: int, width: int, training: bool) -> bool:
-    """Whether a forward runs 'pallas_gpu_parallel''s kernel: only without a backward pass (whose
-    chunk-start states are this module's), on a grid under cfg's time_parallel_grid programs."""
-    return not training and batch * (width // BLOCK_D) < cfg["time_parallel_grid"]
-
-
-def _time_parallel_forward(c: Canon, cfg):
-    """The forward of 'pallas_gpu_parallel' (tiles along time spread over a program's threads; it
-    builds on this module's `triton_call`, hence the import here), on c padded to its tile."""
-    from hymba_jax.ops import scan_pallas_gpu_parallel
-
-    kernels = scan_pallas_gpu_parallel.kernels(interpret=cfg["interpret"])
-    length = c.x.shape[1]
-    x, dt, z, B, C, reset = pad_time(length, kernels.chunk, (c.x, 0), (c.dt, PAD_DT), (c.z, 0), (c.B, 0),
-                                     (c.C, 0), (c.reset, 0))
-    y, _, last = kernels.forward(c._replace(x=x, dt=dt, z=z, B=B, C=C, reset=reset), False)
-    return y[:, :length], None, last
-
-
 def _forward(c: Canon, keep_starts: bool, cfg):
+    """The forward kernel, over a grid (rows, channel blocks, time segments): each program runs its segment's
+    chunks from the state at the segment's start (`_segment_entries`), writing y, the chunk-start states
+    when keep_starts (a backward follows), and, in the last segment, the last state."""
     batch, length, width = c.x.shape
-    if _time_parallel(cfg, batch, width, training=keep_starts):
-        return _time_parallel_forward(c, cfg)
     # The forward selects against h0 zeros rather than specializing on a missing initial state: it has the
     # registers, and the specialized kernel ran slower (H200, 8 x 2048: 0.90 against 0.79 ms alone).
     c = with_initial_state(c)
     n = c.A.shape[0]
     # Without a backward pass there are no chunk-start states to keep, so the loop can unroll further.
     chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
-    block = _block(cfg, width)
     n_chunks = length // chunk
+    block, segments = _segments(cfg, batch, width, n_chunks, "forward_")
+    if not keep_starts and cfg["forward_segments"] is None and batch * (width // block) >= cfg["whole_forward_grid"]:
+        segments = 1            # throughput-bound already: the entry states' pass would cost more than it saves
+    per_segment = n_chunks // segments
     has_z = c.z is not None
     names_in, operands = _inputs(c)
+    names_in = names_in + ["entry"]
+    operands = operands + [_segment_entries(c, cfg, chunk, block, segments)]
     row, _, _, _, _, state = _specs(length, n, block)
-    starts_spec = pl.BlockSpec((None, n_chunks, n, block), lambda b, j: (b, 0, 0, j))
+    by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
+    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block)] + [by_segment]
+    starts_spec = pl.BlockSpec((None, n_chunks, n, block), lambda b, j, s: (b, 0, 0, j))
     names_out = ["y"] + (["starts"] if keep_starts else []) + ["last"]
     shapes = dict(y=(c.x.shape, c.x.dtype), starts=((batch, n_chunks, n, width), jnp.float32),
                   last=((batch, n, width), jnp.float32))
-    specs = dict(y=row, starts=starts_spec, last=state)
+    specs = dict(y=_lift(row), starts=starts_spec, last=_lift(state))
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        names = forward_rows(has_z)
+        segment = _segment_index(segments, cfg)
+        first = segment * per_segment
 
         def rows_of(k):
-            """Chunk k's rows (the last chunk's past the end: the last iteration's look-ahead is unused)."""
-            return load_rows(_IO(refs, jnp.minimum(k, n_chunks - 1) * chunk, has_z), chunk, names)
+            """Chunk k's rows (past the segment's end, its last chunk's: the last look-ahead is unused)."""
+            return load_rows(_IO(refs, (first + jnp.minimum(k, per_segment - 1)) * chunk, has_z), chunk,
+                             forward_rows(has_z))
 
         def body(k, carry):
             h, rows = carry
             if keep_starts:
-                refs["starts"][k] = h
+                refs["starts"][first + k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-            return forward_chunk(_IO(refs, k * chunk, has_z), h, p, chunk, rows), ahead
+            return forward_chunk(_IO(refs, (first + k) * chunk, has_z), h, p, chunk, rows), ahead
 
-        h, _ = jax.lax.fori_loop(0, n_chunks, body, (p.h0, rows_of(0)))
-        refs["last"][...] = h
+        h, _ = jax.lax.fori_loop(0, per_segment, body, (refs["entry"][...], rows_of(0)))
 
-    outs = triton_call("selective_scan_forward", kernel, names_in, names_out,
-                 tuple(jax.ShapeDtypeStruct(*shapes[k]) for k in names_out),
-                 _in_specs(names_in, length, n, block), tuple(specs[k] for k in names_out),
-                 (batch, width // block), cfg)(*operands)
+        @pl.when(segment == segments - 1)
+        def _():
+            refs["last"][...] = h
+
+    outs = _segmented_call("selective_scan_forward", kernel, names_in, names_out,
+                           tuple(jax.ShapeDtypeStruct(*shapes[k]) for k in names_out), in_specs,
+                           [specs[k] for k in names_out], batch, width // block, segments, cfg)(*operands)
     outs = dict(zip(names_out, outs))
     return outs["y"], outs.get("starts"), outs["last"]
+
+
+class Span(NamedTuple):
+    """What the product of a run of steps' decays needs: the sum of their deltas (1, bD) and whether a
+    document starts in the run (1, 1), fp32. `Span.decays` multiplies them out once per segment rather than
+    once per step: 2N instructions per step fewer (the product and its reset select)."""
+
+    deltas: jax.Array
+    restarts: jax.Array
+
+    @classmethod
+    def empty(cls, p: Params) -> "Span":
+        return cls(jnp.zeros_like(p.D), jnp.zeros((1, 1), jnp.float32))
+
+    def add(self, delta, start) -> "Span":
+        return Span(self.deltas + delta, jnp.where(start, 1.0, self.restarts))
+
+    def decays(self, p: Params):
+        """(N, bD): the product of the run's decays exp(delta_t A), zero if a document starts in it."""
+        return jnp.where(self.restarts > 0, 0.0, decay(self.deltas, p.A, p.A_log2))
+
+
+def state_chunk(io: _IO, h, span: Span, p: Params, steps: int, rows: list[dict]):
+    """The state recurrence alone over one chunk (no y): h <- a_t h + delta_t x_t B_t, from h0 where a
+    document starts, and the chunk's `Span`: the state after the chunk = span.decays * (the state before
+    it) + (this h, from h = 0). rows: the chunk's x and dt rows."""
+    for i in range(steps):
+        start = io.starts(i)
+        delta = softplus(rows[i]["dt"] + p.bias)
+        h = decay(delta, p.A, p.A_log2) * restart(start, h, p.h0) + (delta * rows[i]["x"]) * io.col("B", i)
+        span = span.add(delta, start)
+    return h, span
+
+
+def _through_segments(first, decays, sums, reverse: bool = False):
+    """(B, S, N, D): first (B, N, D), then each next state = decays[:, k] * state + sums[:, k] over the
+    (B, S - 1, N, D) segment products and sums; reverse builds from the end (first is the last state)."""
+    states = [first]
+    for k in (reversed(range(decays.shape[1])) if reverse else range(decays.shape[1])):
+        states.append(decays[:, k] * states[-1] + sums[:, k])
+    return jnp.stack(states[::-1] if reverse else states, axis=1)
+
+
+def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
+    """The state entering each time segment, (B, segments, N, D): h0 for the first; for the others, from
+    the segment before it alone (`state_chunk`, one program per (row, channel block, segment), all
+    segments at once) carried forward through the segments' decay products."""
+    if segments == 1:
+        return c.h0[:, None]
+    batch, length, width = c.x.shape
+    n = c.A.shape[0]
+    per_segment = length // chunk // segments
+    has_z = c.z is not None
+    names_in, operands = _inputs(c)
+    in_specs = [_lift(spec) for spec in _in_specs(names_in, length, n, block)]
+    out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
+    shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
+
+    def kernel(refs):
+        p = Params.from_refs(refs)
+        first = _segment_index(segments - 1, cfg) * per_segment        # the segment whose end this finds
+
+        def rows_of(k):
+            return load_rows(_IO(refs, (first + jnp.minimum(k, per_segment - 1)) * chunk, has_z), chunk,
+                             ("x", "dt"))
+
+        def body(k, carry):
+            h, span, rows = carry
+            ahead = rows_of(k + 1)
+            h, span = state_chunk(_IO(refs, (first + k) * chunk, has_z), h, span, p, chunk, rows)
+            return h, span, ahead
+
+        h, span, _ = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
+        refs["sums"][...] = h
+        refs["decays"][...] = span.decays(p)
+
+    sums, decays = _segmented_call("selective_scan_segment_states", kernel, names_in, ["sums", "decays"],
+                                   (shape, shape), in_specs, (out, out), batch, width // block, segments - 1,
+                                   cfg)(*operands)
+    return _through_segments(c.h0, decays, sums)
+
+
+def _segmented_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, batch: int, blocks: int,
+                    segments: int, cfg):
+    """`triton_call` over programs (row, channel block, time segment), the specs' index maps taking (b, j, s).
+    The grid is flat, (rows x segments, channel blocks), or with cfg's flat_grid off three-dimensional:
+    with a third axis, even of size one, the H200 ran the forward 1.8x slower (docs/performance.md,
+    2026-12-04). Kernels read their segment by `_segment_index`."""
+    if cfg["flat_grid"]:
+        grid = (batch * segments, blocks)
+
+        def spec_of(spec):
+            return pl.BlockSpec(spec.block_shape, lambda i, j: spec.index_map(i // segments, j, i % segments))
+
+        in_specs, out_specs = [spec_of(x) for x in in_specs], [spec_of(x) for x in out_specs]
+    else:
+        grid = (batch, blocks, segments)
+    return triton_call(name, kernel, names_in, names_out, out_shape, in_specs, tuple(out_specs), grid, cfg)
+
+
+def _segment_index(segments: int, cfg):
+    return pl.program_id(0) % segments if cfg["flat_grid"] else pl.program_id(2)
 
 
 def _lift(spec: pl.BlockSpec) -> pl.BlockSpec:
@@ -258,34 +357,36 @@ def _lift(spec: pl.BlockSpec) -> pl.BlockSpec:
     return pl.BlockSpec(spec.block_shape, lambda b, j, s: spec.index_map(b, j))
 
 
-def _segments(cfg, batch: int, width: int, n_chunks: int) -> tuple[int, int]:
-    """The backward's channels per program (`_block`) and time segments (`_backward`): cfg's segments
-    where given, else the fewest, a power of two dividing the chunks, that make cfg's segment_grid
-    programs."""
+def _segments(cfg, batch: int, width: int, n_chunks: int, kind: str = "") -> tuple[int, int]:
+    """Channels per program (`_block`) and time segments of the backward (kind "") or the forward (kind
+    "forward_"): cfg's `kind`segments where given, else the fewest, a power of two dividing the chunks,
+    that make cfg's `kind`segment_grid programs."""
     block = _block(cfg, width)
-    segments = cfg["segments"]
+    segments = cfg[kind + "segments"]
     if segments is None:
         segments = 1
-        while (batch * (width // block) * segments < cfg["segment_grid"] and n_chunks % (2 * segments) == 0):
+        while (batch * (width // block) * segments < cfg[kind + "segment_grid"]
+               and n_chunks % (2 * segments) == 0):
             segments *= 2
     if n_chunks % segments:
-        raise ValueError(f"pallas_gpu segments={segments}: must divide the {n_chunks} chunks")
+        raise ValueError(f"pallas_gpu {kind}segments={segments}: must divide the {n_chunks} chunks")
     return block, segments
 
 
-def adjoint_chunk(io: _IO, dh, decays, p: Params, steps: int):
+def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int):
     """The adjoint recurrence alone over one chunk, walking back: dh <- a_t (dh + C_t g_t), zero where a
-    document starts (what `backward_chunk` carries from step to step), and the product of the decays
-    a_t (zero likewise): dh before the chunk = decays * (dh after it) + (this dh, from dh = 0)."""
+    document starts (what `backward_chunk` carries from step to step), and the chunk's `Span`: dh before
+    the chunk = span.decays * (dh after it) + (this dh, from dh = 0)."""
     names = ("dt", "z", "dy") if io.has_z else ("dt", "dy")
     rows = load_rows(io, steps, names)
     starts = [io.starts(i) for i in range(steps)]
     for i in reversed(range(steps)):
         s = rows[i]
         g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
-        a = jnp.where(starts[i], 0.0, decay(softplus(s["dt"] + p.bias), p.A, p.A_log2))
-        dh, decays = (dh + io.col("C", i) * g) * a, decays * a
-    return dh, decays
+        delta = softplus(s["dt"] + p.bias)
+        dh = jnp.where(starts[i], 0.0, (dh + io.col("C", i) * g) * decay(delta, p.A, p.A_log2))
+        span = span.add(delta, starts[i])
+    return dh, span
 
 
 def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
@@ -307,23 +408,20 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        segment = pl.program_id(2) + 1          # the segment whose start this program finds
+        segment = _segment_index(segments - 1, cfg) + 1          # the segment whose start this program finds
 
         def body(k, carry):
             io = _IO(refs, ((segment + 1) * per_segment - 1 - k) * chunk, has_z)
             return adjoint_chunk(io, *carry, p, chunk)
 
-        dh, decays = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), jnp.ones_like(p.A)))
+        dh, span = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p)))
         refs["sums"][...] = dh
-        refs["decays"][...] = decays
+        refs["decays"][...] = span.decays(p)
 
-    sums, decays = triton_call("selective_scan_segment_adjoints", kernel, names_in, ["sums", "decays"],
-                               (shape, shape), in_specs, (out, out), (batch, width // block, segments - 1),
-                               cfg)(*operands)
-    ends = [dlast]
-    for k in reversed(range(segments - 1)):
-        ends.insert(0, decays[:, k] * ends[0] + sums[:, k])
-    return jnp.stack(ends, axis=1)
+    sums, decays = _segmented_call("selective_scan_segment_adjoints", kernel, names_in, ["sums", "decays"],
+                                   (shape, shape), in_specs, (out, out), batch, width // block, segments - 1,
+                                   cfg)(*operands)
+    return _through_segments(dlast, decays, sums, reverse=True)
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
@@ -365,14 +463,15 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        segment = pl.program_id(2)
+        segment = _segment_index(segments, cfg)
 
         def body(k, carry):
             chunk_index = (segment + 1) * per_segment - 1 - k
             dh, acc, misplaced = carry
             io = _IO(refs, chunk_index * chunk, has_z, scatter=scatter, interpret=cfg["interpret"],
                      misplaced=misplaced)
-            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
+            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk,
+                                     recompute_decays=cfg["recompute_decays"])
             return dh, acc, io.misplaced
 
         zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
@@ -388,9 +487,9 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             # The first segment's dh reaches the initial state; the others' is the end of the one before it.
             refs["dh0"][...] = acc.dh0 + jnp.where(segment == 0, dh, 0.0)
 
-    outs = dict(zip(names_out, triton_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
-                                     in_specs, [specs[k] for k in names_out], (batch, n_blocks, segments),
-                                     cfg)(*operands)))
+    outs = dict(zip(names_out, _segmented_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
+                                               in_specs, [specs[k] for k in names_out], batch, n_blocks, segments,
+                                               cfg)(*operands)))
     if scatter:
         dC, dB = jnp.split(outs["dBC"].sum(1), 2, axis=-1)
     else:
@@ -442,19 +541,24 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 
 @functools.lru_cache(maxsize=None)
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
-            inference_chunk: int = INFERENCE_CHUNK, time_parallel_grid: int = TIME_PARALLEL_FORWARD_GRID,
-            segments: int | None = None, segment_grid: int = SEGMENT_GRID, interpret: bool = False) -> Kernels:
+            inference_chunk: int = INFERENCE_CHUNK, segments: int | None = None, segment_grid: int = SEGMENT_GRID,
+            forward_segments: int | None = None, forward_segment_grid: int = FORWARD_SEGMENT_GRID,
+            whole_forward_grid: int = WHOLE_FORWARD_GRID, recompute_decays: bool = True, flat_grid: bool = True,
+            interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
-    per program (None: BLOCK_D). time_parallel_grid: a forward without a backward on a grid of fewer
-    programs runs the time-parallel kernel (`_time_parallel`; 0: never). segments: the backward's time
-    segments, or None for the fewest that make segment_grid programs (`_segments`)."""
+    per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
+    segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
+    a forward without a backward on a grid of whole_forward_grid programs or more runs whole.
+    recompute_decays: the backward's walk back recomputes the decays (`backward_chunk`). flat_grid: the
+    grid's layout (`_segmented_call`)."""
     for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
-               time_parallel_grid=time_parallel_grid, segments=segments, segment_grid=segment_grid,
-               interpret=interpret)
+               segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
+               forward_segment_grid=forward_segment_grid, whole_forward_grid=whole_forward_grid,
+               recompute_decays=recompute_decays, flat_grid=flat_grid, interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 

@@ -1,8 +1,8 @@
 """The 'pallas_gpu_parallel' scan backend: the fused scan (see scan_fused) parallel over time inside each
 Pallas Triton program. Not chosen by `auto`: on the H200 this channel-major layout is 1.4-1.6x slower than
-`pallas_gpu` forward+backward at 8 x 2048 and 4 x 4096 (docs/performance.md, "Time-parallel kernel"). Its
-forward is what 'pallas_gpu' runs for a forward without a backward on a grid of a few rows
-(`scan_pallas_gpu._time_parallel`: 2 x 4096 x 3200 0.95 ms against 1.46 for `pallas_gpu`'s own forward).
+`pallas_gpu` forward+backward at 8 x 2048 and 4 x 4096 (docs/performance.md, "Time-parallel kernel"), and
+since 'pallas_gpu' splits time into segments its forward on few rows is slower too (2 x 4096 x 3200: 0.94
+against 0.66 ms, 1 x 8192: 2.07 against 0.70).
 
 Grid (batch, channel blocks); a program walks the sequence in tiles of bD channels x T steps. Inside a
 tile, for each of the N states (a static Python loop), the recurrence h_t = a_t h_{t-1} + b_t runs as one

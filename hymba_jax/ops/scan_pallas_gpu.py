@@ -54,9 +54,10 @@ NUM_WARPS = 1
 # 5.63 / 6.73 / 5.87 / 5.43 / 5.42 at 1 / 2 / 4 / 8 / 16: short programs, many waves.
 SEGMENT_GRID = 6400
 # The forward splits time likewise (`_forward`), a pass finding each segment's entry state first; without a
-# backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md,
-# 2026-12-04): training forward at 8 x 2048 1.22 ms whole against 1.13 in 8 segments (0.73 + 0.41 for the
-# entry states); the forward alone 0.73 whole against 1.17; 2 x 4096 (200 programs) 0.66 in 32 segments.
+# backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md, 2026-12-03,
+# evening; kernel times from a profile): the forward keeping states at 8 x 2048 1.22 ms whole against 1.13 in 8
+# segments (0.73 + 0.41 for the entry states), forward+backward at 4 x 4096 5.85 against 4.69 in 16; the
+# forward alone at 8 x 2048 0.73 whole against 1.17 in 8; 2 x 4096 (200 programs) 0.66 in 32 segments.
 FORWARD_SEGMENT_GRID = 6400
 WHOLE_FORWARD_GRID = 800
 
@@ -222,7 +223,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        segment = _segment_index(segments, cfg)
+        segment = _segment_index(segments)
         first = segment * per_segment
 
         def rows_of(k):
@@ -308,7 +309,7 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        first = _segment_index(segments - 1, cfg) * per_segment        # the segment whose end this finds
+        first = _segment_index(segments - 1) * per_segment        # the segment whose end this finds
 
         def rows_of(k):
             return load_rows(_IO(refs, (first + jnp.minimum(k, per_segment - 1)) * chunk, has_z), chunk,
@@ -332,24 +333,26 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
 
 def _segmented_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, batch: int, blocks: int,
                     segments: int, cfg):
-    """`triton_call` over programs (row, channel block, time segment), the specs' index maps taking (b, j, s).
-    The grid is flat, (rows x segments, channel blocks), or with cfg's flat_grid off three-dimensional:
-    with a third axis, even of size one, the H200 ran the forward 1.8x slower (docs/performance.md,
-    2026-12-04). Kernels read their segment by `_segment_index`."""
-    if cfg["flat_grid"]:
-        grid = (batch * segments, blocks)
-
-        def spec_of(spec):
-            return pl.BlockSpec(spec.block_shape, lambda i, j: spec.index_map(i // segments, j, i % segments))
-
-        in_specs, out_specs = [spec_of(x) for x in in_specs], [spec_of(x) for x in out_specs]
-    else:
+    """`triton_call` over programs (row, channel block, time segment), the specs' index maps taking (b, j, s);
+    kernels read their segment by `_segment_index`. The grid is (rows, channel blocks, segments), without
+    the last axis for one segment. H200 (docs/performance.md, 2026-12-03, evening): with a third axis of size one
+    the forward ran 1.4x slower (1.105 against 0.785 ms at 8 x 2048), and flattening the segments into the
+    rows axis made forward+backward 4% slower (4.90 against 4.70 ms)."""
+    if segments > 1:
         grid = (batch, blocks, segments)
+    else:
+        grid = (batch, blocks)
+        in_specs, out_specs = ([pl.BlockSpec(spec.block_shape, functools.partial(_first_segment, spec.index_map))
+                                for spec in specs] for specs in (in_specs, out_specs))
     return triton_call(name, kernel, names_in, names_out, out_shape, in_specs, tuple(out_specs), grid, cfg)
 
 
-def _segment_index(segments: int, cfg):
-    return pl.program_id(0) % segments if cfg["flat_grid"] else pl.program_id(2)
+def _first_segment(index_map, b, j):
+    return index_map(b, j, 0)
+
+
+def _segment_index(segments: int):
+    return pl.program_id(2) if segments > 1 else 0
 
 
 def _lift(spec: pl.BlockSpec) -> pl.BlockSpec:
@@ -408,7 +411,7 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        segment = _segment_index(segments - 1, cfg) + 1          # the segment whose start this program finds
+        segment = _segment_index(segments - 1) + 1          # the segment whose start this program finds
 
         def body(k, carry):
             io = _IO(refs, ((segment + 1) * per_segment - 1 - k) * chunk, has_z)
@@ -463,7 +466,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        segment = _segment_index(segments, cfg)
+        segment = _segment_index(segments)
 
         def body(k, carry):
             chunk_index = (segment + 1) * per_segment - 1 - k
@@ -543,22 +546,21 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, segments: int | None = None, segment_grid: int = SEGMENT_GRID,
             forward_segments: int | None = None, forward_segment_grid: int = FORWARD_SEGMENT_GRID,
-            whole_forward_grid: int = WHOLE_FORWARD_GRID, recompute_decays: bool = True, flat_grid: bool = True,
+            whole_forward_grid: int = WHOLE_FORWARD_GRID, recompute_decays: bool = True,
             interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
     per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
     segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
     a forward without a backward on a grid of whole_forward_grid programs or more runs whole.
-    recompute_decays: the backward's walk back recomputes the decays (`backward_chunk`). flat_grid: the
-    grid's layout (`_segmented_call`)."""
+    recompute_decays: the backward's walk back recomputes the decays (`backward_chunk`)."""
     for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
                forward_segment_grid=forward_segment_grid, whole_forward_grid=whole_forward_grid,
-               recompute_decays=recompute_decays, flat_grid=flat_grid, interpret=interpret)
+               recompute_decays=recompute_decays, interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 

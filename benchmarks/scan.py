@@ -5,7 +5,8 @@ memory of forward and forward+backward against the byte/exp floor measured on th
     PYTHONPATH=. python benchmarks/scan.py --batch 1 --length 64 --width 64 --backends chunked  # smoke
 
 Shape: batch 8 x 2048 tokens, d_inner 3200, d_state 16, bf16 inputs (x, dt, z, B, C), fp32 parameters,
-with resets and, as in training, no initial state (`--initial-state` adds one; the check runs both).
+with resets and, as the 1.5B trains, an initial state shared by the rows: the meta tokens' state, which
+every document restarts from (`--no-initial-state`: a model without meta tokens; the check runs both).
 Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready. Memory: compiled temp + output bytes (memory_analysis). Floors: bytes that
 must move (inputs read once, outputs written once) at the measured copy bandwidth; exponentials
 (B L D N per pass; the backward recomputes them) at the measured exp rate.
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hardware import copy_bandwidth, exp_rate, matmul_rate, timeit
+from profile_summary import summarize
 from hymba_jax.ops import scan_pallas_gpu, scan_pallas_gpu_parallel
 from hymba_jax.ops.scan import available_backends, selective_scan
 
@@ -58,6 +60,16 @@ def scan_fn(backend):
 
     grad = jax.grad(loss, argnums=tuple(range(9)))
     return jax.jit(forward), jax.jit(grad)
+
+
+def kernel_times(compiled, args, trace_dir: str, calls: int = 5) -> dict:
+    """GPU time per call (ms) of the kernels of `calls` back-to-back calls, by kernel name, largest first
+    (a jax.profiler trace summarized by benchmarks/profile_summary.py)."""
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(calls):
+            out = compiled(*args)
+        jax.block_until_ready(out)
+    return dict(summarize(trace_dir, calls)["top_kernels_ms"][:8])
 
 
 def rel(a, b) -> float:
@@ -102,11 +114,13 @@ def main():
                              "e.g. 'chunk=64,block_d=4,num_warps=1'")
     parser.add_argument("--check", action="store_true", help="compare with 'sequential' first (with an initial "
                         "state, then fp32 without)")
-    parser.add_argument("--initial-state", action="store_true",
-                        help="time with an initial state (a prefill continuing a cache); default without, as "
-                             "training runs")
+    parser.add_argument("--no-initial-state", action="store_true",
+                        help="time without an initial state (a model without meta tokens); by default with one "
+                             "shared by the rows, as the 1.5B's text pass starts from its meta tokens' state")
     parser.add_argument("--check-shape", default="2x1000x320", help="batch x length x width of the check")
     parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument("--profile", default=None, help="also trace each timing with jax.profiler under this "
+                        "directory and report its kernels' times")
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     results = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, shape=vars(args))
@@ -150,7 +164,7 @@ def main():
 
     b, l, d, n = args.batch, args.length, args.width, args.state
     x, dt, A, B, C, D, z, bias, reset, h0 = make_inputs(jax.random.key(0), b, l, d, n, jnp.bfloat16,
-                                                        args.initial_state)
+                                                        not args.no_initial_state)
     wy = jax.random.normal(jax.random.key(1), x.shape, jnp.float32).astype(jnp.float32)
     wl = jnp.ones((b, d, n), jnp.float32)
     big = b * l * d * 2                       # one bf16 (B, L, D) tensor
@@ -172,6 +186,8 @@ def main():
                 mem = compiled.memory_analysis()
                 row[kind + "_temp_bytes"] = mem.temp_size_in_bytes
                 row[kind + "_s"] = timeit(compiled, *fargs, reps=3 if name == "sequential" else 10)
+                if args.profile:
+                    row[kind + "_kernels_ms"] = kernel_times(compiled, fargs, f"{args.profile}/{name}_{kind}")
             except Exception as e:  # noqa: BLE001 - a failing backend is reported, the others still run
                 row[kind + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

@@ -55,11 +55,12 @@ def capture_ttir(out: str, tag: str):
         lowering.lower_jaxpr_to_triton_module = original
 
 
-def dump_kernels(backend, batch: int, length: int, width: int, state: int, out: str, tag: str) -> list[str]:
-    """Lower the scan's forward and forward+backward for CUDA (as training calls it: no initial state);
-    write each kernel's Triton IR under `out`."""
+def dump_kernels(backend, batch: int, length: int, width: int, state: int, out: str, tag: str,
+                 initial_state: bool) -> list[str]:
+    """Lower the scan's forward and forward+backward for CUDA, with or without an initial state (shared by
+    the rows: the meta tokens' state, as the 1.5B trains); write each kernel's Triton IR under `out`."""
     with capture_ttir(out, tag) as paths:
-        args = make_inputs(jax.random.key(0), batch, length, width, state, jnp.bfloat16, initial_state=False)
+        args = make_inputs(jax.random.key(0), batch, length, width, state, jnp.bfloat16, initial_state)
         x, dt, A, B, C, D, z, bias, reset, h0 = args
         forward, grad = scan_fn(backend)
         forward.trace(*args).lower(lowering_platforms=("cuda",))
@@ -133,6 +134,8 @@ def main():
     parser.add_argument("--window", type=int, default=None, help="attention: sliding window (default causal)")
     parser.add_argument("--packed", action="store_true", help="attention: with segment ids")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--no-initial-state", action="store_true", help="scan: without an initial state (a "
+                        "model without meta tokens)")
     parser.add_argument("--compile", action="store_true", help="compile with the triton package (sm_90)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -152,7 +155,8 @@ def main():
     # pallas_gpu_parallel's backward kernel (the last of the three) has its own warps
     backward_warps = options.get("backward_num_warps", getattr(module, "BACKWARD_NUM_WARPS", warps))
     batch, length, width, state = map(int, args.shape.split("x"))
-    paths = dump_kernels(module.with_kernels(**options), batch, length, width, state, args.out, args.backend)
+    paths = dump_kernels(module.with_kernels(**options), batch, length, width, state, args.out, args.backend,
+                         not args.no_initial_state)
     for i, path in enumerate(paths):
         print(path, f"{os.path.getsize(path) / 1e3:.0f} kB of Triton IR", flush=True)
         if args.compile:

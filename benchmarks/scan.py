@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +110,7 @@ def main():
     parser.add_argument("--variants", default="",
                         help="'pallas_gpu' variants to time, ';'-separated, each comma-separated integer options "
                              "of scan_pallas_gpu.kernels (the rest its defaults), e.g. "
-                             "'forward_segments=4,segments=8;recompute_decays=1;time_parallel_grid=0'")
+                             "'forward_segments=4,segments=8;chunk=8'")
     parser.add_argument("--parallel-variants", default="",
                         help="'pallas_gpu_parallel' variants likewise (scan_pallas_gpu_parallel.kernels), "
                              "e.g. 'chunk=64,block_d=4,num_warps=1'")
@@ -187,7 +189,8 @@ def main():
                 row[kind + "_temp_bytes"] = mem.temp_size_in_bytes
                 row[kind + "_s"] = timeit(compiled, *fargs, reps=3 if name == "sequential" else 10)
                 if args.profile:
-                    row[kind + "_kernels_ms"] = kernel_times(compiled, fargs, f"{args.profile}/{name}_{kind}")
+                    trace_dir = os.path.join(args.profile, re.sub(r"[^\w.=-]", "_", f"{name}_{kind}"))
+                    row[kind + "_kernels_ms"] = kernel_times(compiled, fargs, trace_dir)
             except Exception as e:  # noqa: BLE001 - a failing backend is reported, the others still run
                 row[kind + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)

@@ -247,12 +247,11 @@ class Accum(NamedTuple):
     dh0: Optional[Array]
 
 
-def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int,
-                   recompute_decays: bool = False) -> tuple[Array, Accum]:
+def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params, steps: int
+                   ) -> tuple[Array, Accum]:
     """Gradients of one chunk. h_start: the state before it; dh: d loss / d (state after it).
     Writes dx, ddt, dz rows and dB, dC sums (this program's channels only); returns
-    d loss / d h_start and the updated sums. recompute_decays: the walk back computes each step's decays
-    again instead of keeping them from the recompute (registers for exponentials)."""
+    d loss / d h_start and the updated sums."""
     saved = []
     h = h_start
     for i in range(steps):                                   # recompute the chunk's states
@@ -273,9 +272,6 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     for i in reversed(range(steps)):
         s = _load_step(io, i, names)
         hp, a, delta = saved[i]
-        if recompute_decays:     # from the reloaded dt: a compiler merges a recompute from the kept delta
-            delta = softplus(s["dt"] + p.bias)
-            a = decay(delta, p.A, p.A_log2)
         x, dy = s["x"], s["dy"]
         h = a * hp + (delta * x) * s["B"]
         if io.has_z:

@@ -56,7 +56,7 @@ SEGMENT_GRID = 6400
 # The forward splits time likewise (`_forward`), a pass finding each segment's entry state first; without a
 # backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md, 2026-12-03,
 # evening; kernel times from a profile): the forward keeping states at 8 x 2048 1.22 ms whole against 1.13 in 8
-# segments (0.73 + 0.41 for the entry states), forward+backward at 4 x 4096 5.85 against 4.69 in 16; the
+# segments (0.73 + 0.41 for the entry states), forward+backward at 4 x 4096 6.07 against 5.04 in 16; the
 # forward alone at 8 x 2048 0.73 whole against 1.17 in 8; 2 x 4096 (200 programs) 0.66 in 32 segments.
 FORWARD_SEGMENT_GRID = 6400
 WHOLE_FORWARD_GRID = 800
@@ -473,8 +473,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             dh, acc, misplaced = carry
             io = _IO(refs, chunk_index * chunk, has_z, scatter=scatter, interpret=cfg["interpret"],
                      misplaced=misplaced)
-            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk,
-                                     recompute_decays=cfg["recompute_decays"])
+            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
             return dh, acc, io.misplaced
 
         zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
@@ -546,21 +545,19 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, segments: int | None = None, segment_grid: int = SEGMENT_GRID,
             forward_segments: int | None = None, forward_segment_grid: int = FORWARD_SEGMENT_GRID,
-            whole_forward_grid: int = WHOLE_FORWARD_GRID, recompute_decays: bool = True,
-            interpret: bool = False) -> Kernels:
+            whole_forward_grid: int = WHOLE_FORWARD_GRID, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
     per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
     segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
-    a forward without a backward on a grid of whole_forward_grid programs or more runs whole.
-    recompute_decays: the backward's walk back recomputes the decays (`backward_chunk`)."""
+    a forward without a backward on a grid of whole_forward_grid programs or more runs whole."""
     for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
         if value < 1 or value & (value - 1):
             raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
                forward_segment_grid=forward_segment_grid, whole_forward_grid=whole_forward_grid,
-               recompute_decays=recompute_decays, interpret=interpret)
+               interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 

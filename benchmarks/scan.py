@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from hardware import copy_bandwidth, exp_rate, matmul_rate, timeit
 from profile_summary import summarize
-from hymba_jax.ops import scan_pallas_gpu, scan_pallas_gpu_parallel
+from hymba_jax.ops import scan_pallas_gpu
 from hymba_jax.ops.scan import available_backends, selective_scan
 
 
@@ -106,14 +106,11 @@ def main():
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--width", type=int, default=3200)
     parser.add_argument("--state", type=int, default=16)
-    parser.add_argument("--backends", default="associative,chunked,pallas_gpu,pallas_gpu_parallel")
+    parser.add_argument("--backends", default="associative,chunked,pallas_gpu")
     parser.add_argument("--variants", default="",
                         help="'pallas_gpu' variants to time, ';'-separated, each comma-separated integer options "
                              "of scan_pallas_gpu.kernels (the rest its defaults), e.g. "
                              "'forward_segments=4,segments=8;chunk=8'")
-    parser.add_argument("--parallel-variants", default="",
-                        help="'pallas_gpu_parallel' variants likewise (scan_pallas_gpu_parallel.kernels), "
-                             "e.g. 'chunk=64,block_d=4,num_warps=1'")
     parser.add_argument("--check", action="store_true", help="compare with 'sequential' first (with an initial "
                         "state, then fp32 without)")
     parser.add_argument("--no-initial-state", action="store_true",
@@ -130,14 +127,11 @@ def main():
     backends = {name: name for name in args.backends.split(",") if name}
     on_gpu = jax.default_backend() == "gpu"
     if on_gpu:
-        for module, name, variants in ((scan_pallas_gpu, "pallas_gpu", args.variants),
-                                       (scan_pallas_gpu_parallel, "pallas_gpu_parallel", args.parallel_variants)):
-            for variant in filter(None, variants.split(";")):
-                options = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
-                backends[f"{name}[{variant}]"] = module.with_kernels(**options)
+        for variant in filter(None, args.variants.split(";")):
+            options = {k: int(v) for k, v in (kv.split("=") for kv in variant.split(","))}
+            backends[f"pallas_gpu[{variant}]"] = scan_pallas_gpu.with_kernels(**options)
     else:
         backends.pop("pallas_gpu", None)
-        backends.pop("pallas_gpu_parallel", None)
     unknown = [b for b in backends.values() if isinstance(b, str) and b not in available_backends()]
     if unknown:
         raise SystemExit(f"unknown backends {unknown}; available: {available_backends()}")

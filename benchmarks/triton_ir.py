@@ -1,4 +1,4 @@
-"""Inspect the Triton kernels of the Pallas GPU scan backends, or of the 'pallas_flash' attention, without a
+"""Inspect the Triton kernels of the 'pallas_gpu' scan backend, or of the 'pallas_flash' attention, without a
 GPU: lower the scan (forward and forward+backward) or the attention layer (forward+backward) for CUDA on the
 CPU, save each kernel's Triton IR, and, where the `triton` package is importable, compile it for sm_90 and
 report ptxas' registers and spills and the PTX instruction counts that decide these kernels' speed
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax._src.pallas.triton import lowering
 
-from hymba_jax.ops import scan_pallas_gpu, scan_pallas_gpu_parallel
+from hymba_jax.ops import scan_pallas_gpu
 from scan import make_inputs, scan_fn
 
 PTX_COUNTS = ("shfl.sync", "bar.sync", "ld.shared", "st.shared", "ex2.approx", "ld.global", "st.global",
@@ -124,9 +124,7 @@ def compile_and_count(path: str, num_warps: int, num_stages: int = 1) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default="pallas_gpu_parallel", choices=("pallas_gpu", "pallas_gpu_parallel"))
-    parser.add_argument("--options", default="",
-                        help="kernel options, e.g. chunk=64,block_d=4,num_warps=1,backward_num_warps=4")
+    parser.add_argument("--options", default="", help="scan_pallas_gpu.kernels options, e.g. chunk=8,segments=4")
     parser.add_argument("--shape", default="8x2048x3200x16", help="batch x length x d_inner x d_state "
                         "(attention: batch x length)")
     parser.add_argument("--flash-config", default=None, help="dump the pallas_flash attention kernels instead, "
@@ -149,18 +147,15 @@ def main():
             if args.compile:
                 print("   ", compile_and_count(path, kernel.num_warps, kernel.num_stages), flush=True)
         return
-    module = scan_pallas_gpu if args.backend == "pallas_gpu" else scan_pallas_gpu_parallel
     options = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))}
-    warps = options.get("num_warps", module.NUM_WARPS)
-    # pallas_gpu_parallel's backward kernel (the last of the three) has its own warps
-    backward_warps = options.get("backward_num_warps", getattr(module, "BACKWARD_NUM_WARPS", warps))
+    warps = options.get("num_warps", scan_pallas_gpu.NUM_WARPS)
     batch, length, width, state = map(int, args.shape.split("x"))
-    paths = dump_kernels(module.with_kernels(**options), batch, length, width, state, args.out, args.backend,
-                         not args.no_initial_state)
-    for i, path in enumerate(paths):
+    paths = dump_kernels(scan_pallas_gpu.with_kernels(**options), batch, length, width, state, args.out,
+                         "pallas_gpu", not args.no_initial_state)
+    for path in paths:
         print(path, f"{os.path.getsize(path) / 1e3:.0f} kB of Triton IR", flush=True)
         if args.compile:
-            print("   ", compile_and_count(path, backward_warps if i == len(paths) - 1 else warps), flush=True)
+            print("   ", compile_and_count(path, warps), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hymba_jax.ops import scan_chunked, scan_pallas_gpu, scan_pallas_gpu_parallel, scan_pallas_tpu
+from hymba_jax.ops import scan_chunked, scan_pallas_gpu, scan_pallas_tpu
 from hymba_jax.ops.scan import available_backends, selective_scan
 
 BATCH, LENGTH, WIDTH, STATE = 2, 21, 16, 4      # length 21: not a multiple of the chunk (8)
@@ -26,9 +26,6 @@ BACKENDS = {
     # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
     "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
     "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True),
-    # time tiles of 8 steps with a backward pass, of 16 without; other channel blocks forward and backward
-    "pallas_gpu_parallel": scan_pallas_gpu_parallel.with_kernels(chunk=8, inference_chunk=16, block_d=8,
-                                                                 backward_block_d=4, interpret=True),
 }
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
@@ -76,7 +73,7 @@ def reference():
 
 
 def test_backends_registered():
-    assert {"associative", "sequential", "chunked", "pallas_gpu", "pallas_gpu_parallel", "pallas_tpu"} <= set(
+    assert {"associative", "sequential", "chunked", "pallas_gpu", "pallas_tpu"} <= set(
         available_backends())
 
 
@@ -97,11 +94,10 @@ def test_matches_sequential(reference, backend, dtype, h0_batch, tol):
         assert rel(g, ref_g) < (5e-6 if g.dtype == jnp.float32 else tol), name
 
 
-@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu_parallel"])
-def test_triton_kernels_pad_a_state_size_that_is_not_a_power_of_two(reference, backend):
+def test_pallas_gpu_pads_a_state_size_that_is_not_a_power_of_two(reference):
     """Triton tiles are powers of two: N = 3 runs padded to 4 (`pow2_state_kernels`) and is cut back, exactly."""
     inputs, reset = make_inputs(0, jnp.float32, BATCH, state=3)
-    grads, (y, last) = value_and_grads(BACKENDS[backend])(inputs, reset)
+    grads, (y, last) = value_and_grads(BACKENDS["pallas_gpu"])(inputs, reset)
     ref_grads, (ref_y, ref_last) = reference(inputs, reset)
     assert last.shape == (BATCH, WIDTH, 3)
     for got, want in zip((y, last, *grads), (ref_y, ref_last, *ref_grads)):
@@ -196,7 +192,7 @@ def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
         assert "selective_scan_segment_states" in calls, whole_grid
 
 
-@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_gpu_parallel", "pallas_tpu"])
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
 def test_decays_take_exp2_only_for_inputs_narrower_than_fp32(backend):
     """bf16 inputs: the kernels' decays are exp2 (one instruction on a GPU; about 3e-6 from 'sequential' in
     the gradients on the H200, far below a bf16 ulp); fp32 inputs keep the exact exp (<= 1e-6). On the CPU
@@ -253,45 +249,12 @@ def test_pallas_gpu_chunks_must_be_powers_of_two():
         scan_pallas_gpu.kernels(chunk=6)
     with pytest.raises(ValueError, match="inference_chunk=12: must be a power of two"):
         scan_pallas_gpu.kernels(inference_chunk=12)
-    with pytest.raises(ValueError, match="pallas_gpu_parallel block_d=24: must be a power of two"):
-        scan_pallas_gpu_parallel.kernels(block_d=24)
-
-
-def _serial_scan(combine, elems, reverse):
-    """Inclusive scan one element at a time (the reference for tile_scan); combine(earlier, later)."""
-    steps = range(elems[0].shape[0])
-    out, acc = [], None
-    for t in (reversed(steps) if reverse else steps):
-        cur = tuple(e[t] for e in elems)
-        acc = cur if acc is None else (combine(cur, acc) if reverse else combine(acc, cur))
-        out.append(acc)
-    out = out[::-1] if reverse else out
-    return [jnp.stack([o[k] for o in out]) for k in range(len(elems))]
-
-
-@pytest.mark.parametrize("kind,reverse", [("linear", False), ("linear", True), ("adjoint", True)])
-def test_tile_scan_matches_a_serial_scan(kind, reverse):
-    """The in-tile scan of the time-parallel kernel (interpret mode: lax.associative_scan) equals a serial
-    scan of the same combine; the adjoint triples give dh_t = c_t + a_{t+1} dh_{t+1} (resets: a = 0)."""
-    ks = jax.random.split(jax.random.key(5), 3)
-    a = jax.random.uniform(ks[0], (13, 3), jnp.float32, 0.5, 1.0).at[4].set(0.0)
-    b = jax.random.normal(ks[1], (13, 3), jnp.float32)
-    elems = (a, b) if kind == "linear" else (b, jnp.ones_like(a), a)
-    got = scan_pallas_gpu_parallel.tile_scan(kind, elems, reverse=reverse)
-    want = _serial_scan(scan_pallas_gpu_parallel._COMBINES[kind], elems, reverse)
-    for g, w in zip(got, want):
-        assert float(jnp.max(jnp.abs(g - w))) < 1e-6
-    if kind == "adjoint":
-        dh = [b[-1]]
-        for t in reversed(range(12)):
-            dh.insert(0, b[t] + a[t + 1] * dh[0])
-        assert float(jnp.max(jnp.abs(got[0] - jnp.stack(dh)))) < 1e-6
 
 
 SHARDED_SCAN = """
 import json
 import jax, jax.numpy as jnp, numpy as np
-from hymba_jax.ops import scan_pallas_gpu, scan_pallas_gpu_parallel, scan_pallas_tpu
+from hymba_jax.ops import scan_pallas_gpu, scan_pallas_tpu
 from hymba_jax.parallel import DEFAULT_AXIS_RULES, make_mesh, sharding_context
 
 mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
@@ -305,8 +268,6 @@ reset = jax.random.uniform(ks[9], (b, l)) < 0.1
 wy = normal(jax.random.key(4), (b, l, d))
 result = {}
 for name, backend in (("pallas_gpu", scan_pallas_gpu.with_kernels(chunk=4, block_d=8, interpret=True)),
-                      ("pallas_gpu_parallel", scan_pallas_gpu_parallel.with_kernels(
-                          chunk=8, inference_chunk=8, block_d=8, interpret=True)),
                       ("pallas_tpu", scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True))):
     def loss(x, dt, A, B, C, D, z, bias, h0):
         y, last = backend(x, dt, A, B, C, D, z, bias, reset, h0)

@@ -5,4 +5,4 @@ Pallas backends import only portable JAX modules here; their kernels compile whe
 (Triton) or TPU (Mosaic).
 """
 
-from hymba_jax.ops import scan, scan_chunked, scan_pallas_gpu, scan_pallas_gpu_parallel, scan_pallas_tpu  # noqa: F401,E501  (registers)
+from hymba_jax.ops import scan, scan_chunked, scan_pallas_gpu, scan_pallas_tpu  # noqa: F401  (registers)

@@ -8,8 +8,8 @@
 
 Packed documents restart at `reset[b, t]`: there h_{t-1} is replaced by `initial_state` (the state the meta
 tokens leave), exactly as if the document were run alone. Every backend takes the same arguments, so the fused
-kernels (softplus, the D skip and the gate inside: `chunked`, `pallas_gpu`, `pallas_gpu_parallel`,
-`pallas_tpu` in their own modules) drop in by name (`HymbaConfig.scan_backend`; "auto" picks one per
+kernels (softplus, the D skip and the gate inside: `chunked`, `pallas_gpu`, `pallas_tpu` in their own
+modules) drop in by name (`HymbaConfig.scan_backend`; "auto" picks one per
 platform, hymba_jax.ops.auto).
 Backends here:
 

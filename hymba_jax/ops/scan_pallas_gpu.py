@@ -29,7 +29,7 @@ and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -154,17 +154,15 @@ def _specs(length: int, n: int, block: int):
     return row, col, flag, param, vec, state
 
 
-def triton_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg,
-                num_warps: Optional[int] = None):
+def triton_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, grid, cfg):
     """pallas_call of `kernel(refs)`, its refs by name (inputs, then outputs); Triton's warps from
-    `num_warps`, else cfg["num_warps"]; cfg["interpret"] runs it in the Pallas interpreter."""
+    cfg["num_warps"]; cfg["interpret"] runs it in the Pallas interpreter."""
     def body(*refs):
         kernel(dict(zip(names_in + names_out, refs)))
 
     params = None
     if plgpu is not None and not cfg["interpret"]:
-        warps = cfg["num_warps"] if num_warps is None else num_warps
-        params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+        params = plgpu.CompilerParams(num_warps=cfg["num_warps"], num_stages=1)
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           compiler_params=params, interpret=cfg["interpret"], name=name)
 

@@ -7,9 +7,10 @@ memory of forward and forward+backward against the byte/exp floor measured on th
 Shape: batch 8 x 2048 tokens, d_inner 3200, d_state 16, bf16 inputs (x, dt, z, B, C), fp32 parameters,
 with resets and, as the 1.5B trains, an initial state shared by the rows: the meta tokens' state, which
 every document restarts from (`--no-initial-state`: a model without meta tokens; the check runs both).
-Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready. Memory: compiled temp + output bytes (memory_analysis). Floors: bytes that
-must move (inputs read once, outputs written once) at the measured copy bandwidth; exponentials
-(B L D N per pass; the backward recomputes them) at the measured exp rate.
+Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready. Memory:
+compiled temp + output bytes (memory_analysis). Floors: bytes that must move (inputs read once, outputs
+written once) at the measured copy bandwidth; exponentials (B L D N per pass; the backward recomputes
+them) at the measured exp rate.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ Array = jax.Array
 class Canon(NamedTuple):
     """The kernels' inputs. x, dt, z (B, Lp, D) in their dtypes (z may be None); B, C (B, Lp, N);
     reset (B, Lp, 1) fp32 (1 where a document starts); A (N, D), D and bias (1, D) fp32; h0 (B, N, D) fp32,
-    or None without an initial state (training): documents then start from zeros and the kernels keep
-    neither h0 nor its gradient in registers. Lp is the length padded to a multiple of the chunk (padding
-    steps leave the state unchanged)."""
+    or None without an initial state (a model without meta tokens): documents then start from zeros and
+    the kernels keep neither h0 nor its gradient in registers. Lp is the length padded to a multiple of
+    the chunk (padding steps leave the state unchanged)."""
 
     x: Array
     dt: Array

@@ -15,8 +15,8 @@ backward's from the adjoint at their segment's end, found likewise in reverse (`
 carry the passes' results across segments in XLA. The products of a segment's decays are one exp of its
 summed deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more
 already keeps the GPU busy and runs whole.
-Without an initial state (training) the backward keeps neither it nor its gradient in registers
-(`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
+Without an initial state (a model without meta tokens) the backward keeps neither it nor its gradient in
+registers (`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
 and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
 per chunk, and only when a backward pass follows. The forward loads the next chunk's rows before
 computing the current one: with six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their
@@ -190,6 +190,15 @@ def _block(cfg, width: int) -> int:
     return channel_block(width, cfg["block_d"] or BLOCK_D)
 
 
+def _chunk_rows(refs, first, count: int, chunk: int, has_z: bool, names: tuple[str, ...]):
+    """rows_of(k): the rows `names` of chunk first + k of a walk over `count` chunks, loaded ahead of the
+    chunk's arithmetic; past the walk's end its last chunk's (the last look-ahead is unused)."""
+    def rows_of(k):
+        return load_rows(_IO(refs, (first + jnp.minimum(k, count - 1)) * chunk, has_z), chunk, names)
+
+    return rows_of
+
+
 def _forward(c: Canon, keep_starts: bool, cfg):
     """The forward kernel, over a grid (rows, channel blocks, time segments): each program runs its segment's
     chunks from the state at the segment's start (`_segment_entries`), writing y, the chunk-start states
@@ -223,11 +232,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
         p = Params.from_refs(refs)
         segment = _segment_index(segments)
         first = segment * per_segment
-
-        def rows_of(k):
-            """Chunk k's rows (past the segment's end, its last chunk's: the last look-ahead is unused)."""
-            return load_rows(_IO(refs, (first + jnp.minimum(k, per_segment - 1)) * chunk, has_z), chunk,
-                             forward_rows(has_z))
+        rows_of = _chunk_rows(refs, first, per_segment, chunk, has_z, forward_rows(has_z))
 
         def body(k, carry):
             h, rows = carry
@@ -308,10 +313,7 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
     def kernel(refs):
         p = Params.from_refs(refs)
         first = _segment_index(segments - 1) * per_segment        # the segment whose end this finds
-
-        def rows_of(k):
-            return load_rows(_IO(refs, (first + jnp.minimum(k, per_segment - 1)) * chunk, has_z), chunk,
-                             ("x", "dt"))
+        rows_of = _chunk_rows(refs, first, per_segment, chunk, has_z, ("x", "dt"))
 
         def body(k, carry):
             h, span, rows = carry

@@ -19,6 +19,7 @@ import pytest
 
 from hymba_jax.ops import scan_chunked, scan_pallas_gpu, scan_pallas_tpu
 from hymba_jax.ops.scan import available_backends, selective_scan
+from hymba_jax.ops.scan_fused import Canon
 
 BATCH, LENGTH, WIDTH, STATE = 2, 21, 16, 4      # length 21: not a multiple of the chunk (8)
 BACKENDS = {
@@ -190,6 +191,22 @@ def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
         assert ("selective_scan_segment_states" in calls) == split, whole_grid
         calls = str(jax.make_jaxpr(value_and_grads(fn))(inputs, reset))
         assert "selective_scan_segment_states" in calls, whole_grid
+
+
+def test_pallas_gpu_forward_flags_the_chunks_where_documents_start():
+    """The forward passes branch per chunk on whether a document starts in it (`_per_chunk`): chunks
+    without one run code with no restart selects. The flags are the resets' maximum over each chunk; the
+    tests above run both branches (make_inputs' resets at steps 5 and 13 of row 0 and 8 of row 1: a start
+    in some chunks of 4 and 8, none in the others)."""
+    _, reset = make_inputs(0, jnp.float32, BATCH)
+    reset = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, 3)))[..., None]      # 24 steps
+    rows, cols = jnp.zeros((BATCH, 24, WIDTH)), jnp.zeros((BATCH, 24, STATE))
+    canon = Canon(rows, rows, None, cols, cols, reset, jnp.zeros((STATE, WIDTH)),
+                  jnp.zeros((1, WIDTH)), jnp.zeros((1, WIDTH)), None)
+    flags = lambda chunk: dict(zip(*scan_pallas_gpu._inputs(canon, chunk)))["chunk_starts"][..., 0].tolist()
+    assert flags(4) == [[0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]]
+    assert flags(8) == [[1, 1, 0], [0, 1, 0]]
+    assert "chunk_starts" not in scan_pallas_gpu._inputs(canon)[0]              # the backward takes no branch
 
 
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])

@@ -138,7 +138,8 @@ class ChunkIO(Protocol):
 
     def row(self, name: str, i: int) -> Array: ...      # x, dt, z, dy
     def col(self, name: str, i: int) -> Array: ...      # B, C
-    def starts(self, i: int) -> Array: ...              # (1, 1) bool: a document starts at step i
+    def starts(self, i: int) -> Optional[Array]: ...    # (1, 1) bool: a document starts at step i;
+                                                         # None: no document starts in this chunk
     def put_row(self, name: str, i: int, value: Array) -> None: ...   # y, dx, ddt, dz
 
     def put_sums(self, i: int, dC_terms: Array, dB_terms: Array) -> None:
@@ -200,8 +201,11 @@ def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...
     return step
 
 
-def restart(start: Array, h: Array, h0: Optional[Array]) -> Array:
-    """The state entering a step: h, or where a document starts there h0 (zeros if None)."""
+def restart(start: Optional[Array], h: Array, h0: Optional[Array]) -> Array:
+    """The state entering a step: h, or where a document starts there h0 (zeros if None). start None: the
+    chunk has no document start (`ChunkIO.starts`), so no select."""
+    if start is None:
+        return h
     return jnp.where(start, 0.0 if h0 is None else h0, h)
 
 

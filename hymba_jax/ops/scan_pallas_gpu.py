@@ -29,7 +29,7 @@ and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,8 @@ try:  # the Triton compiler parameters (absent from some jaxlib builds; not need
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover
     plgpu = None
+
+T = TypeVar("T")
 
 CHUNK = 4              # H200, 8 x 2048 x 3200: fastest forward+backward (docs/performance.md)
 INFERENCE_CHUNK = 8    # fastest forward alone (1.25 ms against 1.60 at 4)
@@ -64,13 +66,13 @@ WHOLE_FORWARD_GRID = 800
 
 class _IO:
     """Row/column access of one program at chunk offset t0. Refs: rows (Lp, bD), columns (Lp, N, 1),
-    resets (Lp, 1). scatter: a backward writes dB and dC as one reduce-scattered row per step
-    (`_channel_sums`) to "dBC", else as columns to "dB" and "dC"; misplaced carries that function's
-    layout check."""
+    resets (Lp, 1). restarts False: no document starts in this chunk (`_per_chunk`), so `starts` is None.
+    scatter: a backward writes dB and dC as one reduce-scattered row per step (`_channel_sums`) to "dBC",
+    else as columns to "dB" and "dC"; misplaced carries that function's layout check."""
 
-    def __init__(self, refs: dict, t0, has_z: bool, *, scatter: bool = False, interpret: bool = False,
-                 misplaced=None):
-        self.refs, self.t0, self.has_z = refs, t0, has_z
+    def __init__(self, refs: dict, t0, has_z: bool, *, restarts: bool = True, scatter: bool = False,
+                 interpret: bool = False, misplaced=None):
+        self.refs, self.t0, self.has_z, self.restarts = refs, t0, has_z, restarts
         self.scatter, self.interpret, self.misplaced = scatter, interpret, misplaced
 
     def row(self, name, i):
@@ -80,6 +82,8 @@ class _IO:
         return self.refs[name][self.t0 + i].astype(jnp.float32)
 
     def starts(self, i):
+        if not self.restarts:
+            return None
         return self.refs["reset"][pl.ds(self.t0 + i, 1), :] > 0
 
     def put_row(self, name, i, value):
@@ -167,21 +171,36 @@ def triton_call(name, kernel, names_in, names_out, out_shape, in_specs, out_spec
                           compiler_params=params, interpret=cfg["interpret"], name=name)
 
 
-def _inputs(c: Canon):
+def _inputs(c: Canon, chunk: int | None = None):
     """Kernel operands: columns get a trailing unit axis so one step's column loads as (N, 1). They are
     passed in fp32: every thread reads the whole column, so converting them here saves each thread 2N
-    conversions per step (H200, 8 x 2048: forward 0.97 ms against 1.06 with bf16 columns)."""
-    names = (["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias"]
-             + (["h0"] if c.h0 is not None else []))
+    conversions per step (H200, 8 x 2048: forward 0.97 ms against 1.06 with bf16 columns). With a chunk,
+    also chunk_starts (B, Lp / chunk, 1): 1 where a document starts in a chunk of that many steps
+    (`_per_chunk`)."""
+    names = (["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset"]
+             + (["chunk_starts"] if chunk else []) + ["A", "D", "bias"] + (["h0"] if c.h0 is not None else []))
     f32 = jnp.float32
     values = dict(c._asdict(), B=c.B.astype(f32)[..., None], C=c.C.astype(f32)[..., None])
+    if chunk:
+        batch, length, _ = c.reset.shape
+        values["chunk_starts"] = c.reset.reshape(batch, length // chunk, chunk).max(-1, keepdims=True)
     return names, [values[k] for k in names]
 
 
-def _in_specs(names, length, n, block):
+def _in_specs(names, length, n, block, chunk: int | None = None):
     row, col, flag, param, vec, state = _specs(length, n, block)
-    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, A=param, D=vec, bias=vec, h0=state)
+    chunk_flag = pl.BlockSpec((None, length // (chunk or 1), 1), lambda b, j: (b, 0, 0))
+    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, chunk_starts=chunk_flag, A=param, D=vec,
+                 bias=vec, h0=state)
     return [kinds[k] for k in names]
+
+
+def _per_chunk(refs, chunk_index, step: Callable[[bool], T]) -> T:
+    """step(restarts) for chunk `chunk_index` of the program's row, restarts False where no document starts
+    in it (chunk_starts, `_inputs`), as in most chunks of a packed batch: that code has no restart selects.
+    A branch on the row's flag, the same for the whole program. The forward passes take it; the backward
+    does not (measured in docs/performance.md, 2026-12-04)."""
+    return jax.lax.cond(refs["chunk_starts"][chunk_index, 0] > 0, lambda: step(True), lambda: step(False))
 
 
 def _block(cfg, width: int) -> int:
@@ -216,12 +235,12 @@ def _forward(c: Canon, keep_starts: bool, cfg):
         segments = 1            # throughput-bound already: the entry states' pass would cost more than it saves
     per_segment = n_chunks // segments
     has_z = c.z is not None
-    names_in, operands = _inputs(c)
+    names_in, operands = _inputs(c, chunk)
     names_in = names_in + ["entry"]
     operands = operands + [_segment_entries(c, cfg, chunk, block, segments)]
     row, _, _, _, _, state = _specs(length, n, block)
     by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
-    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block)] + [by_segment]
+    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block, chunk)] + [by_segment]
     starts_spec = pl.BlockSpec((None, n_chunks, n, block), lambda b, j, s: (b, 0, 0, j))
     names_out = ["y"] + (["starts"] if keep_starts else []) + ["last"]
     shapes = dict(y=(c.x.shape, c.x.dtype), starts=((batch, n_chunks, n, width), jnp.float32),
@@ -239,7 +258,12 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             if keep_starts:
                 refs["starts"][first + k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-            return forward_chunk(_IO(refs, (first + k) * chunk, has_z), h, p, chunk, rows), ahead
+
+            def step(restarts):
+                io = _IO(refs, (first + k) * chunk, has_z, restarts=restarts)
+                return forward_chunk(io, h, p, chunk, rows)
+
+            return _per_chunk(refs, first + k, step), ahead
 
         h, _ = jax.lax.fori_loop(0, per_segment, body, (refs["entry"][...], rows_of(0)))
 
@@ -267,7 +291,8 @@ class Span(NamedTuple):
         return cls(jnp.zeros_like(p.D), jnp.zeros((1, 1), jnp.float32))
 
     def add(self, delta, start) -> "Span":
-        return Span(self.deltas + delta, jnp.where(start, 1.0, self.restarts))
+        """The span one step longer; start: whether a document starts at the step, None if not (`_IO.starts`)."""
+        return Span(self.deltas + delta, self.restarts if start is None else jnp.where(start, 1.0, self.restarts))
 
     def decays(self, p: Params):
         """(N, bD): the product of the run's decays exp(delta_t A), zero if a document starts in it."""
@@ -305,8 +330,8 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
     n = c.A.shape[0]
     per_segment = length // chunk // segments
     has_z = c.z is not None
-    names_in, operands = _inputs(c)
-    in_specs = [_lift(spec) for spec in _in_specs(names_in, length, n, block)]
+    names_in, operands = _inputs(c, chunk)
+    in_specs = [_lift(spec) for spec in _in_specs(names_in, length, n, block, chunk)]
     out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
     shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
 
@@ -318,8 +343,12 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
         def body(k, carry):
             h, span, rows = carry
             ahead = rows_of(k + 1)
-            h, span = state_chunk(_IO(refs, (first + k) * chunk, has_z), h, span, p, chunk, rows)
-            return h, span, ahead
+
+            def step(restarts):
+                io = _IO(refs, (first + k) * chunk, has_z, restarts=restarts)
+                return state_chunk(io, h, span, p, chunk, rows)
+
+            return *_per_chunk(refs, first + k, step), ahead
 
         h, span, _ = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
         refs["sums"][...] = h
@@ -387,7 +416,9 @@ def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int):
         s = rows[i]
         g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
         delta = softplus(s["dt"] + p.bias)
-        dh = jnp.where(starts[i], 0.0, (dh + io.col("C", i) * g) * decay(delta, p.A, p.A_log2))
+        dh = (dh + io.col("C", i) * g) * decay(delta, p.A, p.A_log2)
+        if starts[i] is not None:
+            dh = jnp.where(starts[i], 0.0, dh)
         span = span.add(delta, starts[i])
     return dh, span
 
@@ -402,10 +433,10 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
         return dlast[:, None]
     chunk, has_z = cfg["chunk"], c.z is not None
     per_segment = length // chunk // segments
-    names_in, operands = _inputs(c)
+    names_in, operands = _inputs(c, chunk)
     names_in, operands = names_in + ["dy"], operands + [dy]
     row = _specs(length, n, block)[0]
-    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block)] + [_lift(row)]
+    in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block, chunk)] + [_lift(row)]
     out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
     shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
 
@@ -414,8 +445,12 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
         segment = _segment_index(segments - 1) + 1          # the segment whose start this program finds
 
         def body(k, carry):
-            io = _IO(refs, ((segment + 1) * per_segment - 1 - k) * chunk, has_z)
-            return adjoint_chunk(io, *carry, p, chunk)
+            chunk_index = (segment + 1) * per_segment - 1 - k
+
+            def step(restarts):
+                return adjoint_chunk(_IO(refs, chunk_index * chunk, has_z, restarts=restarts), *carry, p, chunk)
+
+            return _per_chunk(refs, chunk_index, step)
 
         dh, span = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p)))
         refs["sums"][...] = dh

@@ -14,7 +14,8 @@ found first by a pass of the state recurrence alone over each earlier segment (`
 backward's from the adjoint at their segment's end, found likewise in reverse (`_segment_ends`); both
 carry the passes' results across segments in XLA. The products of a segment's decays are one exp of its
 summed deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more
-already keeps the GPU busy and runs whole.
+already keeps the GPU busy and runs whole. All but the backward kernel branch per chunk on whether a
+document starts in it (`_per_chunk`), so most chunks run without restart selects.
 Without an initial state (a model without meta tokens) the backward keeps neither it nor its gradient in
 registers (`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
 and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
@@ -198,8 +199,11 @@ def _in_specs(names, length, n, block, chunk: int | None = None):
 def _per_chunk(refs, chunk_index, step: Callable[[bool], T]) -> T:
     """step(restarts) for chunk `chunk_index` of the program's row, restarts False where no document starts
     in it (chunk_starts, `_inputs`), as in most chunks of a packed batch: that code has no restart selects.
-    A branch on the row's flag, the same for the whole program. The forward passes take it; the backward
-    does not (measured in docs/performance.md, 2026-12-04)."""
+    A branch on the row's flag, the same for the whole program. The forward, the entry-state pass and the
+    adjoint pass take it (H200, with an initial state: forward alone at 4 x 4096 1.27 -> 1.09 ms, the two
+    passes 10-16% faster); the backward kernel does not: with the branch it ran 3.76 ms against 3.19, also
+    with its initial state and that gradient kept in memory and the flag loaded a chunk ahead
+    (docs/performance.md, 2026-12-03, night)."""
     return jax.lax.cond(refs["chunk_starts"][chunk_index, 0] > 0, lambda: step(True), lambda: step(False))
 
 

@@ -21,7 +21,7 @@ import re
 CATEGORIES = (
     ("scan (pallas_gpu)", r"selective_scan"),
     ("decode attention (pallas)", r"cache_attention"),
-    ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|_attn"),
+    ("attention", r"cudnn|fmha|flash|sdpa|_attn"),       # cuDNN, and the Pallas flash kernels (hymba_flash_*)
     ("matmul", r"gemm|nvjet|cutlass|xmma|cublas|matmul|dot|sm90_"),
     ("collective", r"nccl|all_reduce|all_gather|reduce_scatter|all-reduce|all-gather|reduce-scatter"),
     ("copy / transpose", r"copy|transpose|memcpy|memset|dynamic.update.slice|concatenate"),

@@ -7,6 +7,9 @@ memory of forward and forward+backward against the byte/exp floor measured on th
 Shape: batch 8 x 2048 tokens, d_inner 3200, d_state 16, bf16 inputs (x, dt, z, B, C), fp32 parameters,
 with resets and, as the 1.5B trains, an initial state shared by the rows: the meta tokens' state, which
 every document restarts from (`--no-initial-state`: a model without meta tokens; the check runs both).
+Forward+backward: the input gradients for given output cotangents (`jax.vjp`; dy in y's dtype), as a
+training step's backward receives them; until 2026-12-03 it was the gradient of a loss over y, which added
+that loss's XLA work to the time (the cotangent's fp32 -> bf16 conversion alone 0.074 ms at 8 x 2048).
 Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready. Memory:
 compiled temp + output bytes (memory_analysis). Floors: bytes that must move (inputs read once, outputs
 written once) at the measured copy bandwidth; exponentials (B L D N per pass; the backward recomputes
@@ -57,12 +60,19 @@ def scan_fn(backend):
             return impl(x, dt, A, B, C, D, z, bias, reset, h0)
         return selective_scan(x, dt, A, B, C, D, z, bias, reset=reset, initial_state=h0, backend=backend)
 
-    def loss(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl):
-        y, last = forward(x, dt, A, B, C, D, z, bias, reset, h0)
-        return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(last * wl)
+    def forward_backward(x, dt, A, B, C, D, z, bias, h0, reset, dy, dlast):
+        """The nine input gradients for the output cotangents dy (in y's dtype) and dlast, as a training
+        step's backward hands them to the scan: no loss of the benchmark's own is timed with it."""
+        _, pullback = jax.vjp(lambda *a: forward(*a[:8], reset, a[8]), x, dt, A, B, C, D, z, bias, h0)
+        return pullback((dy, dlast))
 
-    grad = jax.grad(loss, argnums=tuple(range(9)))
-    return jax.jit(forward), jax.jit(grad)
+    return jax.jit(forward), jax.jit(forward_backward)
+
+
+def cotangents(forward, args, wy, wl):
+    """(dy, dlast): wy in the dtype of forward's y, and wl."""
+    y = jax.eval_shape(forward, *args)[0]
+    return wy.astype(y.dtype), wl
 
 
 def kernel_times(compiled, args, trace_dir: str, calls: int = 5) -> dict:
@@ -89,12 +99,12 @@ def check(backends, batch, length, width, state, dtype, initial_state: bool = Tr
     wl = jax.random.normal(jax.random.key(9), (batch, width, state), jnp.float32)
     ref_f, ref_g = scan_fn("sequential")
     ref_out = ref_f(*args)
-    ref_grads = ref_g(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl)
+    ref_grads = ref_g(x, dt, A, B, C, D, z, bias, h0, reset, *cotangents(ref_f, args, wy, wl))
     result = {}
     for name, backend in backends.items():
         f, g = scan_fn(backend)
         out = f(*args)
-        grads = g(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl)
+        grads = g(x, dt, A, B, C, D, z, bias, h0, reset, *cotangents(f, args, wy, wl))
         errors = [rel(a, b) for a, b in zip(out, ref_out)] + [rel(a, b) for a, b in zip(grads, ref_grads)]
         result[name] = dict(zip(["y", "last", "dx", "ddt", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"],
                                 errors))
@@ -162,7 +172,7 @@ def main():
     b, l, d, n = args.batch, args.length, args.width, args.state
     x, dt, A, B, C, D, z, bias, reset, h0 = make_inputs(jax.random.key(0), b, l, d, n, jnp.bfloat16,
                                                         not args.no_initial_state)
-    wy = jax.random.normal(jax.random.key(1), x.shape, jnp.float32).astype(jnp.float32)
+    wy = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
     wl = jnp.ones((b, d, n), jnp.float32)
     big = b * l * d * 2                       # one bf16 (B, L, D) tensor
     fwd_bytes = 4 * big                       # x, dt, z in; y out
@@ -176,8 +186,10 @@ def main():
     for name, backend in backends.items():
         f, g = scan_fn(backend)
         row = dict(backend=name)
-        for kind, fn, fargs in (("forward", f, (x, dt, A, B, C, D, z, bias, reset, h0)),
-                                ("forward_backward", g, (x, dt, A, B, C, D, z, bias, h0, reset, wy, wl))):
+        fwd_args = (x, dt, A, B, C, D, z, bias, reset, h0)
+        for kind, fn, fargs in (("forward", f, fwd_args),
+                                ("forward_backward", g, (x, dt, A, B, C, D, z, bias, h0, reset,
+                                                         *cotangents(f, fwd_args, wy, wl)))):
             try:
                 compiled = fn.lower(*fargs).compile()
                 mem = compiled.memory_analysis()

@@ -64,8 +64,9 @@ def dump_kernels(backend, batch: int, length: int, width: int, state: int, out: 
         x, dt, A, B, C, D, z, bias, reset, h0 = args
         forward, grad = scan_fn(backend)
         forward.trace(*args).lower(lowering_platforms=("cuda",))
-        wy, wl = jnp.ones(x.shape, jnp.float32), jnp.ones((batch, width, state), jnp.float32)
-        grad.trace(x, dt, A, B, C, D, z, bias, h0, reset, wy, wl).lower(lowering_platforms=("cuda",))
+        wl = jnp.ones((batch, width, state), jnp.float32)
+        dy = jnp.ones(x.shape, x.dtype)       # y's dtype: the kernels' y is in the inputs' dtype
+        grad.trace(x, dt, A, B, C, D, z, bias, h0, reset, dy, wl).lower(lowering_platforms=("cuda",))
     return paths
 
 

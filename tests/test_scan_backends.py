@@ -195,9 +195,9 @@ def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
 
 def test_pallas_gpu_flags_the_chunks_where_documents_start():
     """The forward, entry-state and adjoint passes branch per chunk on whether a document starts in it
-    (`_per_chunk`): chunks without one run code with no restart selects. The flags are the resets' maximum over each chunk; the
-    tests above run both branches (make_inputs' resets at steps 5 and 13 of row 0 and 8 of row 1: a start
-    in some chunks of 4 and 8, none in the others)."""
+    (`_per_chunk`): chunks without one run code with no restart selects. The flags are the resets' maximum
+    over each chunk; the tests above run both branches (make_inputs' resets at steps 5 and 13 of row 0 and 8
+    of row 1: a start in some chunks of 4 and 8, none in the others)."""
     _, reset = make_inputs(0, jnp.float32, BATCH)
     reset = jnp.pad(reset.astype(jnp.float32), ((0, 0), (0, 3)))[..., None]      # 24 steps
     rows, cols = jnp.zeros((BATCH, 24, WIDTH)), jnp.zeros((BATCH, 24, STATE))

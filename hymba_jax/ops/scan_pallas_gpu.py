@@ -190,9 +190,9 @@ def _inputs(c: Canon, chunk: int | None = None):
 
 def _in_specs(names, length, n, block, chunk: int | None = None):
     row, col, flag, param, vec, state = _specs(length, n, block)
-    chunk_flag = pl.BlockSpec((None, length // (chunk or 1), 1), lambda b, j: (b, 0, 0))
-    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, chunk_starts=chunk_flag, A=param, D=vec,
-                 bias=vec, h0=state)
+    kinds = dict(x=row, dt=row, z=row, dy=row, B=col, C=col, reset=flag, A=param, D=vec, bias=vec, h0=state)
+    if chunk:
+        kinds["chunk_starts"] = pl.BlockSpec((None, length // chunk, 1), lambda b, j: (b, 0, 0))
     return [kinds[k] for k in names]
 
 
@@ -201,7 +201,7 @@ def _per_chunk(refs, chunk_index, step: Callable[[bool], T]) -> T:
     in it (chunk_starts, `_inputs`), as in most chunks of a packed batch: that code has no restart selects.
     A branch on the row's flag, the same for the whole program. The forward, the entry-state pass and the
     adjoint pass take it (H200, with an initial state: forward alone at 4 x 4096 1.27 -> 1.09 ms, the two
-    passes 10-16% faster); the backward kernel does not: with the branch it ran 3.76 ms against 3.19, also
+    passes 9-16% faster); the backward kernel does not: with the branch it ran 3.76 ms against 3.19, also
     with its initial state and that gradient kept in memory and the flag loaded a chunk ahead
     (docs/performance.md, 2026-12-03, night)."""
     return jax.lax.cond(refs["chunk_starts"][chunk_index, 0] > 0, lambda: step(True), lambda: step(False))

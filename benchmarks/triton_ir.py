@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax._src.pallas.triton import lowering
 
 from hymba_jax.ops import scan_pallas_gpu
-from scan import make_inputs, scan_fn
+from scan import cotangents, make_inputs, scan_fn
 
 PTX_COUNTS = ("shfl.sync", "bar.sync", "ld.shared", "st.shared", "ex2.approx", "ld.global", "st.global",
               "ld.local", "st.local", "wgmma.mma_async", "mma.sync", "cp.async")
@@ -64,9 +64,8 @@ def dump_kernels(backend, batch: int, length: int, width: int, state: int, out: 
         x, dt, A, B, C, D, z, bias, reset, h0 = args
         forward, grad = scan_fn(backend)
         forward.trace(*args).lower(lowering_platforms=("cuda",))
-        wl = jnp.ones((batch, width, state), jnp.float32)
-        dy = jnp.ones(x.shape, x.dtype)       # y's dtype: the kernels' y is in the inputs' dtype
-        grad.trace(x, dt, A, B, C, D, z, bias, h0, reset, dy, wl).lower(lowering_platforms=("cuda",))
+        dy, dlast = cotangents(forward, args, jnp.ones(x.shape), jnp.ones((batch, width, state)))
+        grad.trace(x, dt, A, B, C, D, z, bias, h0, reset, dy, dlast).lower(lowering_platforms=("cuda",))
     return paths
 
 

@@ -196,15 +196,18 @@ def _in_specs(names, length, n, block, chunk: int | None = None):
     return [kinds[k] for k in names]
 
 
-def _per_chunk(refs, chunk_index, step: Callable[[bool], T]) -> T:
-    """step(restarts) for chunk `chunk_index` of the program's row, restarts False where no document starts
-    in it (chunk_starts, `_inputs`), as in most chunks of a packed batch: that code has no restart selects.
-    A branch on the row's flag, the same for the whole program. The forward, the entry-state pass and the
-    adjoint pass take it (H200, with an initial state: forward alone at 4 x 4096 1.27 -> 1.09 ms, the two
-    passes 9-16% faster); the backward kernel does not: with the branch it ran 3.76 ms against 3.19, also
-    with its initial state and that gradient kept in memory and the flag loaded a chunk ahead
-    (docs/performance.md, 2026-12-03, night)."""
-    return jax.lax.cond(refs["chunk_starts"][chunk_index, 0] > 0, lambda: step(True), lambda: step(False))
+def _per_chunk(refs, chunk_index, chunk: int, has_z: bool, step: Callable[[_IO], T]) -> T:
+    """step(io) for chunk `chunk_index` (of `chunk` steps) of the program's row, io with restarts False
+    where no document starts in it (chunk_starts, `_inputs`), as in most chunks of a packed batch: that
+    code has no restart selects. A branch on the row's flag, the same for the whole program. The forward,
+    the entry-state pass and the adjoint pass take it (H200, with an initial state: forward alone at 4 x
+    4096 1.27 -> 1.09 ms, the two passes 9-16% faster); the backward kernel does not: with the branch it
+    ran 3.76 ms against 3.19, also with its initial state and that gradient kept in memory and the flag
+    loaded a chunk ahead (docs/performance.md, 2026-12-03, night)."""
+    def on(restarts: bool):
+        return step(_IO(refs, chunk_index * chunk, has_z, restarts=restarts))
+
+    return jax.lax.cond(refs["chunk_starts"][chunk_index, 0] > 0, lambda: on(True), lambda: on(False))
 
 
 def _block(cfg, width: int) -> int:
@@ -262,12 +265,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             if keep_starts:
                 refs["starts"][first + k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-
-            def step(restarts):
-                io = _IO(refs, (first + k) * chunk, has_z, restarts=restarts)
-                return forward_chunk(io, h, p, chunk, rows)
-
-            return _per_chunk(refs, first + k, step), ahead
+            return _per_chunk(refs, first + k, chunk, has_z, lambda io: forward_chunk(io, h, p, chunk, rows)), ahead
 
         h, _ = jax.lax.fori_loop(0, per_segment, body, (refs["entry"][...], rows_of(0)))
 
@@ -347,12 +345,8 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
         def body(k, carry):
             h, span, rows = carry
             ahead = rows_of(k + 1)
-
-            def step(restarts):
-                io = _IO(refs, (first + k) * chunk, has_z, restarts=restarts)
-                return state_chunk(io, h, span, p, chunk, rows)
-
-            return *_per_chunk(refs, first + k, step), ahead
+            h, span = _per_chunk(refs, first + k, chunk, has_z, lambda io: state_chunk(io, h, span, p, chunk, rows))
+            return h, span, ahead
 
         h, span, _ = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
         refs["sums"][...] = h
@@ -450,11 +444,7 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
 
         def body(k, carry):
             chunk_index = (segment + 1) * per_segment - 1 - k
-
-            def step(restarts):
-                return adjoint_chunk(_IO(refs, chunk_index * chunk, has_z, restarts=restarts), *carry, p, chunk)
-
-            return _per_chunk(refs, chunk_index, step)
+            return _per_chunk(refs, chunk_index, chunk, has_z, lambda io: adjoint_chunk(io, *carry, p, chunk))
 
         dh, span = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p)))
         refs["sums"][...] = dh

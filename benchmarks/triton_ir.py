@@ -87,8 +87,9 @@ def dump_attention_kernels(config, batch: int, length: int, window, packed: bool
     return paths
 
 
-def compile_and_count(path: str, num_warps: int, num_stages: int = 1) -> str:
-    """Compile Triton IR for sm_90 with the `triton` package; ptxas -v summary and PTX counts."""
+def compile_and_count(path: str, num_warps: int, num_stages: int = 1, extra: dict | None = None) -> str:
+    """Compile Triton IR for sm_90 with the `triton` package; ptxas -v summary and PTX counts. extra: more
+    Triton compile options (e.g. enable_fp_fusion=False, as jaxlib 0.11's compiler runs: no mul + add -> fma)."""
     import triton
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
@@ -102,11 +103,12 @@ def compile_and_count(path: str, num_warps: int, num_stages: int = 1) -> str:
     backend.load_dialects(context)
     module = ir.parse_mlir_module(path, context)
     module.context = context
-    options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
-    backend.make_ttir(module, {}, options, 90)
+    options = dict(num_warps=num_warps, num_stages=num_stages, **(extra or {}))
+    parsed = backend.parse_options(options)
+    backend.make_ttir(module, {}, parsed, 90)
     with open(path + ".opt.ttir", "w") as fh:
         fh.write(str(module))
-    kernel = triton.compile(path + ".opt.ttir", target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    kernel = triton.compile(path + ".opt.ttir", target=target, options=options)
     ptx = kernel.asm["ptx"]
     with open(path + ".ptx", "w") as fh:
         fh.write(ptx)
@@ -135,6 +137,8 @@ def main():
     parser.add_argument("--no-initial-state", action="store_true", help="scan: without an initial state (a "
                         "model without meta tokens)")
     parser.add_argument("--compile", action="store_true", help="compile with the triton package (sm_90)")
+    parser.add_argument("--triton-options", default="", help="more Triton compile options, k=v (integers, true, false), "
+                        "e.g. enable_fp_fusion=false (what the H200's jax 0.11 does: its SASS has no contracted fma)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.flash_config:
@@ -148,6 +152,8 @@ def main():
                 print("   ", compile_and_count(path, kernel.num_warps, kernel.num_stages), flush=True)
         return
     options = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))}
+    extra = {k: v == "true" if v in ("true", "false") else int(v)
+             for k, v in (kv.split("=") for kv in filter(None, args.triton_options.split(",")))}
     warps = options.get("num_warps", scan_pallas_gpu.NUM_WARPS)
     batch, length, width, state = map(int, args.shape.split("x"))
     paths = dump_kernels(scan_pallas_gpu.with_kernels(**options), batch, length, width, state, args.out,
@@ -155,7 +161,7 @@ def main():
     for path in paths:
         print(path, f"{os.path.getsize(path) / 1e3:.0f} kB of Triton IR", flush=True)
         if args.compile:
-            print("   ", compile_and_count(path, warps), flush=True)
+            print("   ", compile_and_count(path, warps, extra=extra), flush=True)
 
 
 if __name__ == "__main__":

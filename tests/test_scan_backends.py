@@ -140,6 +140,23 @@ def test_pallas_gpu_backward_reduce_scatters_the_state_input_gradients():
     assert not scatters(4, 8, False) and not scatters(16, 32, False, warps=2) and not scatters(8, 32, True)
 
 
+def test_pallas_gpu_spells_out_multiply_adds():
+    """The GPU kernels' multiply-adds are one `fma.rn.f32` each (the H200's jax compiles with Triton's FP
+    fusion off), a*b + c in interpret mode; `_state_dot`, the sums over states, chains them over blocks of
+    rows: the sum of the products for any power-of-two state size, a column against a tile as the kernels
+    call it."""
+    for n in (1, 2, 4, 16):
+        keys = jax.random.split(jax.random.key(n), 2)
+        tile, column = jax.random.normal(keys[0], (n, 32)), jax.random.normal(keys[1], (n, 1))
+        got = scan_pallas_gpu._state_dot(tile, column, lambda a, b, c: a * b + c)
+        assert got.shape == (1, 32) and rel(got, jnp.sum(tile * column, axis=0, keepdims=True)) < 1e-6, n
+    program = str(jax.make_jaxpr(lambda a, b: scan_pallas_gpu._fma(a, b, 1.0, interpret=False))(
+        jnp.ones((16, 32)), jnp.ones((16, 1))))
+    assert "fma.rn.f32" in program
+    assert "inline_asm" not in str(jax.make_jaxpr(lambda a: scan_pallas_gpu._fma(a, a, a, interpret=True))(
+        jnp.ones((16, 32))))
+
+
 def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
     """Forward and backward run grids (rows, channel blocks, time segments): the state entering each
     forward segment found first by `state_chunk` over the earlier segments, the adjoint at each backward

@@ -141,6 +141,8 @@ class ChunkIO(Protocol):
     def starts(self, i: int) -> Optional[Array]: ...    # (1, 1) bool: a document starts at step i;
                                                          # None: no document starts in this chunk
     def put_row(self, name: str, i: int, value: Array) -> None: ...   # y, dx, ddt, dz
+    def fma(self, a: Array, b: Array, c: Array) -> Array: ...          # a * b + c, broadcast
+    def state_dot(self, a: Array, b: Array) -> Array: ...              # sum over the states (axis 0) of a * b
 
     def put_sums(self, i: int, dC_terms: Array, dB_terms: Array) -> None:
         """Write step i's dC and dB: the sums over this program's channels (axis 1) of the (N, bD) terms."""
@@ -233,8 +235,8 @@ def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[l
         s = {**rows[i], **cols[i]}
         h = restart(s["start"], h, p.h0)
         delta = softplus(s["dt"] + p.bias)
-        h = decay(delta, p.A, p.A_log2) * h + (delta * s["x"]) * s["B"]
-        y = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * s["x"]
+        h = io.fma(decay(delta, p.A, p.A_log2), h, (delta * s["x"]) * s["B"])
+        y = io.fma(p.D, s["x"], io.state_dot(h, s["C"]))
         if io.has_z:
             y = y * (s["z"] * sigmoid(s["z"]))
         io.put_row("y", i, y)
@@ -263,7 +265,7 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         hp = restart(s["start"], h, p.h0)
         delta = softplus(s["dt"] + p.bias)
         a = decay(delta, p.A, p.A_log2)
-        h = a * hp + (delta * s["x"]) * s["B"]
+        h = io.fma(a, hp, (delta * s["x"]) * s["B"])
         saved.append((hp, a, delta))     # h is recomputed on the way back: an FMA costs less than its registers
     # The walk back loads each step's inputs again rather than keeping them: on a GPU the loaded values
     # of a whole chunk would not fit in registers next to the saved states (nor would the next chunk's
@@ -277,26 +279,26 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         s = _load_step(io, i, names)
         hp, a, delta = saved[i]
         x, dy = s["x"], s["dy"]
-        h = a * hp + (delta * x) * s["B"]
+        u = delta * x
+        h = io.fma(a, hp, u * s["B"])
         if io.has_z:
             zs = sigmoid(s["z"])
-            y_pre = jnp.sum(h * s["C"], axis=0, keepdims=True) + p.D * x
+            y_pre = io.fma(p.D, x, io.state_dot(h, s["C"]))
             io.put_row("dz", i, dy * y_pre * (zs * (1.0 + s["z"] * (1.0 - zs))))
             g = dy * (s["z"] * zs)
         else:
             g = dy
-        dD = dD + g * x
-        dh = dh + s["C"] * g
-        u = delta * x
+        dD = io.fma(g, x, dD)
+        dh = io.fma(s["C"], g, dh)
         io.put_sums(i, h * g, dh * u)
-        du = jnp.sum(dh * s["B"], axis=0, keepdims=True)
-        q = dh * a * hp
-        dA = dA + q * delta
-        dv = (jnp.sum(q * rate, axis=0, keepdims=True) * rate_scale + du * x) * sigmoid(s["dt"] + p.bias)
+        du = io.state_dot(dh, s["B"])
+        dhp = dh * a
+        q = dhp * hp
+        dA = io.fma(q, delta, dA)
+        dv = io.fma(io.state_dot(q, rate), rate_scale, du * x) * sigmoid(s["dt"] + p.bias)
         dbias = dbias + dv
         io.put_row("ddt", i, dv)
-        io.put_row("dx", i, du * delta + g * p.D)
-        dhp = dh * a
+        io.put_row("dx", i, io.fma(du, delta, g * p.D))
         if dh0 is not None:
             dh0 = dh0 + jnp.where(s["start"], dhp, 0.0)
         dh = jnp.where(s["start"], 0.0, dhp)

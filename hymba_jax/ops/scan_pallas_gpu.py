@@ -15,7 +15,8 @@ backward's from the adjoint at their segment's end, found likewise in reverse (`
 carry the passes' results across segments in XLA. The products of a segment's decays are one exp of its
 summed deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more
 already keeps the GPU busy and runs whole. All but the backward kernel branch per chunk on whether a
-document starts in it (`_per_chunk`), so most chunks run without restart selects.
+document starts in it (`_per_chunk`), so most chunks run without restart selects. Multiply-adds are spelled
+out as fma instructions (`_fma`, `_state_dot`): the Triton that jax uses contracts none.
 Without an initial state (a model without meta tokens) the backward keeps neither it nor its gradient in
 registers (`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
 and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
@@ -66,10 +67,11 @@ WHOLE_FORWARD_GRID = 800
 
 
 class _IO:
-    """Row/column access of one program at chunk offset t0. Refs: rows (Lp, bD), columns (Lp, N, 1),
-    resets (Lp, 1). restarts False: no document starts in this chunk (`_per_chunk`), so `starts` is None.
-    scatter: a backward writes dB and dC as one reduce-scattered row per step (`_channel_sums`) to "dBC",
-    else as columns to "dB" and "dC"; misplaced carries that function's layout check."""
+    """Row/column access of one program at chunk offset t0, and its multiply-adds (`fma`, `state_dot`).
+    Refs: rows (Lp, bD), columns (Lp, N, 1), resets (Lp, 1). restarts False: no document starts in this
+    chunk (`_per_chunk`), so `starts` is None. scatter: a backward writes dB and dC as one reduce-scattered
+    row per step (`_channel_sums`) to "dBC", else as columns to "dB" and "dC"; misplaced carries that
+    function's layout check."""
 
     def __init__(self, refs: dict, t0, has_z: bool, *, restarts: bool = True, scatter: bool = False,
                  interpret: bool = False, misplaced=None):
@@ -91,6 +93,12 @@ class _IO:
         ref = self.refs[name]
         ref[pl.ds(self.t0 + i, 1), :] = value.astype(ref.dtype)
 
+    def fma(self, a, b, c):
+        return _fma(a, b, c, self.interpret)
+
+    def state_dot(self, a, b):
+        return _state_dot(a, b, self.fma)
+
     def put_sums(self, i, dC_terms, dB_terms):
         if self.scatter:
             sums, misplaced = _channel_sums(dC_terms, dB_terms, self.interpret)
@@ -99,6 +107,37 @@ class _IO:
             return
         for name, terms in (("dC", dC_terms), ("dB", dB_terms)):
             self.refs[name][self.t0 + i] = jnp.sum(terms, axis=1, keepdims=True)
+
+
+def _fma(a, b, c, interpret: bool):
+    """a * b + c, broadcast, fp32, as one `fma.rn.f32` (one rounding). The H200's jax 0.11 compiles Pallas
+    kernels with Triton's FP fusion off, so a multiply and an add stay two instructions there (Nsight Compute,
+    the backward: 39M FFMA against 439M FMUL and 281M FADD executed); spelled out, each is one (the forward
+    6-8% faster, docs/performance.md, 2026-12-03, late). Interpret mode: a * b + c."""
+    if interpret:
+        return a * b + c
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
+    args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (a, b, c)]
+    [out] = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+    return out
+
+
+def _state_dot(a, b, fma):
+    """The sum over the state axis (0) of a * b, two (N, bD) tiles, as (1, bD): the products of up to four
+    blocks of rows chained by fma, then the rows of that block summed as a tree. At N = 16: 4 multiplies, 12
+    fma and 3 adds, the longest chain 6 deep, where `jnp.sum(a * b, axis=0)` is 16 multiplies and a chain of
+    15 adds (a thread's elements are summed in order, and nothing contracts them)."""
+    shape = jnp.broadcast_shapes(a.shape, b.shape)        # a (N, 1) column split alone gets loaded unvectorized
+    parts = min(4, shape[0])
+    a_parts, b_parts = (jnp.split(jnp.broadcast_to(v, shape), parts, axis=0) for v in (a, b))
+    acc = a_parts[0] * b_parts[0]
+    for a_part, b_part in zip(a_parts[1:], b_parts[1:]):
+        acc = fma(a_part, b_part, acc)
+    while acc.shape[0] > 1:
+        low, high = jnp.split(acc, 2, axis=0)
+        acc = low + high
+    return acc
 
 
 def _shuffle_xor(v, mask: int, interpret: bool):
@@ -196,7 +235,7 @@ def _in_specs(names, length, n, block, chunk: int | None = None):
     return [kinds[k] for k in names]
 
 
-def _per_chunk(refs, chunk_index, chunk: int, has_z: bool, step: Callable[[_IO], T]) -> T:
+def _per_chunk(refs, chunk_index, chunk: int, has_z: bool, interpret: bool, step: Callable[[_IO], T]) -> T:
     """step(io) for chunk `chunk_index` (of `chunk` steps) of the program's row, io with restarts False
     where no document starts in it (chunk_starts, `_inputs`), as in most chunks of a packed batch: that
     code has no restart selects. A branch on the row's flag, the same for the whole program. The forward,
@@ -205,7 +244,7 @@ def _per_chunk(refs, chunk_index, chunk: int, has_z: bool, step: Callable[[_IO],
     ran 3.76 ms against 3.19, also with its initial state and that gradient kept in memory and the flag
     loaded a chunk ahead (docs/performance.md, 2026-12-03, night)."""
     def on(restarts: bool):
-        return step(_IO(refs, chunk_index * chunk, has_z, restarts=restarts))
+        return step(_IO(refs, chunk_index * chunk, has_z, restarts=restarts, interpret=interpret))
 
     return jax.lax.cond(refs["chunk_starts"][chunk_index, 0] > 0, lambda: on(True), lambda: on(False))
 
@@ -265,7 +304,8 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             if keep_starts:
                 refs["starts"][first + k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-            return _per_chunk(refs, first + k, chunk, has_z, lambda io: forward_chunk(io, h, p, chunk, rows)), ahead
+            return _per_chunk(refs, first + k, chunk, has_z, cfg["interpret"],
+                              lambda io: forward_chunk(io, h, p, chunk, rows)), ahead
 
         h, _ = jax.lax.fori_loop(0, per_segment, body, (refs["entry"][...], rows_of(0)))
 
@@ -308,7 +348,7 @@ def state_chunk(io: _IO, h, span: Span, p: Params, steps: int, rows: list[dict])
     for i in range(steps):
         start = io.starts(i)
         delta = softplus(rows[i]["dt"] + p.bias)
-        h = decay(delta, p.A, p.A_log2) * restart(start, h, p.h0) + (delta * rows[i]["x"]) * io.col("B", i)
+        h = io.fma(decay(delta, p.A, p.A_log2), restart(start, h, p.h0), (delta * rows[i]["x"]) * io.col("B", i))
         span = span.add(delta, start)
     return h, span
 
@@ -345,7 +385,8 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
         def body(k, carry):
             h, span, rows = carry
             ahead = rows_of(k + 1)
-            h, span = _per_chunk(refs, first + k, chunk, has_z, lambda io: state_chunk(io, h, span, p, chunk, rows))
+            h, span = _per_chunk(refs, first + k, chunk, has_z, cfg["interpret"],
+                                 lambda io: state_chunk(io, h, span, p, chunk, rows))
             return h, span, ahead
 
         h, span, _ = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
@@ -414,7 +455,7 @@ def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int):
         s = rows[i]
         g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
         delta = softplus(s["dt"] + p.bias)
-        dh = (dh + io.col("C", i) * g) * decay(delta, p.A, p.A_log2)
+        dh = io.fma(io.col("C", i), g, dh) * decay(delta, p.A, p.A_log2)
         if starts[i] is not None:
             dh = jnp.where(starts[i], 0.0, dh)
         span = span.add(delta, starts[i])
@@ -444,7 +485,8 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
 
         def body(k, carry):
             chunk_index = (segment + 1) * per_segment - 1 - k
-            return _per_chunk(refs, chunk_index, chunk, has_z, lambda io: adjoint_chunk(io, *carry, p, chunk))
+            return _per_chunk(refs, chunk_index, chunk, has_z, cfg["interpret"],
+                              lambda io: adjoint_chunk(io, *carry, p, chunk))
 
         dh, span = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p)))
         refs["sums"][...] = dh

@@ -50,6 +50,12 @@ class _IO:
     def put_row(self, name, i, value):
         self.refs[name + "_acc"][pl.ds(i, 1), :] = value
 
+    def fma(self, a, b, c):
+        return a * b + c
+
+    def state_dot(self, a, b):
+        return jnp.sum(a * b, axis=0, keepdims=True)
+
     def put_sums(self, i, dC_terms, dB_terms):
         for name, terms in (("dC", dC_terms), ("dB", dB_terms)):
             self.refs[name + "_acc"][:, pl.ds(i, 1)] = jnp.sum(terms, axis=1, keepdims=True)

@@ -168,9 +168,10 @@ def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
                         forward_segments=None, forward_segment_grid=scan_pallas_gpu.FORWARD_SEGMENT_GRID)
         return scan_pallas_gpu._segments(dict(defaults, **cfg), batch, width, n_chunks, kind)
 
-    assert segments(8, 3200, 512) == (32, 8) and segments(4, 3200, 1024) == (32, 16)
-    assert segments(1, 3200, 2048) == (32, 64) and segments(1, 3200, 6) == (32, 2)     # 6 chunks: 2 divide
-    assert segments(64, 3200, 512) == (32, 1)                                           # 6,400 already
+    assert segments(8, 3200, 512) == (32, 16) and segments(4, 3200, 1024) == (32, 32)
+    assert segments(8, 3200, 512, "forward_") == (32, 8) and segments(4, 3200, 1024, "forward_") == (32, 16)
+    assert segments(1, 3200, 2048) == (32, 128) and segments(1, 3200, 6) == (32, 2)    # 6 chunks: 2 divide
+    assert segments(128, 3200, 512) == (32, 1)                                          # 12,800 already
     assert segments(4, 3200, 1024, block_d=16, segments=4) == (16, 4)
     assert segments(8, 3200, 512, "forward_", forward_segment_grid=1600) == (32, 2)
     assert segments(8, 3200, 512, "forward_", forward_segments=1) == (32, 1)

@@ -53,10 +53,10 @@ INFERENCE_CHUNK = 8    # fastest forward alone (1.25 ms against 1.60 at 4)
 BLOCK_D = 32
 NUM_WARPS = 1
 # The backward splits time into segments run by separate programs until its grid has this many programs
-# (`_segments`). H200, forward+backward, d_inner 3200 (docs/performance.md, 2026-12-03): 4 x 4096 (400
-# programs a segment) 9.75 / 7.81 / 7.44 / 7.00 / 7.14 ms at 2 / 4 / 8 / 16 / 32 segments; 8 x 2048 (800)
-# 5.63 / 6.73 / 5.87 / 5.43 / 5.42 at 1 / 2 / 4 / 8 / 16: short programs, many waves.
-SEGMENT_GRID = 6400
+# (`_segments`). H200, forward+backward, d_inner 3200, with the meta tokens' initial state (docs/performance.md,
+# 2026-12-03, late, two calls): 8 x 2048 (800 programs a segment) 5.03 / 4.77 / 4.89 ms at 8 / 16 / 32 segments,
+# 4 x 4096 (400) 4.94 / 4.87 / 5.00 at 16 / 32 / 64: short programs, many waves.
+SEGMENT_GRID = 12800
 # The forward splits time likewise (`_forward`), a pass finding each segment's entry state first; without a
 # backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md, 2026-12-03,
 # evening; kernel times from a profile): the forward keeping states at 8 x 2048 1.22 ms whole against 1.13 in 8

@@ -124,6 +124,12 @@ def compile_and_count(path: str, num_warps: int, num_stages: int = 1, extra: dic
     return f"{summary or done.stderr.strip()[-300:]}\n    {counts}"
 
 
+def _key_values(text: str) -> dict:
+    """'k=v,k=v' with integer, true or false values, as a dict."""
+    pairs = (kv.split("=") for kv in filter(None, text.split(",")))
+    return {k: v == "true" if v in ("true", "false") else int(v) for k, v in pairs}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--options", default="", help="scan_pallas_gpu.kernels options, e.g. chunk=8,segments=4")
@@ -137,8 +143,9 @@ def main():
     parser.add_argument("--no-initial-state", action="store_true", help="scan: without an initial state (a "
                         "model without meta tokens)")
     parser.add_argument("--compile", action="store_true", help="compile with the triton package (sm_90)")
-    parser.add_argument("--triton-options", default="", help="more Triton compile options, k=v (integers, true, false), "
-                        "e.g. enable_fp_fusion=false (what the H200's jax 0.11 does: its SASS has no contracted fma)")
+    parser.add_argument("--triton-options", default="", help="more Triton compile options, k=v (integers, true, "
+                        "false), e.g. enable_fp_fusion=false (what the H200's jax 0.11 does: its SASS has no "
+                        "contracted fma)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.flash_config:
@@ -151,9 +158,7 @@ def main():
             if args.compile:
                 print("   ", compile_and_count(path, kernel.num_warps, kernel.num_stages), flush=True)
         return
-    options = {k: int(v) for k, v in (kv.split("=") for kv in filter(None, args.options.split(",")))}
-    extra = {k: v == "true" if v in ("true", "false") else int(v)
-             for k, v in (kv.split("=") for kv in filter(None, args.triton_options.split(",")))}
+    options, extra = _key_values(args.options), _key_values(args.triton_options)
     warps = options.get("num_warps", scan_pallas_gpu.NUM_WARPS)
     batch, length, width, state = map(int, args.shape.split("x"))
     paths = dump_kernels(scan_pallas_gpu.with_kernels(**options), batch, length, width, state, args.out,

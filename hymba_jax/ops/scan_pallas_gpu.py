@@ -124,10 +124,10 @@ def _fma(a, b, c, interpret: bool):
 
 
 def _state_dot(a, b, fma):
-    """The sum over the state axis (0) of a * b, two (N, bD) tiles, as (1, bD): the products of up to four
-    blocks of rows chained by fma, then the rows of that block summed as a tree. At N = 16: 4 multiplies, 12
-    fma and 3 adds, the longest chain 6 deep, where `jnp.sum(a * b, axis=0)` is 16 multiplies and a chain of
-    15 adds (a thread's elements are summed in order, and nothing contracts them)."""
+    """The sum over the state axis (0) of a * b, each (N, bD) or an (N, 1) column, as (1, bD): the products
+    of up to four blocks of rows chained by fma, then the rows of that block summed as a tree. At N = 16: 4
+    multiplies, 12 fma and 3 adds, the longest chain 6 deep, where `jnp.sum(a * b, axis=0)` is 16 multiplies
+    and a chain of 15 adds (a thread's elements are summed in order, and nothing contracts them)."""
     shape = jnp.broadcast_shapes(a.shape, b.shape)        # a (N, 1) column split alone gets loaded unvectorized
     parts = min(4, shape[0])
     a_parts, b_parts = (jnp.split(jnp.broadcast_to(v, shape), parts, axis=0) for v in (a, b))

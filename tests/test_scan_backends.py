@@ -160,9 +160,11 @@ def test_pallas_gpu_spells_out_multiply_adds():
 def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
     """Forward and backward run grids (rows, channel blocks, time segments): the state entering each
     forward segment found first by `state_chunk` over the earlier segments, the adjoint at each backward
-    segment's end by `adjoint_chunk` over the later ones. By default the fewest power-of-two segments that
-    divide the chunks and reach SEGMENT_GRID (FORWARD_SEGMENT_GRID) programs. One segment and four give the
-    reference, with resets inside segments and at a segment's first step, and an initial state."""
+    segment's end by `adjoint_chunk` over the later ones (and, with an initial state, its gradient from
+    the adjoints entering the document starts). By default the fewest power-of-two segments that divide
+    the chunks and reach SEGMENT_GRID (FORWARD_SEGMENT_GRID) programs. One, two and four segments give the
+    reference, with resets inside segments (two in one at two segments: only the later one sees the
+    adjoint from beyond it) and at a segment's first step, and an initial state."""
     def segments(batch, width, n_chunks, kind="", **cfg):
         defaults = dict(block_d=None, segments=None, segment_grid=scan_pallas_gpu.SEGMENT_GRID,
                         forward_segments=None, forward_segment_grid=scan_pallas_gpu.FORWARD_SEGMENT_GRID)
@@ -181,7 +183,7 @@ def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
         segments(1, 32, 6, "forward_", forward_segments=4)
     inputs, reset = make_inputs(4, jnp.float32, BATCH)
     ref_grads, (ref_y, ref_last) = reference(inputs, reset)
-    for count in (1, 4):                    # LENGTH 21, padded to 32 (inference_chunk): 8 chunks of 4
+    for count in (1, 2, 4):                 # LENGTH 21, padded to 32 (inference_chunk): 8 chunks of 4
         fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=16, block_d=8, segments=count,
                                           forward_segments=count, interpret=True)
         grads, (y, last) = value_and_grads(fn)(inputs, reset)

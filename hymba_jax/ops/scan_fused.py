@@ -34,7 +34,7 @@ class Canon(NamedTuple):
     """The kernels' inputs. x, dt, z (B, Lp, D) in their dtypes (z may be None); B, C (B, Lp, N);
     reset (B, Lp, 1) fp32 (1 where a document starts); A (N, D), D and bias (1, D) fp32; h0 (B, N, D) fp32,
     or None without an initial state (a model without meta tokens): documents then start from zeros and
-    the kernels keep neither h0 nor its gradient in registers. Lp is the length padded to a multiple of
+    the kernels neither keep h0 nor sum its gradient. Lp is the length padded to a multiple of
     the chunk (padding steps leave the state unchanged)."""
 
     x: Array
@@ -182,10 +182,11 @@ class Params(NamedTuple):
     A_log2: Optional[Array]
 
     @classmethod
-    def from_refs(cls, refs) -> "Params":
-        """Read from a kernel's refs named A, D, bias, h0 if given (each program's block) and x (its dtype)."""
+    def from_refs(cls, refs, initial_state: bool = True) -> "Params":
+        """Read from a kernel's refs named A, D, bias, h0 if given and initial_state (each program's block),
+        and x (its dtype). A kernel that reads h0 itself where it needs it passes initial_state=False."""
         A = refs["A"][...]
-        h0 = refs["h0"][...] if "h0" in refs else None
+        h0 = refs["h0"][...] if initial_state and "h0" in refs else None
         return cls(A, refs["D"][...], refs["bias"][...], h0, exp2_rates(A, refs["x"].dtype))
 
 

@@ -17,8 +17,9 @@ summed deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_
 already keeps the GPU busy and runs whole. All but the backward kernel branch per chunk on whether a
 document starts in it (`_per_chunk`), so most chunks run without restart selects. Multiply-adds are spelled
 out as fma instructions (`_fma`, `_state_dot`): the Triton that jax uses contracts none.
-Without an initial state (a model without meta tokens) the backward keeps neither it nor its gradient in
-registers (`Canon.h0`). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
+The backward kernel keeps neither the initial state nor its gradient in registers: it reads h0 once per
+chunk, and the adjoint pass gathers the gradient from the adjoints entering the document starts
+(`StartAdjoints`; 255 registers leave no room for either, and kept they made the kernel spill). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
 and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
 per chunk, and only when a backward pass follows. The forward loads the next chunk's rows before
 computing the current one: with six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their
@@ -54,8 +55,8 @@ BLOCK_D = 32
 NUM_WARPS = 1
 # The backward splits time into segments run by separate programs until its grid has this many programs
 # (`_segments`). H200, forward+backward, d_inner 3200, with the meta tokens' initial state (docs/performance.md,
-# 2026-12-03, late, two calls): 8 x 2048 (800 programs a segment) 5.03 / 4.77 / 4.89 ms at 8 / 16 / 32 segments,
-# 4 x 4096 (400) 4.94 / 4.87 / 5.00 at 16 / 32 / 64: short programs, many waves.
+# 2026-12-04): 8 x 2048 (800 programs a segment) 4.56 / 4.44 / 4.57 ms at 8 / 16 / 32 segments, 4 x 4096 (400)
+# 4.47 / 4.60 at 32 / 64: short programs, many waves.
 SEGMENT_GRID = 12800
 # The forward splits time likewise (`_forward`), a pass finding each segment's entry state first; without a
 # backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md, 2026-12-03,
@@ -444,10 +445,26 @@ def _segments(cfg, batch: int, width: int, n_chunks: int, kind: str = "") -> tup
     return block, segments
 
 
-def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int):
+class StartAdjoints(NamedTuple):
+    """What a segment's adjoint pass gathers for the gradient of the initial state, the sum of the adjoints
+    entering the document starts (`_segment_ends`): `local` (N, bD), that sum over the segment's starts with
+    the adjoint from zero at the segment's end; `to_start` (1, bD), the deltas summed from the segment's end
+    back through its last start, so the adjoint from beyond the segment reaches that start decayed by
+    exp(to_start A) (and no earlier start)."""
+
+    local: jax.Array
+    to_start: jax.Array
+
+    @classmethod
+    def empty(cls, p: Params) -> "StartAdjoints":
+        return cls(jnp.zeros_like(p.A), jnp.zeros_like(p.D))
+
+
+def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int, at_starts: StartAdjoints | None = None):
     """The adjoint recurrence alone over one chunk, walking back: dh <- a_t (dh + C_t g_t), zero where a
     document starts (what `backward_chunk` carries from step to step), and the chunk's `Span`: dh before
-    the chunk = span.decays * (dh after it) + (this dh, from dh = 0)."""
+    the chunk = span.decays * (dh after it) + (this dh, from dh = 0). at_starts (with an initial state): the
+    `StartAdjoints` so far, returned updated (else None)."""
     names = ("dt", "z", "dy") if io.has_z else ("dt", "dy")
     rows = load_rows(io, steps, names)
     starts = [io.starts(i) for i in range(steps)]
@@ -456,20 +473,31 @@ def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int):
         g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
         delta = softplus(s["dt"] + p.bias)
         dh = io.fma(io.col("C", i), g, dh) * decay(delta, p.A, p.A_log2)
+        walked = span.add(delta, starts[i])
         if starts[i] is not None:
+            if at_starts is not None:
+                last_start = jnp.logical_and(starts[i], span.restarts == 0)     # the first met walking back
+                at_starts = StartAdjoints(at_starts.local + jnp.where(starts[i], dh, 0.0),
+                                          jnp.where(last_start, walked.deltas, at_starts.to_start))
             dh = jnp.where(starts[i], 0.0, dh)
-        span = span.add(delta, starts[i])
-    return dh, span
+        span = walked
+    return dh, span, at_starts
 
 
 def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
-    """d loss / d (state at the end of each time segment), (B, segments, N, D): dlast for the last one;
-    for the others, from the next segment's adjoint alone (`adjoint_chunk`, one program per (row,
-    channel block, segment), all segments at once) carried back through the segments' decay products."""
+    """d loss / d (state at the end of each time segment), (B, segments, N, D), and with an initial state
+    its gradient (B, N, D), else None. The last segment's end is dlast; the others come from the next
+    segment's adjoint alone (`adjoint_chunk`, one program per (row, channel block, segment), all segments
+    at once) carried back through the segments' decay products. With an initial state every segment runs
+    (its first one too): the initial state's gradient is the adjoint entering the sequence plus those
+    entering the document starts (`StartAdjoints`), gathered here so the backward kernel keeps neither in
+    registers."""
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    if segments == 1:
-        return dlast[:, None]
+    has_h0 = c.h0 is not None
+    if segments == 1 and not has_h0:
+        return dlast[:, None], None
+    first = 0 if has_h0 else 1                  # the first segment whose start a program finds
     chunk, has_z = cfg["chunk"], c.z is not None
     per_segment = length // chunk // segments
     names_in, operands = _inputs(c, chunk)
@@ -477,25 +505,37 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
     row = _specs(length, n, block)[0]
     in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block, chunk)] + [_lift(row)]
     out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
-    shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
+    names_out = ["sums", "decays"] + (["start_sums", "start_decays"] if has_h0 else [])
+    shape = jax.ShapeDtypeStruct((batch, segments - first, n, width), jnp.float32)
 
     def kernel(refs):
-        p = Params.from_refs(refs)
-        segment = _segment_index(segments - 1) + 1          # the segment whose start this program finds
+        p = Params.from_refs(refs, initial_state=False)
+        segment = _segment_index(segments - first) + first
 
         def body(k, carry):
             chunk_index = (segment + 1) * per_segment - 1 - k
+            dh, span, at_starts = carry
             return _per_chunk(refs, chunk_index, chunk, has_z, cfg["interpret"],
-                              lambda io: adjoint_chunk(io, *carry, p, chunk))
+                              lambda io: adjoint_chunk(io, dh, span, p, chunk, at_starts))
 
-        dh, span = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p)))
+        at_starts = StartAdjoints.empty(p) if has_h0 else None
+        dh, span, at_starts = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p), at_starts))
         refs["sums"][...] = dh
         refs["decays"][...] = span.decays(p)
+        if has_h0:
+            refs["start_sums"][...] = at_starts.local
+            refs["start_decays"][...] = jnp.where(span.restarts > 0, decay(at_starts.to_start, p.A, p.A_log2), 0.0)
 
-    sums, decays = _segmented_call("selective_scan_segment_adjoints", kernel, names_in, ["sums", "decays"],
-                                   (shape, shape), in_specs, (out, out), batch, width // block, segments - 1,
-                                   cfg)(*operands)
-    return _through_segments(dlast, decays, sums, reverse=True)
+    outs = dict(zip(names_out, _segmented_call(
+        "selective_scan_segment_adjoints", kernel, names_in, names_out, (shape,) * len(names_out), in_specs,
+        (out,) * len(names_out), batch, width // block, segments - first, cfg)(*operands)))
+    sums, decays = outs["sums"], outs["decays"]
+    later = slice(1 - first, None)             # segments 1, 2, ...: the first one's start ends no segment
+    ends = _through_segments(dlast, decays[:, later], sums[:, later], reverse=True)
+    if not has_h0:
+        return ends, None
+    entering = decays[:, 0] * ends[:, 0] + sums[:, 0]
+    return ends, entering + (outs["start_sums"] + outs["start_decays"] * ends).sum(1)
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
@@ -511,8 +551,9 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     has_z = c.z is not None
     has_h0 = c.h0 is not None
     names_in, operands = _inputs(c)
+    ends, dh0 = _segment_ends(c, dy, dlast, cfg, block, segments)
     names_in = names_in + ["starts", "dy", "ends"]
-    operands = operands + [starts, dy, _segment_ends(c, dy, dlast, cfg, block, segments)]
+    operands = operands + [starts, dy, ends]
     row = _specs(length, n, block)[0]
     by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
     in_specs = [_lift(spec) for spec in _in_specs(names_in[:-3], length, n, block)] + [
@@ -523,20 +564,18 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
     f32 = jnp.float32
     scatter = _scatters_sums(cfg, n, block)
     sums = ["dBC"] if scatter else ["dB", "dC"]
-    names_out = (["dx", "ddt"] + (["dz"] if has_z else []) + sums + ["dA", "dD", "dbias"]
-                 + (["dh0"] if has_h0 else []))
+    names_out = ["dx", "ddt"] + (["dz"] if has_z else []) + sums + ["dA", "dD", "dbias"]
     shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
                   dz=(c.x.shape, c.z.dtype if has_z else None),
                   dB=((batch, n_blocks, length, n, 1), f32), dC=((batch, n_blocks, length, n, 1), f32),
                   dBC=((batch, n_blocks, length, 2 * n), f32), dA=((batch, segments, n, width), f32),
-                  dD=((batch, segments, 1, width), f32), dbias=((batch, segments, 1, width), f32),
-                  dh0=((batch, segments, n, width), f32))
+                  dD=((batch, segments, 1, width), f32), dbias=((batch, segments, 1, width), f32))
     specs = dict(dx=_lift(row), ddt=_lift(row), dz=_lift(row), dB=partial_col, dC=partial_col, dBC=partial_row,
-                 dA=by_segment, dD=partial_vec, dbias=partial_vec, dh0=by_segment)
+                 dA=by_segment, dD=partial_vec, dbias=partial_vec)
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
 
     def kernel(refs):
-        p = Params.from_refs(refs)
+        p = Params.from_refs(refs, initial_state=False)
         segment = _segment_index(segments)
 
         def body(k, carry):
@@ -544,21 +583,20 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             dh, acc, misplaced = carry
             io = _IO(refs, chunk_index * chunk, has_z, scatter=scatter, interpret=cfg["interpret"],
                      misplaced=misplaced)
-            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, p, chunk)
+            # The initial state is read where a chunk's states are recomputed, not kept through the loop.
+            chunk_p = p._replace(h0=refs["h0"][...]) if has_h0 else p
+            dh, acc = backward_chunk(io, refs["starts"][chunk_index], dh, acc, chunk_p, chunk)
             return dh, acc, io.misplaced
 
         zeros_state, zeros_vec = jnp.zeros_like(p.A), jnp.zeros_like(p.D)
-        acc = Accum(zeros_state, zeros_vec, zeros_vec, zeros_state if has_h0 else None)
+        acc = Accum(zeros_state, zeros_vec, zeros_vec, None)       # dh0: `_segment_ends`
         misplaced = jnp.zeros(p.D.shape, jnp.int32)
-        dh, acc, misplaced = jax.lax.fori_loop(0, per_segment, body, (refs["ends"][...], acc, misplaced))
+        _, acc, misplaced = jax.lax.fori_loop(0, per_segment, body, (refs["ends"][...], acc, misplaced))
         # Sums from a layout `_channel_sums` does not expect are wrong: make the gradients NaN (the training
         # loop skips non-finite steps, then stops) rather than wrong.
         refs["dA"][...] = jnp.where(jnp.max(misplaced) > 0, jnp.nan, acc.dA)
         refs["dD"][...] = acc.dD
         refs["dbias"][...] = acc.dbias
-        if has_h0:
-            # The first segment's dh reaches the initial state; the others' is the end of the one before it.
-            refs["dh0"][...] = acc.dh0 + jnp.where(segment == 0, dh, 0.0)
 
     outs = dict(zip(names_out, _segmented_call("selective_scan_backward", kernel, names_in, names_out, out_shape,
                                                in_specs, [specs[k] for k in names_out], batch, n_blocks, segments,
@@ -569,7 +607,7 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
         dB, dC = outs["dB"].sum(1)[..., 0], outs["dC"].sum(1)[..., 0]
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"), dB.astype(c.B.dtype), dC.astype(c.C.dtype),
                  None, outs["dA"].sum((0, 1)), outs["dD"].sum((0, 1)), outs["dbias"].sum((0, 1)),
-                 outs["dh0"].sum(1) if has_h0 else None)
+                 dh0)
 
 
 def _scatters_sums(cfg, n: int, block: int) -> bool:

@@ -8,25 +8,25 @@ the state axis (y; the x and dt gradients) never leave the thread, and the backw
 reductions took 160): no shared memory and no barrier in the per-step path. More warps per program spread
 a tile's states across warps, and every step then pays cross-warp sums (measured in docs/performance.md).
 
-The kernels are bound by latency and parallelism, not bytes, so both passes split time into segments run
-by separate programs (`_segments`): the forward's programs start from the state entering their segment,
-found first by a pass of the state recurrence alone over each earlier segment (`_segment_entries`), the
-backward's from the adjoint at their segment's end, found likewise in reverse (`_segment_ends`); both
-carry the passes' results across segments in XLA. The products of a segment's decays are one exp of its
-summed deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more
-already keeps the GPU busy and runs whole. All but the backward kernel branch per chunk on whether a
-document starts in it (`_per_chunk`), so most chunks run without restart selects. Multiply-adds are spelled
-out as fma instructions (`_fma`, `_state_dot`): the Triton that jax uses contracts none.
-The backward kernel keeps neither the initial state nor its gradient in registers: it reads h0 once per
-chunk, and the adjoint pass gathers the gradient from the adjoints entering the document starts
-(`StartAdjoints`; 255 registers leave no room for either, and kept they made the kernel spill). Rows are read straight from global memory at (t, channel block), so nothing but y (forward)
-and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
-per chunk, and only when a backward pass follows. The forward loads the next chunk's rows before
-computing the current one: with six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their
-HBM latency, and Nsight Compute put half of the forward's stalls on them. The backward does not: carrying
-its four rows per step through the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB
-and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial per block).
-`interpret=True` runs the same kernels on the CPU (tests).
+The kernels are bound by latency and parallelism, not bytes, so both passes split time into segments run by
+separate programs (`_segments`): the forward's programs start from the state entering their segment, found first
+by a pass of the state recurrence alone over each earlier segment (`_segment_entries`), the backward's from the
+adjoint at their segment's end, found likewise in reverse (`_segment_ends`); a small kernel carries the passes'
+results across segments (`_through_segments`). The products of a segment's decays are one exp of its summed
+deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more already keeps the
+GPU busy and runs whole. All but the backward kernel branch per chunk on whether a document starts in it
+(`_per_chunk`), so most chunks run without restart selects. Multiply-adds are spelled out as fma instructions
+(`_fma`, `_state_dot`): the Triton that jax uses contracts none. The backward kernel keeps neither the initial
+state nor its gradient in registers: it reads h0 once per chunk, and the adjoint pass gathers the gradient from
+the adjoints entering the document starts (`StartAdjoints`; 255 registers leave no room for either, and kept
+they made the kernel spill). Rows are read straight from global memory at (t, channel block), so nothing but y
+(forward) and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
+per chunk, and only when a backward pass follows. The forward loads the next chunk's rows before computing the
+current one: with six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and
+Nsight Compute put half of the forward's stalls on them. The backward does not: carrying its four rows per step
+through the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB and dC are summed over
+channel blocks outside the kernel (one (B, L, 2N) partial per block). `interpret=True` runs the same kernels on
+the CPU (tests).
 """
 
 from __future__ import annotations
@@ -354,13 +354,40 @@ def state_chunk(io: _IO, h, span: Span, p: Params, steps: int, rows: list[dict])
     return h, span
 
 
-def _through_segments(first, decays, sums, reverse: bool = False):
+def _through_segments(first, decays, sums, cfg, block: int, reverse: bool = False, skip: int = 0):
     """(B, S, N, D): first (B, N, D), then each next state = decays[:, k] * state + sums[:, k] over the
-    (B, S - 1, N, D) segment products and sums; reverse builds from the end (first is the last state)."""
-    states = [first]
-    for k in (reversed(range(decays.shape[1])) if reverse else range(decays.shape[1])):
-        states.append(decays[:, k] * states[-1] + sums[:, k])
-    return jnp.stack(states[::-1] if reverse else states, axis=1)
+    segments' decay products and sums (B, skip + S - 1, N, D), their first `skip` entries not taken;
+    reverse builds from the end (first is the last state). One program per (row, channel block) walks the
+    segments, each one's tiles loaded a step ahead. (In XLA the same recurrence became one concatenation
+    that recomputes every state's chain from the first: 0.04-0.09 ms where its bytes take 0.02, H200.)"""
+    batch, total, n, width = decays.shape
+    count = total - skip
+    if count == 0:
+        return first[:, None]
+    index = (lambda k: skip + count - 1 - k) if reverse else (lambda k: skip + k)
+
+    def kernel(refs):
+        def load(k):
+            i = index(jnp.minimum(k, count - 1))
+            return refs["decays"][i], refs["sums"][i]
+
+        def body(k, carry):
+            h, (a, b) = carry
+            ahead = load(k + 1)
+            h = _fma(a, h, b, cfg["interpret"])
+            refs["states"][count - 1 - k if reverse else k + 1] = h
+            return h, ahead
+
+        h = refs["first"][...]
+        refs["states"][count if reverse else 0] = h
+        jax.lax.fori_loop(0, count, body, (h, load(0)))
+
+    state = pl.BlockSpec((None, n, block), lambda b, j: (b, 0, j))
+    stack = lambda size: pl.BlockSpec((None, size, n, block), lambda b, j: (b, 0, 0, j))
+    return triton_call("selective_scan_segment_carry", kernel, ["first", "decays", "sums"], ["states"],
+                       jax.ShapeDtypeStruct((batch, count + 1, n, width), jnp.float32),
+                       [state, stack(total), stack(total)], stack(count + 1), (batch, width // block),
+                       cfg)(first, decays, sums)
 
 
 def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
@@ -397,7 +424,7 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
     sums, decays = _segmented_call("selective_scan_segment_states", kernel, names_in, ["sums", "decays"],
                                    (shape, shape), in_specs, (out, out), batch, width // block, segments - 1,
                                    cfg)(*operands)
-    return _through_segments(c.h0, decays, sums)
+    return _through_segments(c.h0, decays, sums, cfg, block)
 
 
 def _segmented_call(name, kernel, names_in, names_out, out_shape, in_specs, out_specs, batch: int, blocks: int,
@@ -530,8 +557,8 @@ def _segment_ends(c: Canon, dy, dlast, cfg, block: int, segments: int):
         "selective_scan_segment_adjoints", kernel, names_in, names_out, (shape,) * len(names_out), in_specs,
         (out,) * len(names_out), batch, width // block, segments - first, cfg)(*operands)))
     sums, decays = outs["sums"], outs["decays"]
-    later = slice(1 - first, None)             # segments 1, 2, ...: the first one's start ends no segment
-    ends = _through_segments(dlast, decays[:, later], sums[:, later], reverse=True)
+    # From segment 1 on: the first segment's start ends no segment.
+    ends = _through_segments(dlast, decays, sums, cfg, block, reverse=True, skip=1 - first)
     if not has_h0:
         return ends, None
     entering = decays[:, 0] * ends[:, 0] + sums[:, 0]

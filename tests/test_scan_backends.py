@@ -26,7 +26,8 @@ BACKENDS = {
     "chunked": scan_chunked.with_chunk(8),
     # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
     "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
-    "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True),
+    # pallas_tpu: 4-lane tiles, 3 per block: blocks of 12 channels, the last one partial (16 = 12 + 4)
+    "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, lanes=4, sublanes=3, interpret=True),
 }
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
@@ -308,6 +309,11 @@ def test_optional_arguments():
         assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6, name
 
 
+def test_pallas_tpu_chunk_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="chunk=24: must be a power of two"):
+        scan_pallas_tpu.kernels(chunk=24)
+
+
 def test_pallas_gpu_chunks_must_be_powers_of_two():
     with pytest.raises(ValueError, match="chunk=6: must be a power of two"):
         scan_pallas_gpu.kernels(chunk=6)
@@ -332,7 +338,7 @@ reset = jax.random.uniform(ks[9], (b, l)) < 0.1
 wy = normal(jax.random.key(4), (b, l, d))
 result = {}
 for name, backend in (("pallas_gpu", scan_pallas_gpu.with_kernels(chunk=4, block_d=8, interpret=True)),
-                      ("pallas_tpu", scan_pallas_tpu.with_kernels(chunk=8, block_d=8, interpret=True))):
+                      ("pallas_tpu", scan_pallas_tpu.with_kernels(chunk=8, lanes=8, sublanes=2, interpret=True))):
     def loss(x, dt, A, B, C, D, z, bias, h0):
         y, last = backend(x, dt, A, B, C, D, z, bias, reset, h0)
         return jnp.sum(y * wy) + jnp.sum(last ** 2)

@@ -300,6 +300,9 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         dbias = dbias + dv
         io.put_row("ddt", i, dv)
         io.put_row("dx", i, io.fma(du, delta, g * p.D))
+        if s["start"] is None:              # no document starts in the chunk (`ChunkIO.starts`)
+            dh = dhp
+            continue
         if dh0 is not None:
             dh0 = dh0 + jnp.where(s["start"], dhp, 0.0)
         dh = jnp.where(s["start"], 0.0, dhp)

@@ -1,17 +1,31 @@
 """The 'pallas_tpu' scan backend: the fused scan (see scan_fused) as Pallas TPU (Mosaic) kernels.
 
-Grid (batch, channel blocks, chunks), the chunk axis sequential: the (N, bD) state lives in a VMEM scratch
-across a program's chunks, and the Pallas pipeline moves one chunk of rows (T, bD) and of transposed B/C
-columns (N, T) into VMEM per grid step. Channels sit on the 128 lanes, the state axis on sublanes. The
-backward grid walks the chunks in reverse through its index maps. Outputs of a chunk are collected in
-fp32 VMEM scratch and stored as whole tiles. `interpret=True` runs the kernels on the CPU (tests); on a
-CPU machine with libtpu installed they compile ahead of time for a TPU topology
-(benchmarks/scan_tpu_aot.py).
+Grid (batch, channel blocks, chunks), the chunk axis sequential (the backward's index maps walk it in
+reverse): a program's state lives in a VMEM scratch across its chunks, and the Pallas pipeline moves one
+chunk of `T` rows (T, S x L) and of B, C and reset flags per grid step.
+
+Layout: a block of S x L channels fills whole vector registers, channels on both the 8 sublanes and the
+128 lanes (S = 8, L = 128; d_inner 3200 takes 4 blocks, the last one partial), and the state is N such
+registers, (N, S, L).
+The state-wide arithmetic then takes N full registers per time step, with no broadcast of a row across
+the state axis and no reduction over sublanes for y. B_t, C_t and the reset flag are the same for every
+channel, so they come from SMEM as scalars, which the vector units take as operands. A time step's row
+(S, L) is channels from S lane-tiles of the chunk: each chunk's input tiles are first copied into a scratch
+where they lie step by step (a strided store per lane-tile), outputs the other way round. The backward's dB
+and dC, sums over the block's channels, are one cross-lane sum per state and a sum over sublanes per step.
+Chunks without a document start run a branch without restart selects (`_per_chunk`). Static schedule
+(libtpu's bundles, `benchmarks/scan_tpu_aot.py --bundles`, docs/performance.md): the forward and backward
+in an earlier layout (channels on lanes, the N states on sublanes, B_t and C_t broadcast across lanes each
+step) took 16 and 45 bundles per time step and 128 channels.
+
+`interpret=True` runs the kernels on the CPU (tests); on a CPU machine with libtpu installed they compile
+ahead of time for a TPU topology (benchmarks/scan_tpu_aot.py).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -22,93 +36,204 @@ from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
     forward_chunk, fused_scan, with_initial_state
 
-CHUNK = 128     # a multiple of 128: the transposed B/C tiles have time on the lanes
-BLOCK_D = 128
+T = TypeVar("T")
+
+CHUNK = 32        # time steps per grid step: a power of two, 16 or more (whole bf16 tiles of rows)
+LANES = 128
+SUBLANES = 8
+_STEP = 8         # scratch rows per time step: a step's (S, L) row starts on a register boundary
 
 
 class _IO:
-    """Row/column access of one grid step's VMEM tiles; steps are static Python ints."""
+    """A program's chunk, for `forward_chunk` / `backward_chunk`: rows (S, L) from the step-major scratches
+    (`_stage`), columns (N, 1, 1) and the reset flag from SMEM scalars; outputs into step-major scratches
+    (`_unstage`); the channel sums of the backward into the lanes of one row per step (`put_sums`)."""
 
-    def __init__(self, refs: dict, has_z: bool):
-        self.refs, self.has_z = refs, has_z
-        self._tiles: dict = {}
-
-    def _tile(self, name):
-        if name not in self._tiles:
-            self._tiles[name] = self.refs[name][...].astype(jnp.float32)
-        return self._tiles[name]
+    def __init__(self, refs: dict, n: int, sub: int, has_z: bool, restarts: bool):
+        self.refs, self.n, self.sub, self.has_z, self.restarts = refs, n, sub, has_z, restarts
+        self.record = _record(n, refs["x"].shape[0])
 
     def row(self, name, i):
-        return self._tile(name)[i:i + 1, :]
+        return self.refs[name + "_rows"][pl.ds(i * _STEP, self.sub), :]
 
     def col(self, name, i):
-        return self._tile(name)[:, i:i + 1]
+        first = i * self.record + (0 if name == "B" else self.n)
+        return jnp.stack([jnp.full((1, 1), self._word(first + k), jnp.float32) for k in range(self.n)])
 
     def starts(self, i):
-        return self._tile("reset")[i:i + 1, :] > 0
+        if not self.restarts:
+            return None
+        return self._word(i * self.record + 2 * self.n) > 0
+
+    def _word(self, index: int):
+        return _word(self.refs, index)
 
     def put_row(self, name, i, value):
-        self.refs[name + "_acc"][pl.ds(i, 1), :] = value
+        self.refs[name + "_rows"][pl.ds(i * _STEP, self.sub), :] = value
 
     def fma(self, a, b, c):
         return a * b + c
 
     def state_dot(self, a, b):
-        return jnp.sum(a * b, axis=0, keepdims=True)
+        return jnp.sum(a * b, axis=0)
 
     def put_sums(self, i, dC_terms, dB_terms):
-        for name, terms in (("dC", dC_terms), ("dB", dB_terms)):
-            self.refs[name + "_acc"][:, pl.ds(i, 1)] = jnp.sum(terms, axis=1, keepdims=True)
+        """Row i of "dBC": lane k < N holds dB's state k summed over the block's channels, lane N + k dC's
+        (in as many L-lane rows, side by side, as 2N needs)."""
+        lanes = dC_terms.shape[-1]
+        lane = jax.lax.broadcasted_iota(jnp.int32, dC_terms.shape[1:], 1)
+        rows = []
+        for k, terms in enumerate(list(dB_terms) + list(dC_terms)):
+            part = jnp.where(lane == k % lanes, jnp.sum(terms, axis=1, keepdims=True), 0.0)
+            if k % lanes == 0:
+                rows.append(part)
+            else:
+                rows[-1] = rows[-1] + part
+        self.refs["dBC"][pl.ds(i, 1), :] = jnp.concatenate([jnp.sum(r, axis=0, keepdims=True) for r in rows],
+                                                           axis=1)
 
-    def flush(self, names):
-        for name in names:
-            self.refs[name][...] = self.refs[name + "_acc"][...].astype(self.refs[name].dtype)
+
+def _record(n: int, chunk: int) -> int:
+    """SMEM words per time step in "steps": B_t (N), C_t (N), the reset flag, whether a document starts
+    anywhere in the step's chunk; a power of two, and 1024 / chunk at least, so that a chunk's block is
+    whole groups of 8 rows of 128 words (Mosaic's rule for a block's last two dimensions)."""
+    return pl.next_power_of_2(max(2 * n + 2, pl.cdiv(1024, chunk)))
 
 
-def _common(c: Canon, cfg, reverse: bool):
+def _steps(c: Canon, chunk: int):
+    """(B x Lp x record / 128, 128) fp32: each step's B_t, C_t, reset flag and chunk flag, one SMEM record
+    per step (`_record`), rows of 128 words (a chunk's block then spans whole rows of every batch row)."""
+    batch, length, n = c.B.shape
+    record = _record(n, chunk)
+    f32 = jnp.float32
+    in_chunk = c.reset.reshape(batch, length // chunk, chunk).max(-1, keepdims=True)
+    parts = [c.B.astype(f32), c.C.astype(f32), c.reset.astype(f32),
+             jnp.repeat(in_chunk, chunk, axis=1).reshape(batch, length, 1),
+             jnp.zeros((batch, length, record - 2 * n - 2), f32)]
+    return jnp.concatenate(parts, axis=-1).reshape(-1, 128)
+
+
+def _per_chunk(refs, n: int, sub: int, step: Callable[[_IO], T]) -> T:
+    """step(io) for the program's chunk, io without restarts (no selects, no initial state read) when no
+    document starts in the chunk, as in most chunks of a packed batch: a branch on the chunk's flag."""
+    on = lambda restarts: step(_IO(refs, n, sub, "z" in refs, restarts))
+    return jax.lax.cond(_word(refs, 2 * n + 1) > 0, lambda: on(True), lambda: on(False))
+
+
+def _word(refs, index: int):
+    """Word `index` of the chunk's "steps" block (`_steps`), a scalar."""
+    return refs["steps"][index // 128, index % 128]
+
+
+def _stage(refs, names, sub: int, lanes: int, width: int):
+    """Copy the chunk's (T, S x L) input tiles to their step-major scratches, fp32: lane-tile g of row t to
+    scratch row t * _STEP + g, so a step's (S, L) row is one aligned load. Channels past the width (a
+    partial last block, `_blocks`) become zeros: the stale VMEM there must not reach the channel sums."""
+    for name in names:
+        tile = refs[name][...].astype(jnp.float32)
+        steps = tile.shape[0]
+        if width % (sub * lanes):
+            channel = pl.program_id(1) * sub * lanes + jax.lax.broadcasted_iota(jnp.int32, tile.shape, 1)
+            tile = jnp.where(channel < width, tile, 0.0)
+        for g in range(sub):
+            refs[name + "_rows"][pl.ds(g, steps, stride=_STEP), :] = tile[:, g * lanes:(g + 1) * lanes]
+
+
+def _unstage(refs, names, sub: int, lanes: int):
+    """The inverse of `_stage` for output rows: scratch to the chunk's (T, S x L) output tiles."""
+    for name in names:
+        out = refs[name]
+        steps = out.shape[0]
+        for g in range(sub):
+            out[:, g * lanes:(g + 1) * lanes] = refs[name + "_rows"][pl.ds(g, steps, stride=_STEP), :].astype(
+                out.dtype)
+
+
+def _blocks(width: int, cfg) -> tuple[int, int, int]:
+    """(S, L, blocks): lanes L, the largest power of two up to cfg's dividing the width; sublanes S, cfg's,
+    or fewer for a width of fewer lane-tiles; blocks of S x L channels to cover the width, the last one
+    partial where S x L does not divide it (d_inner 3200: 4 blocks of 8 x 128, the last one 128 wide;
+    `_stage` zeroes its missing channels)."""
+    lanes = channel_block(width, cfg["lanes"])
+    sub = min(cfg["sublanes"], width // lanes)
+    return sub, lanes, pl.cdiv(width, sub * lanes)
+
+
+def _to_blocks(t, sub: int, lanes: int, blocks: int):
+    """(..., D) -> (..., blocks, S, L), zero-padded to whole blocks, the blocks axis moved in front of the
+    axis before the channels: (N, D) -> (blocks, N, S, L); (B, N, D) -> (B, blocks, N, S, L)."""
+    *lead, width = t.shape
+    t = jnp.pad(t, [(0, 0)] * len(lead) + [(0, blocks * sub * lanes - width)])
+    return jnp.moveaxis(t.reshape(*lead, blocks, sub, lanes), -3, -4)
+
+
+def _from_blocks(t, width: int):
+    """The inverse of `_to_blocks`: (..., blocks, X, S, L) -> (..., X, D)."""
+    t = jnp.moveaxis(t, -4, -3)
+    *lead, blocks, sub, lanes = t.shape
+    return t.reshape(*lead, blocks * sub * lanes)[..., :width]
+
+
+def _setup(c: Canon, cfg, reverse: bool):
+    """Operands by name, their BlockSpecs, and the sizes, for a grid (batch, channel blocks, chunks)."""
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    chunk, block = cfg["chunk"], channel_block(width, cfg["block_d"])
+    chunk = cfg["chunk"]
     n_chunks = length // chunk
+    sub, lanes, n_blocks = _blocks(width, cfg)
+    sum_lanes = pl.cdiv(2 * n, lanes) * lanes        # the backward's dB, dC sums per step (`_IO.put_sums`)
     time = (lambda k: n_chunks - 1 - k) if reverse else (lambda k: k)
+    smem = pltpu.SMEM if not cfg["interpret"] else None
     specs = dict(
-        row=pl.BlockSpec((None, chunk, block), lambda b, j, k: (b, time(k), j)),
-        col=pl.BlockSpec((None, n, chunk), lambda b, j, k: (b, 0, time(k))),
-        flag=pl.BlockSpec((None, chunk, 1), lambda b, j, k: (b, time(k), 0)),
-        param=pl.BlockSpec((n, block), lambda b, j, k: (0, j)),
-        vec=pl.BlockSpec((1, block), lambda b, j, k: (0, j)),
-        state=pl.BlockSpec((None, n, block), lambda b, j, k: (b, 0, j)),
-        start=pl.BlockSpec((None, None, n, block), lambda b, j, k: (b, time(k), 0, j)),
+        row=pl.BlockSpec((None, chunk, sub * lanes), lambda b, j, k: (b, time(k), j)),
+        steps=pl.BlockSpec((chunk * _record(n, chunk) // 128, 128), lambda b, j, k: (b * n_chunks + time(k), 0),
+                           memory_space=smem),
+        param=pl.BlockSpec((None, n, sub, lanes), lambda b, j, k: (j, 0, 0, 0)),
+        vec=pl.BlockSpec((None, sub, lanes), lambda b, j, k: (j, 0, 0)),
+        state=pl.BlockSpec((None, None, n, sub, lanes), lambda b, j, k: (b, j, 0, 0, 0)),
+        vecs=pl.BlockSpec((None, None, sub, lanes), lambda b, j, k: (b, j, 0, 0)),
+        start=pl.BlockSpec((None, None, None, n, sub, lanes), lambda b, j, k: (b, j, time(k), 0, 0, 0)),
+        sums=pl.BlockSpec((None, None, chunk, sum_lanes), lambda b, j, k: (b, j, time(k), 0)),
     )
-    names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["B", "C", "reset", "A", "D", "bias", "h0"]
-    values = dict(c._asdict(), B=jnp.swapaxes(c.B, 1, 2), C=jnp.swapaxes(c.C, 1, 2))
-    kinds = dict(x="row", dt="row", z="row", B="col", C="col", reset="flag", A="param", D="vec", bias="vec",
-                 h0="state")
-    in_specs = [specs[kinds[k]] for k in names]
-    dims = dict(batch=batch, length=length, width=width, n=n, chunk=chunk, block=block, n_chunks=n_chunks)
-    return names, [values[k] for k in names], in_specs, specs, dims
+    blocks = lambda t: _to_blocks(t, sub, lanes, n_blocks)
+    values = dict(x=c.x, dt=c.dt, z=c.z, steps=_steps(c, chunk), A=blocks(c.A), D=blocks(c.D)[:, 0],
+                  bias=blocks(c.bias)[:, 0], h0=blocks(c.h0))
+    kinds = dict(x="row", dt="row", z="row", steps="steps", A="param", D="vec", bias="vec", h0="state")
+    names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["steps", "A", "D", "bias", "h0"]
+    dims = dict(batch=batch, length=length, width=width, n=n, chunk=chunk, n_chunks=n_chunks, sub=sub,
+                lanes=lanes, blocks=n_blocks, sum_lanes=sum_lanes)
+    return names, [values[k] for k in names], [specs[kinds[k]] for k in names], specs, dims, blocks
 
 
-def _call(kernel, names_in, names_out, scratch, out_shape, in_specs, out_specs, dims, cfg):
+def _call(name, kernel, names_in, names_out, scratch, out_shape, in_specs, out_specs, dims, cfg):
     def body(*refs):
         kernel(dict(zip(names_in + names_out + [k for k, _ in scratch], refs)))
 
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-    grid = (dims["batch"], dims["width"] // dims["block"], dims["n_chunks"])
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                  vmem_limit_bytes=cfg.get("vmem_mib", 16) * 2**20)
+    grid = (dims["batch"], dims["blocks"], dims["n_chunks"])
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for _, shape in scratch],
-                          compiler_params=params, interpret=cfg["interpret"])
+                          compiler_params=params, interpret=cfg["interpret"], name=name)
+
+
+def _row_scratch(names, d):
+    return [(k + "_rows", (d["chunk"] * _STEP, d["lanes"])) for k in names]
 
 
 def _forward(c: Canon, keep_starts: bool, cfg):
-    del keep_starts  # the pipeline writes the chunk-start states either way
     c = with_initial_state(c)
-    names_in, operands, in_specs, specs, d = _common(c, cfg, reverse=False)
+    names_in, operands, in_specs, specs, d, _ = _setup(c, cfg, reverse=False)
     has_z = c.z is not None
-    out_shape = (jax.ShapeDtypeStruct(c.x.shape, c.x.dtype),
-                 jax.ShapeDtypeStruct((d["batch"], d["n_chunks"], d["n"], d["width"]), jnp.float32),
-                 jax.ShapeDtypeStruct((d["batch"], d["n"], d["width"]), jnp.float32))
-    scratch = [("h", (d["n"], d["block"])), ("y_acc", (d["chunk"], d["block"]))]
+    n, sub, lanes = d["n"], d["sub"], d["lanes"]
+    rows_in = ["x", "dt"] + (["z"] if has_z else [])
+    state_shape = (d["batch"], d["blocks"], n, sub, lanes)
+    names_out = ["y"] + (["starts"] if keep_starts else []) + ["last"]
+    shapes = dict(y=jax.ShapeDtypeStruct(c.x.shape, c.x.dtype),
+                  starts=jax.ShapeDtypeStruct((d["batch"], d["blocks"], d["n_chunks"], n, sub, lanes), jnp.float32),
+                  last=jax.ShapeDtypeStruct(state_shape, jnp.float32))
+    out_specs = dict(y=specs["row"], starts=specs["start"], last=specs["state"])
+    scratch = _row_scratch(rows_in + ["y"], d) + [("h", (n, sub, lanes))]
 
     def kernel(refs):
         k = pl.program_id(2)
@@ -119,45 +244,47 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             refs["h"][...] = p.h0
 
         h = refs["h"][...]
-        refs["starts"][...] = h
-        io = _IO(refs, has_z)
-        h = forward_chunk(io, h, p, d["chunk"])
-        io.flush(["y"])
+        if keep_starts:
+            refs["starts"][...] = h
+        _stage(refs, rows_in, sub, lanes, d["width"])
+        h = _per_chunk(refs, n, sub, lambda io: forward_chunk(io, h, p, d["chunk"]))
+        _unstage(refs, ["y"], sub, lanes)
         refs["h"][...] = h
 
         @pl.when(k == d["n_chunks"] - 1)
         def _():
             refs["last"][...] = h
 
-    out_specs = (specs["row"], specs["start"], specs["state"])
-    return _call(kernel, names_in, ["y", "starts", "last"], scratch, out_shape, in_specs, out_specs, d,
+    outs = _call("selective_scan_forward", kernel, names_in, names_out, scratch,
+                 tuple(shapes[k] for k in names_out), in_specs, tuple(out_specs[k] for k in names_out), d,
                  cfg)(*operands)
+    outs = dict(zip(names_out, outs))
+    return outs["y"], outs.get("starts"), _from_blocks(outs["last"], d["width"])
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
     has_h0, c = c.h0 is not None, with_initial_state(c)
-    names_in, operands, in_specs, specs, d = _common(c, cfg, reverse=True)
+    names_in, operands, in_specs, specs, d, blocks = _setup(c, cfg, reverse=True)
     has_z = c.z is not None
-    batch, n, width, length = d["batch"], d["n"], d["width"], d["length"]
-    n_blocks, n_chunks, chunk, block = width // d["block"], d["n_chunks"], d["chunk"], d["block"]
+    batch, n, sub, lanes, chunk = d["batch"], d["n"], d["sub"], d["lanes"], d["chunk"]
     f32 = jnp.float32
     names_in = names_in + ["starts", "dy", "dlast"]
-    operands = operands + [starts, dy, dlast]
+    operands = operands + [starts, dy, blocks(dlast)]
     in_specs = in_specs + [specs["start"], specs["row"], specs["state"]]
-    rows = ["dx", "ddt"] + (["dz"] if has_z else [])
-    names_out = rows + ["dB", "dC", "dA", "dD", "dbias", "dh0"]
-    partial_col = pl.BlockSpec((None, None, n, chunk), lambda b, j, k: (b, j, 0, n_chunks - 1 - k))
-    partial_vec = pl.BlockSpec((None, 1, block), lambda b, j, k: (b, 0, j))
+    rows_in = ["x", "dt"] + (["z"] if has_z else []) + ["dy"]
+    rows_out = ["dx", "ddt"] + (["dz"] if has_z else [])
+    names_out = rows_out + ["dBC", "dA", "dD", "dbias", "dh0"]
+    state = (batch, d["blocks"], n, sub, lanes)
+    vecs = (batch, d["blocks"], sub, lanes)
     shapes = dict(dx=(c.x.shape, c.x.dtype), ddt=(c.dt.shape, c.dt.dtype),
                   dz=(c.x.shape, c.z.dtype if has_z else None),
-                  dB=((batch, n_blocks, n, length), f32), dC=((batch, n_blocks, n, length), f32),
-                  dA=((batch, n, width), f32), dD=((batch, 1, width), f32), dbias=((batch, 1, width), f32),
-                  dh0=((batch, n, width), f32))
-    out_specs = dict(dx=specs["row"], ddt=specs["row"], dz=specs["row"], dB=partial_col, dC=partial_col,
-                     dA=specs["state"], dD=partial_vec, dbias=partial_vec, dh0=specs["state"])
-    scratch = ([(k + "_acc", (chunk, block)) for k in rows] + [("dB_acc", (n, chunk)), ("dC_acc", (n, chunk))]
-               + [("dh", (n, block)), ("sA", (n, block)), ("sD", (1, block)), ("sbias", (1, block)),
-                  ("sh0", (n, block))])
+                  dBC=((batch, d["blocks"], d["length"], d["sum_lanes"]), f32), dA=(state, f32), dD=(vecs, f32),
+                  dbias=(vecs, f32), dh0=(state, f32))
+    out_specs = dict(dx=specs["row"], ddt=specs["row"], dz=specs["row"], dBC=specs["sums"], dA=specs["state"],
+                     dD=specs["vecs"], dbias=specs["vecs"], dh0=specs["state"])
+    scratch = (_row_scratch(rows_in + rows_out, d)
+               + [("dh", (n, sub, lanes)), ("sA", (n, sub, lanes)), ("sD", (sub, lanes)), ("sbias", (sub, lanes)),
+                  ("sh0", (n, sub, lanes))])
 
     def kernel(refs):
         k = pl.program_id(2)
@@ -169,14 +296,15 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             for name in ("sA", "sD", "sbias", "sh0"):
                 refs[name][...] = jnp.zeros(refs[name].shape, f32)
 
-        io = _IO(refs, has_z)
+        _stage(refs, rows_in, sub, lanes, d["width"])
         acc = Accum(refs["sA"][...], refs["sD"][...], refs["sbias"][...], refs["sh0"][...])
-        dh, acc = backward_chunk(io, refs["starts"][...], refs["dh"][...], acc, p, chunk)
-        io.flush(rows + ["dB", "dC"])
+        dh, acc = _per_chunk(refs, n, sub, lambda io: backward_chunk(io, refs["starts"][...], refs["dh"][...], acc,
+                                                                     p, chunk))
+        _unstage(refs, rows_out, sub, lanes)
         refs["dh"][...] = dh
         refs["sA"][...], refs["sD"][...], refs["sbias"][...], refs["sh0"][...] = acc
 
-        @pl.when(k == n_chunks - 1)
+        @pl.when(k == d["n_chunks"] - 1)
         def _():
             refs["dA"][...] = acc.dA
             refs["dD"][...] = acc.dD
@@ -184,17 +312,22 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
             refs["dh0"][...] = acc.dh0 + dh
 
     out_shape = [jax.ShapeDtypeStruct(*shapes[k]) for k in names_out]
-    outs = dict(zip(names_out, _call(kernel, names_in, names_out, scratch, out_shape, in_specs,
-                                     [out_specs[k] for k in names_out], d, cfg)(*operands)))
-    return Canon(outs["dx"], outs["ddt"], outs.get("dz"),
-                 jnp.swapaxes(outs["dB"].sum(1), 1, 2).astype(c.B.dtype),
-                 jnp.swapaxes(outs["dC"].sum(1), 1, 2).astype(c.C.dtype),
-                 None, outs["dA"].sum(0), outs["dD"].sum(0), outs["dbias"].sum(0), outs["dh0"] if has_h0 else None)
+    outs = dict(zip(names_out, _call("selective_scan_backward", kernel, names_in, names_out, scratch, out_shape,
+                                     in_specs, [out_specs[k] for k in names_out], d, cfg)(*operands)))
+    sums = outs["dBC"].sum(1)
+    channels = lambda t: t.sum(0).reshape(1, -1)[:, :d["width"]]     # (B, blocks, S, L) -> (1, D)
+    return Canon(outs["dx"], outs["ddt"], outs.get("dz"), sums[..., :n].astype(c.B.dtype),
+                 sums[..., n:2 * n].astype(c.C.dtype), None, _from_blocks(outs["dA"].sum(0), d["width"]),
+                 channels(outs["dD"]), channels(outs["dbias"]), _from_blocks(outs["dh0"], d["width"]) if has_h0 else None)
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(chunk: int = CHUNK, block_d: int = BLOCK_D, interpret: bool = False) -> Kernels:
-    cfg = dict(chunk=chunk, block_d=block_d, interpret=interpret)
+def kernels(chunk: int = CHUNK, lanes: int = LANES, sublanes: int = SUBLANES, interpret: bool = False) -> Kernels:
+    """chunk: time steps per grid step, a power of two (`_record`); lanes, sublanes: the channel block's
+    register shape (`_blocks`)."""
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"pallas_tpu chunk={chunk}: must be a power of two")
+    cfg = dict(chunk=chunk, lanes=lanes, sublanes=sublanes, interpret=interpret)
     return Kernels(chunk, functools.partial(_forward, cfg=cfg), functools.partial(_backward, cfg=cfg))
 
 

@@ -6,17 +6,16 @@ chunk of `T` rows (T, S x L) and of B, C and reset flags per grid step.
 
 Layout: a block of S x L channels fills whole vector registers, channels on both the 8 sublanes and the
 128 lanes (S = 8, L = 128; d_inner 3200 takes 4 blocks, the last one partial), and the state is N such
-registers, (N, S, L).
-The state-wide arithmetic then takes N full registers per time step, with no broadcast of a row across
-the state axis and no reduction over sublanes for y. B_t, C_t and the reset flag are the same for every
-channel, so they come from SMEM as scalars, which the vector units take as operands. A time step's row
+registers, (N, S, L). The state-wide arithmetic then takes N full registers per time step, with no
+broadcast of a row across the state axis and no reduction over sublanes for y. B_t, C_t and the reset
+flag are the same for every channel, so they come from SMEM as scalars (`_steps`). A time step's row
 (S, L) is channels from S lane-tiles of the chunk: each chunk's input tiles are first copied into a scratch
 where they lie step by step (a strided store per lane-tile), outputs the other way round. The backward's dB
 and dC, sums over the block's channels, are one cross-lane sum per state and a sum over sublanes per step.
 Chunks without a document start run a branch without restart selects (`_per_chunk`). Static schedule
-(libtpu's bundles, `benchmarks/scan_tpu_aot.py --bundles`, docs/performance.md): the forward and backward
-in an earlier layout (channels on lanes, the N states on sublanes, B_t and C_t broadcast across lanes each
-step) took 16 and 45 bundles per time step and 128 channels.
+(libtpu's bundles for v5p, `benchmarks/scan_tpu_aot.py --bundles`, docs/performance.md): 7.8 for the
+forward and 24.6 for the backward per time step and 128 channels, where an earlier layout (channels on
+lanes, the N states on sublanes, B_t and C_t broadcast across lanes each step) took 17.6 and 45.6.
 
 `interpret=True` runs the kernels on the CPU (tests); on a CPU machine with libtpu installed they compile
 ahead of time for a TPU topology (benchmarks/scan_tpu_aot.py).

@@ -46,10 +46,11 @@ def _dump_bundles(directory: Path) -> None:
     os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip()
 
 
-def _bundle_report(directory: Path, seen: set, steps_per_grid_step: float, blocks: int) -> list[str]:
+def _bundle_report(directory: Path, seen: set, steps: dict[str, int], block: int, blocks: int) -> list[str]:
     """A line per Mosaic kernel among the schedules dumped since `seen` (one compilation): its bundles per
-    grid step, per time step and 128 channels (steps_per_grid_step: time steps x channels / 128 of a grid
-    step), and per time step of all channels (`blocks` channel blocks, the last one possibly partial)."""
+    grid step, per time step and 128 channels, and per time step of all channels. steps: time steps per
+    grid step, by the start of the kernel's name; block: channels per grid step; blocks: channel blocks
+    (the last one possibly partial)."""
     lines = []
     for path in sorted(directory.glob("*-schedule-analysis_final_bundles.txt")):
         if path in seen:
@@ -60,10 +61,10 @@ def _bundle_report(directory: Path, seen: set, steps_per_grid_step: float, block
         if 'custom_call_target="tpu_custom_call"' not in text or name == "TLP" or name.startswith("<"):
             continue                                    # not a kernel, or the program around the kernels
         bundles = int(re.search(r"total scheduled bundles:\s+(\d+)", text).group(1))
-        chunk = scan_pallas_tpu.CHUNK
-        lines.append(f"  kernel {name}: {bundles} bundles per grid step, "
-                     f"{bundles / steps_per_grid_step:.2f} per time step and 128 channels, "
-                     f"{bundles * blocks / chunk:.0f} per time step of all channels")
+        span = next(count for prefix, count in steps.items() if name.startswith(prefix))
+        lines.append(f"  kernel {name}: {bundles} bundles per grid step of {span} time steps, "
+                     f"{bundles * 128 / (span * block):.2f} per time step and 128 channels, "
+                     f"{bundles * blocks / span:.0f} per time step of all channels")
     return lines
 
 
@@ -71,8 +72,8 @@ def _bundle_report(directory: Path, seen: set, steps_per_grid_step: float, block
 def _one_branch(restarts: bool):
     """Kernels traced with `_per_chunk`'s branch for chunks with (True) or without document starts only."""
     shipped = scan_pallas_tpu._per_chunk
-    scan_pallas_tpu._per_chunk = lambda refs, n, sub, step: step(
-        scan_pallas_tpu._IO(refs, n, sub, "z" in refs, restarts))
+    scan_pallas_tpu._per_chunk = lambda refs, d, q, step: step(
+        scan_pallas_tpu._IO(refs, d, q * d["chunk"], restarts))
     jax.clear_caches()                                     # the kernels' traces are cached by shape
     try:
         yield
@@ -116,8 +117,11 @@ def main():
     if args.bundles:
         variants += [(", chunks without document starts", _one_branch(False)),
                      (", chunks with document starts", _one_branch(True))]
-        sub, lanes, blocks = scan_pallas_tpu._blocks(d, scan_pallas_tpu.kernels().forward.keywords["cfg"])
-        steps = scan_pallas_tpu.CHUNK * sub * lanes / 128
+        cfg = scan_pallas_tpu.kernels().forward.keywords["cfg"]
+        sub, lanes, blocks = scan_pallas_tpu._blocks(d, cfg)
+        chunk = cfg["chunk"]
+        steps = {"selective_scan_forward": chunk * scan_pallas_tpu.forward_group(l // chunk, cfg),
+                 "selective_scan_backward": chunk}
     seen: set = set()
     for label, context in variants:
         with context:
@@ -128,7 +132,8 @@ def main():
                 print(f"{name}{label}: compiled in {time.perf_counter() - start:.1f} s; temp "
                       f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, output {mem.output_size_in_bytes / 2**20:.1f} MiB")
                 if args.bundles:
-                    print("\n".join(_bundle_report(args.bundles.resolve(), seen, steps, blocks)), flush=True)
+                    print("\n".join(_bundle_report(args.bundles.resolve(), seen, steps, sub * lanes, blocks)),
+                          flush=True)
 
 
 if __name__ == "__main__":

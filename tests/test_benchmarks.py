@@ -65,24 +65,24 @@ def test_profile_summary_names_a_missing_trace(tmp_path):
 def test_scan_tpu_bundle_report_reads_each_compilations_kernels(tmp_path):
     """Kernels are the programs whose schedule holds a Mosaic custom call (not XLA's fusions, nor the
     top-level program that calls them); each compilation reports only the dumps it added; bundles are
-    normalized per time step and 128 channels, and per time step of all channel blocks."""
+    normalized by each kernel's time steps per grid step, per 128 channels and per all channel blocks."""
     def dump(op: str, bundles: int, kernel: bool = True):
         call = 'custom-call(%x), custom_call_target="tpu_custom_call"' if kernel else "fusion(%x)"
         (tmp_path / f"17-{op}-00-schedule-analysis_final_bundles.txt").write_text(
             f"Schedule analysis:\n\ttotal scheduled bundles:    {bundles}\n\t{bundles}.00 bundles: {call}\n")
 
+    steps = {"selective_scan_forward": 128, "selective_scan_backward": 32}
     seen: set = set()
-    dump("selective_scan_forward.1", 2048)
+    dump("selective_scan_forward.1", 6656)
     dump("copy.3", 40, kernel=False)
     dump("TLP", 398)
-    chunk = scan_tpu_aot.scan_pallas_tpu.CHUNK
-    first = scan_tpu_aot._bundle_report(tmp_path, seen, steps_per_grid_step=chunk * 8, blocks=4)
-    assert first == ["  kernel selective_scan_forward.1: 2048 bundles per grid step, "
-                     f"{2048 / (chunk * 8):.2f} per time step and 128 channels, "
-                     f"{2048 * 4 / chunk:.0f} per time step of all channels"]
-    dump("selective_scan_backward.1", 6000)
-    second = scan_tpu_aot._bundle_report(tmp_path, seen, steps_per_grid_step=chunk * 8, blocks=4)
-    assert [line.split(":")[0] for line in second] == ["  kernel selective_scan_backward.1"]
+    first = scan_tpu_aot._bundle_report(tmp_path, seen, steps, block=1024, blocks=4)
+    assert first == ["  kernel selective_scan_forward.1: 6656 bundles per grid step of 128 time steps, 6.50 per time "
+                     "step and 128 channels, 208 per time step of all channels"]
+    dump("selective_scan_backward.1", 6400)
+    second = scan_tpu_aot._bundle_report(tmp_path, seen, steps, block=1024, blocks=4)
+    assert second == ["  kernel selective_scan_backward.1: 6400 bundles per grid step of 32 time steps, 25.00 per time "
+                      "step and 128 channels, 800 per time step of all channels"]
 
 
 def test_startup_profile_sums_nested_host_events():

@@ -26,8 +26,9 @@ BACKENDS = {
     "chunked": scan_chunked.with_chunk(8),
     # the gradient path keeps states every 4 steps, the forward-only path unrolls 8
     "pallas_gpu": scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=8, block_d=8, interpret=True),
-    # pallas_tpu: 4-lane tiles, 3 per block: blocks of 12 channels, the last one partial (16 = 12 + 4)
-    "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=8, lanes=4, sublanes=3, interpret=True),
+    # 4-lane tiles, 3 per block: blocks of 12 channels, the last one partial (16 = 12 + 4); the forward's
+    # grid steps take 2 chunks of 4 (6 chunks)
+    "pallas_tpu": scan_pallas_tpu.with_kernels(chunk=4, lanes=4, sublanes=3, interpret=True),
 }
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
@@ -309,9 +310,11 @@ def test_optional_arguments():
         assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6, name
 
 
-def test_pallas_tpu_chunk_must_be_a_power_of_two():
+def test_pallas_tpu_chunks_must_be_powers_of_two():
     with pytest.raises(ValueError, match="chunk=24: must be a power of two"):
         scan_pallas_tpu.kernels(chunk=24)
+    with pytest.raises(ValueError, match="forward_chunks=3: must be a power of two"):
+        scan_pallas_tpu.kernels(forward_chunks=3)
 
 
 def test_pallas_gpu_chunks_must_be_powers_of_two():

@@ -1,8 +1,9 @@
 """The 'pallas_tpu' scan backend: the fused scan (see scan_fused) as Pallas TPU (Mosaic) kernels.
 
-Grid (batch, channel blocks, chunks), the chunk axis sequential (the backward's index maps walk it in
-reverse): a program's state lives in a VMEM scratch across its chunks, and the Pallas pipeline moves one
-chunk of `T` rows (T, S x L) and of B, C and reset flags per grid step.
+Grid (batch, channel blocks, time), the time axis sequential (the backward's index maps walk it in
+reverse): a program's state lives in a VMEM scratch across its grid steps, and the Pallas pipeline moves a
+step's rows (T, S x L) and its B, C and reset flags: T is one chunk of 32 steps in the backward, up to 4
+chunks in the forward, which writes the state at each chunk start for the backward.
 
 Layout: a block of S x L channels fills whole vector registers, channels on both the 8 sublanes and the
 128 lanes (S = 8, L = 128; d_inner 3200 takes 4 blocks, the last one partial), and the state is N such
@@ -13,7 +14,7 @@ flag are the same for every channel, so they come from SMEM as scalars (`_steps`
 where they lie step by step (a strided store per lane-tile), outputs the other way round. The backward's dB
 and dC, sums over the block's channels, are one cross-lane sum per state and a sum over sublanes per step.
 Chunks without a document start run a branch without restart selects (`_per_chunk`). Static schedule
-(libtpu's bundles for v5p, `benchmarks/scan_tpu_aot.py --bundles`, docs/performance.md): 7.8 for the
+(libtpu's bundles for v5p, `benchmarks/scan_tpu_aot.py --bundles`, docs/performance.md): 6.5 for the
 forward and 24.6 for the backward per time step and 128 channels, where an earlier layout (channels on
 lanes, the N states on sublanes, B_t and C_t broadcast across lanes each step) took 17.6 and 45.6.
 
@@ -37,38 +38,38 @@ from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chu
 
 T = TypeVar("T")
 
-CHUNK = 32        # time steps per grid step: a power of two, 16 or more (whole bf16 tiles of rows)
+CHUNK = 32          # time steps per backward grid step: a power of two, 16 or more (whole bf16 tiles of rows);
+                    # the backward keeps a chunk's states in VMEM (128 steps: 32 MiB, v4 has 16)
+FORWARD_CHUNKS = 4  # chunks per forward grid step
 LANES = 128
 SUBLANES = 8
-_STEP = 8         # scratch rows per time step: a step's (S, L) row starts on a register boundary
+_STEP = 8           # scratch rows per time step: a step's (S, L) row starts on a register boundary
 
 
 class _IO:
-    """A program's chunk, for `forward_chunk` / `backward_chunk`: rows (S, L) from the step-major scratches
-    (`_stage`), columns (N, 1, 1) and the reset flag from SMEM scalars; outputs into step-major scratches
-    (`_unstage`); the channel sums of the backward into the lanes of one row per step (`put_sums`)."""
+    """One chunk of a grid step, from its step `first` on, for `forward_chunk` / `backward_chunk`: rows (S, L)
+    from the step-major scratches (`_stage`), columns (N, 1, 1) and the reset flag from SMEM scalars; outputs
+    into step-major scratches (`_unstage`); the backward's channel sums into the lanes of one row per step
+    (`put_sums`)."""
 
-    def __init__(self, refs: dict, n: int, sub: int, has_z: bool, restarts: bool):
-        self.refs, self.n, self.sub, self.has_z, self.restarts = refs, n, sub, has_z, restarts
-        self.record = _record(n, refs["x"].shape[0])
+    def __init__(self, refs: dict, d: dict, first: int, restarts: bool):
+        self.refs, self.n, self.sub, self.record = refs, d["n"], d["sub"], d["record"]
+        self.first, self.restarts, self.has_z = first, restarts, "z" in refs
 
     def row(self, name, i):
-        return self.refs[name + "_rows"][pl.ds(i * _STEP, self.sub), :]
+        return self.refs[name + "_rows"][pl.ds((self.first + i) * _STEP, self.sub), :]
 
     def col(self, name, i):
-        first = i * self.record + (0 if name == "B" else self.n)
-        return jnp.stack([jnp.full((1, 1), self._word(first + k), jnp.float32) for k in range(self.n)])
+        at = (self.first + i) * self.record + (0 if name == "B" else self.n)
+        return jnp.stack([jnp.full((1, 1), _word(self.refs, at + k), jnp.float32) for k in range(self.n)])
 
     def starts(self, i):
         if not self.restarts:
             return None
-        return self._word(i * self.record + 2 * self.n) > 0
-
-    def _word(self, index: int):
-        return _word(self.refs, index)
+        return _word(self.refs, (self.first + i) * self.record + 2 * self.n) > 0
 
     def put_row(self, name, i, value):
-        self.refs[name + "_rows"][pl.ds(i * _STEP, self.sub), :] = value
+        self.refs[name + "_rows"][pl.ds((self.first + i) * _STEP, self.sub), :] = value
 
     def fma(self, a, b, c):
         return a * b + c
@@ -88,8 +89,8 @@ class _IO:
                 rows.append(part)
             else:
                 rows[-1] = rows[-1] + part
-        self.refs["dBC"][pl.ds(i, 1), :] = jnp.concatenate([jnp.sum(r, axis=0, keepdims=True) for r in rows],
-                                                           axis=1)
+        sums = jnp.concatenate([jnp.sum(r, axis=0, keepdims=True) for r in rows], axis=1)
+        self.refs["dBC"][pl.ds(self.first + i, 1), :] = sums
 
 
 def _record(n: int, chunk: int) -> int:
@@ -112,20 +113,22 @@ def _steps(c: Canon, chunk: int):
     return jnp.concatenate(parts, axis=-1).reshape(-1, 128)
 
 
-def _per_chunk(refs, n: int, sub: int, step: Callable[[_IO], T]) -> T:
-    """step(io) for the program's chunk, io without restarts (no selects, no initial state read) when no
-    document starts in the chunk, as in most chunks of a packed batch: a branch on the chunk's flag."""
-    on = lambda restarts: step(_IO(refs, n, sub, "z" in refs, restarts))
-    return jax.lax.cond(_word(refs, 2 * n + 1) > 0, lambda: on(True), lambda: on(False))
+def _per_chunk(refs, d: dict, q: int, step: Callable[[_IO], T]) -> T:
+    """step(io) for chunk q of the grid step, io without restarts (no selects, no initial state read) when
+    no document starts in the chunk, as in most chunks of a packed batch: a branch on the chunk's flag."""
+    first = q * d["chunk"]
+    on = lambda restarts: step(_IO(refs, d, first, restarts))
+    restarts = _word(refs, first * d["record"] + 2 * d["n"] + 1) > 0
+    return jax.lax.cond(restarts, lambda: on(True), lambda: on(False))
 
 
 def _word(refs, index: int):
-    """Word `index` of the chunk's "steps" block (`_steps`), a scalar."""
+    """Word `index` of the grid step's "steps" block (`_steps`), a scalar."""
     return refs["steps"][index // 128, index % 128]
 
 
 def _stage(refs, names, sub: int, lanes: int, width: int):
-    """Copy the chunk's (T, S x L) input tiles to their step-major scratches, fp32: lane-tile g of row t to
+    """Copy the grid step's (T, S x L) input tiles to step-major scratches, fp32: lane-tile g of row t to
     scratch row t * _STEP + g, so a step's (S, L) row is one aligned load. Channels past the width (a
     partial last block, `_blocks`) become zeros: the stale VMEM there must not reach the channel sums."""
     for name in names:
@@ -139,7 +142,7 @@ def _stage(refs, names, sub: int, lanes: int, width: int):
 
 
 def _unstage(refs, names, sub: int, lanes: int):
-    """The inverse of `_stage` for output rows: scratch to the chunk's (T, S x L) output tiles."""
+    """The inverse of `_stage` for output rows: scratch to the grid step's (T, S x L) output tiles."""
     for name in names:
         out = refs[name]
         steps = out.shape[0]
@@ -173,34 +176,37 @@ def _from_blocks(t, width: int):
     return t.reshape(*lead, blocks * sub * lanes)[..., :width]
 
 
-def _setup(c: Canon, cfg, reverse: bool):
-    """Operands by name, their BlockSpecs, and the sizes, for a grid (batch, channel blocks, chunks)."""
+def _setup(c: Canon, cfg, reverse: bool, group: int = 1):
+    """Operands by name, their BlockSpecs, and the sizes, for a grid (batch, channel blocks, time) whose
+    steps take `group` chunks each."""
     batch, length, width = c.x.shape
     n = c.A.shape[0]
     chunk = cfg["chunk"]
     n_chunks = length // chunk
+    span, grid_steps, record = group * chunk, n_chunks // group, _record(n, chunk)
     sub, lanes, n_blocks = _blocks(width, cfg)
     sum_lanes = pl.cdiv(2 * n, lanes) * lanes        # the backward's dB, dC sums per step (`_IO.put_sums`)
-    time = (lambda k: n_chunks - 1 - k) if reverse else (lambda k: k)
+    time = (lambda k: grid_steps - 1 - k) if reverse else (lambda k: k)
     smem = pltpu.SMEM if not cfg["interpret"] else None
     specs = dict(
-        row=pl.BlockSpec((None, chunk, sub * lanes), lambda b, j, k: (b, time(k), j)),
-        steps=pl.BlockSpec((chunk * _record(n, chunk) // 128, 128), lambda b, j, k: (b * n_chunks + time(k), 0),
+        row=pl.BlockSpec((None, span, sub * lanes), lambda b, j, k: (b, time(k), j)),
+        steps=pl.BlockSpec((span * record // 128, 128), lambda b, j, k: (b * grid_steps + time(k), 0),
                            memory_space=smem),
         param=pl.BlockSpec((None, n, sub, lanes), lambda b, j, k: (j, 0, 0, 0)),
         vec=pl.BlockSpec((None, sub, lanes), lambda b, j, k: (j, 0, 0)),
         state=pl.BlockSpec((None, None, n, sub, lanes), lambda b, j, k: (b, j, 0, 0, 0)),
         vecs=pl.BlockSpec((None, None, sub, lanes), lambda b, j, k: (b, j, 0, 0)),
-        start=pl.BlockSpec((None, None, None, n, sub, lanes), lambda b, j, k: (b, j, time(k), 0, 0, 0)),
-        sums=pl.BlockSpec((None, None, chunk, sum_lanes), lambda b, j, k: (b, j, time(k), 0)),
+        start=pl.BlockSpec((None, None, group, n, sub, lanes), lambda b, j, k: (b, j, time(k), 0, 0, 0)),
+        sums=pl.BlockSpec((None, None, span, sum_lanes), lambda b, j, k: (b, j, time(k), 0)),
     )
     blocks = lambda t: _to_blocks(t, sub, lanes, n_blocks)
     values = dict(x=c.x, dt=c.dt, z=c.z, steps=_steps(c, chunk), A=blocks(c.A), D=blocks(c.D)[:, 0],
                   bias=blocks(c.bias)[:, 0], h0=blocks(c.h0))
     kinds = dict(x="row", dt="row", z="row", steps="steps", A="param", D="vec", bias="vec", h0="state")
     names = ["x", "dt"] + (["z"] if c.z is not None else []) + ["steps", "A", "D", "bias", "h0"]
-    dims = dict(batch=batch, length=length, width=width, n=n, chunk=chunk, n_chunks=n_chunks, sub=sub,
-                lanes=lanes, blocks=n_blocks, sum_lanes=sum_lanes)
+    dims = dict(batch=batch, length=length, width=width, n=n, chunk=chunk, n_chunks=n_chunks, group=group,
+                span=span, grid_steps=grid_steps, record=record, sub=sub, lanes=lanes, blocks=n_blocks,
+                sum_lanes=sum_lanes)
     return names, [values[k] for k in names], [specs[kinds[k]] for k in names], specs, dims, blocks
 
 
@@ -208,21 +214,24 @@ def _call(name, kernel, names_in, names_out, scratch, out_shape, in_specs, out_s
     def body(*refs):
         kernel(dict(zip(names_in + names_out + [k for k, _ in scratch], refs)))
 
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                  vmem_limit_bytes=cfg.get("vmem_mib", 16) * 2**20)
-    grid = (dims["batch"], dims["blocks"], dims["n_chunks"])
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    grid = (dims["batch"], dims["blocks"], dims["grid_steps"])
     return pl.pallas_call(body, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for _, shape in scratch],
                           compiler_params=params, interpret=cfg["interpret"], name=name)
 
 
 def _row_scratch(names, d):
-    return [(k + "_rows", (d["chunk"] * _STEP, d["lanes"])) for k in names]
+    return [(k + "_rows", (d["span"] * _STEP, d["lanes"])) for k in names]
 
 
 def _forward(c: Canon, keep_starts: bool, cfg):
+    """Grid steps of up to cfg's forward_chunks chunks: fewer, longer steps spread a step's fixed work
+    (pipeline, staging, the state's load and store) over more time steps (v5p: 248 -> 209 bundles per time
+    step at 1 -> 4 chunks of 32; docs/performance.md)."""
     c = with_initial_state(c)
-    names_in, operands, in_specs, specs, d, _ = _setup(c, cfg, reverse=False)
+    group = forward_group(c.x.shape[1] // cfg["chunk"], cfg)
+    names_in, operands, in_specs, specs, d, _ = _setup(c, cfg, reverse=False, group=group)
     has_z = c.z is not None
     n, sub, lanes = d["n"], d["sub"], d["lanes"]
     rows_in = ["x", "dt"] + (["z"] if has_z else [])
@@ -243,14 +252,15 @@ def _forward(c: Canon, keep_starts: bool, cfg):
             refs["h"][...] = p.h0
 
         h = refs["h"][...]
-        if keep_starts:
-            refs["starts"][...] = h
         _stage(refs, rows_in, sub, lanes, d["width"])
-        h = _per_chunk(refs, n, sub, lambda io: forward_chunk(io, h, p, d["chunk"]))
+        for q in range(d["group"]):
+            if keep_starts:
+                refs["starts"][q] = h
+            h = _per_chunk(refs, d, q, lambda io: forward_chunk(io, h, p, d["chunk"]))
         _unstage(refs, ["y"], sub, lanes)
         refs["h"][...] = h
 
-        @pl.when(k == d["n_chunks"] - 1)
+        @pl.when(k == d["grid_steps"] - 1)
         def _():
             refs["last"][...] = h
 
@@ -259,6 +269,14 @@ def _forward(c: Canon, keep_starts: bool, cfg):
                  cfg)(*operands)
     outs = dict(zip(names_out, outs))
     return outs["y"], outs.get("starts"), _from_blocks(outs["last"], d["width"])
+
+
+def forward_group(n_chunks: int, cfg) -> int:
+    """Chunks per forward grid step: the most, a power of two up to cfg's forward_chunks, dividing n_chunks."""
+    group = 1
+    while group < cfg["forward_chunks"] and n_chunks % (2 * group) == 0:
+        group *= 2
+    return group
 
 
 def _backward(c: Canon, starts, dy, dlast, cfg):
@@ -297,13 +315,13 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
 
         _stage(refs, rows_in, sub, lanes, d["width"])
         acc = Accum(refs["sA"][...], refs["sD"][...], refs["sbias"][...], refs["sh0"][...])
-        dh, acc = _per_chunk(refs, n, sub, lambda io: backward_chunk(io, refs["starts"][...], refs["dh"][...], acc,
-                                                                     p, chunk))
+        dh, acc = _per_chunk(refs, d, 0, lambda io: backward_chunk(io, refs["starts"][0], refs["dh"][...], acc, p,
+                                                                   chunk))
         _unstage(refs, rows_out, sub, lanes)
         refs["dh"][...] = dh
         refs["sA"][...], refs["sD"][...], refs["sbias"][...], refs["sh0"][...] = acc
 
-        @pl.when(k == d["n_chunks"] - 1)
+        @pl.when(k == d["grid_steps"] - 1)
         def _():
             refs["dA"][...] = acc.dA
             refs["dD"][...] = acc.dD
@@ -315,18 +333,22 @@ def _backward(c: Canon, starts, dy, dlast, cfg):
                                      in_specs, [out_specs[k] for k in names_out], d, cfg)(*operands)))
     sums = outs["dBC"].sum(1)
     channels = lambda t: t.sum(0).reshape(1, -1)[:, :d["width"]]     # (B, blocks, S, L) -> (1, D)
+    dh0 = _from_blocks(outs["dh0"], d["width"]) if has_h0 else None
     return Canon(outs["dx"], outs["ddt"], outs.get("dz"), sums[..., :n].astype(c.B.dtype),
                  sums[..., n:2 * n].astype(c.C.dtype), None, _from_blocks(outs["dA"].sum(0), d["width"]),
-                 channels(outs["dD"]), channels(outs["dbias"]), _from_blocks(outs["dh0"], d["width"]) if has_h0 else None)
+                 channels(outs["dD"]), channels(outs["dbias"]), dh0)
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(chunk: int = CHUNK, lanes: int = LANES, sublanes: int = SUBLANES, interpret: bool = False) -> Kernels:
-    """chunk: time steps per grid step, a power of two (`_record`); lanes, sublanes: the channel block's
+def kernels(chunk: int = CHUNK, forward_chunks: int = FORWARD_CHUNKS, lanes: int = LANES, sublanes: int = SUBLANES,
+            interpret: bool = False) -> Kernels:
+    """chunk: time steps per backward grid step and between the states the forward keeps, a power of two
+    (`_record`); forward_chunks: chunks per forward grid step, at most; lanes, sublanes: the channel block's
     register shape (`_blocks`)."""
-    if chunk < 1 or chunk & (chunk - 1):
-        raise ValueError(f"pallas_tpu chunk={chunk}: must be a power of two")
-    cfg = dict(chunk=chunk, lanes=lanes, sublanes=sublanes, interpret=interpret)
+    for name, value in (("chunk", chunk), ("forward_chunks", forward_chunks)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"pallas_tpu {name}={value}: must be a power of two")
+    cfg = dict(chunk=chunk, forward_chunks=forward_chunks, lanes=lanes, sublanes=sublanes, interpret=interpret)
     return Kernels(chunk, functools.partial(_forward, cfg=cfg), functools.partial(_backward, cfg=cfg))
 
 

@@ -8,10 +8,11 @@ chunk's states from its start state, then walks the chunk backwards. softplus(dt
 the silu(z) gate are fused in, so y and the input gradients are the only (B, L, D) tensors that move.
 
 The math of one chunk (`forward_chunk`, `backward_chunk`) is written once, on values: a program keeps its
-state as one (N, bD) fp32 tile, channels on the fast axis, and reads a row (1, bD), a column (N, 1) and a
-reset of step i through a `ChunkIO`. The platform modules (`scan_pallas_gpu`,
-`scan_pallas_tpu`) only say how a program reads and writes those, and how the tile maps to the hardware
-(TPU: channels on the 128 lanes; GPU: one warp, one channel and its N states per thread).
+state as an fp32 array with the N states on the leading axis and its channels after it, and reads a row
+(the channels), a column (N states, broadcast over the channels) and a reset of step i through a `ChunkIO`.
+The platform modules (`scan_pallas_gpu`, `scan_pallas_tpu`) only say how a program reads and writes those,
+and how the arrays map to the hardware (GPU: state (N, bD), one warp, one channel and its N states per
+thread; TPU: state (N, 8, 128), a block of channels filling each register, columns from SMEM scalars).
 """
 
 from __future__ import annotations
@@ -135,17 +136,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 class ChunkIO(Protocol):
     has_z: bool
+    keeps_states: bool      # the backward keeps each step's state for its walk back, rather than recomputing it
 
     def row(self, name: str, i: int) -> Array: ...      # x, dt, z, dy
     def col(self, name: str, i: int) -> Array: ...      # B, C
-    def starts(self, i: int) -> Optional[Array]: ...    # (1, 1) bool: a document starts at step i;
+    def starts(self, i: int) -> Optional[Array]: ...    # bool, broadcast: a document starts at step i;
                                                          # None: no document starts in this chunk
     def put_row(self, name: str, i: int, value: Array) -> None: ...   # y, dx, ddt, dz
     def fma(self, a: Array, b: Array, c: Array) -> Array: ...          # a * b + c, broadcast
     def state_dot(self, a: Array, b: Array) -> Array: ...              # sum over the states (axis 0) of a * b
 
     def put_sums(self, i: int, dC_terms: Array, dB_terms: Array) -> None:
-        """Write step i's dC and dB: the sums over this program's channels (axis 1) of the (N, bD) terms."""
+        """Write step i's dC and dB: the sums over this program's channels of the state-shaped terms."""
 
 
 def with_initial_state(c: Canon) -> Canon:
@@ -267,7 +269,9 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         delta = softplus(s["dt"] + p.bias)
         a = decay(delta, p.A, p.A_log2)
         h = io.fma(a, hp, (delta * s["x"]) * s["B"])
-        saved.append((hp, a, delta))     # h is recomputed on the way back: an FMA costs less than its registers
+        # A GPU recomputes h on the way back (an FMA costs less than its registers); a TPU keeps it in VMEM
+        # (v5p: 11% fewer backward bundles, docs/performance.md), `ChunkIO.keeps_states`.
+        saved.append((hp, a, delta, h if io.keeps_states else None))
     # The walk back loads each step's inputs again rather than keeping them: on a GPU the loaded values
     # of a whole chunk would not fit in registers next to the saved states (nor would the next chunk's
     # rows: loading them ahead, as the forward does, made the kernel spill and run 1.4x slower).
@@ -278,10 +282,11 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     dA, dD, dbias, dh0 = acc
     for i in reversed(range(steps)):
         s = _load_step(io, i, names)
-        hp, a, delta = saved[i]
+        hp, a, delta, h = saved[i]
         x, dy = s["x"], s["dy"]
         u = delta * x
-        h = io.fma(a, hp, u * s["B"])
+        if h is None:
+            h = io.fma(a, hp, u * s["B"])
         if io.has_z:
             zs = sigmoid(s["z"])
             y_pre = io.fma(p.D, x, io.state_dot(h, s["C"]))

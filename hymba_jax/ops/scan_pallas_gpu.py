@@ -77,6 +77,7 @@ class _IO:
     def __init__(self, refs: dict, t0, has_z: bool, *, restarts: bool = True, scatter: bool = False,
                  interpret: bool = False, misplaced=None):
         self.refs, self.t0, self.has_z, self.restarts = refs, t0, has_z, restarts
+        self.keeps_states = False          # registers: the backward recomputes each state on its walk back
         self.scatter, self.interpret, self.misplaced = scatter, interpret, misplaced
 
     def row(self, name, i):

@@ -15,7 +15,7 @@ where they lie step by step (a strided store per lane-tile), outputs the other w
 and dC, sums over the block's channels, are one cross-lane sum per state and a sum over sublanes per step.
 Chunks without a document start run a branch without restart selects (`_per_chunk`). Static schedule
 (libtpu's bundles for v5p, `benchmarks/scan_tpu_aot.py --bundles`, docs/performance.md): 6.5 for the
-forward and 23.8 for the backward per time step and 128 channels, where an earlier layout (channels on
+forward and 21.1 for the backward per time step and 128 channels, where an earlier layout (channels on
 lanes, the N states on sublanes, B_t and C_t broadcast across lanes each step) took 17.6 and 45.6.
 
 `interpret=True` runs the kernels on the CPU (tests); on a CPU machine with libtpu installed they compile
@@ -55,6 +55,7 @@ class _IO:
     def __init__(self, refs: dict, d: dict, first: int, restarts: bool):
         self.refs, self.n, self.sub, self.record = refs, d["n"], d["sub"], d["record"]
         self.first, self.restarts, self.has_z = first, restarts, "z" in refs
+        self.keeps_states = True
 
     def row(self, name, i):
         return self.refs[name + "_rows"][pl.ds((self.first + i) * _STEP, self.sub), :]

@@ -91,7 +91,8 @@ class _IO:
 def _record(n: int, chunk: int) -> int:
     """SMEM words per time step in "steps": B_t (N), C_t (N), the reset flag, whether a document starts
     anywhere in the step's chunk; a power of two, and 1024 / chunk at least, so that a chunk's block is
-    whole groups of 8 rows of 128 words (Mosaic's rule for a block's last two dimensions)."""
+    whole groups of 8 rows of 128 words (Mosaic's rule for a block's last two dimensions). N = 16: 64
+    words, 32 KiB per forward grid step, twice (pipelined), of the 1 MiB of SMEM of v4 and later."""
     return pl.next_power_of_2(max(2 * n + 2, pl.cdiv(1024, chunk)))
 
 

@@ -314,6 +314,13 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     return dh, Accum(dA, dD, dbias, dh0)
 
 
+def require_powers_of_two(backend: str, **sizes: int) -> None:
+    """A ValueError naming the backend's option that is not a power of two (kernel tile sizes)."""
+    for name, value in sizes.items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{backend} {name}={value}: must be a power of two")
+
+
 def channel_block(width: int, largest: int) -> int:
     """The largest power of two <= `largest` dividing `width` (kernels tile channels by it)."""
     block = largest

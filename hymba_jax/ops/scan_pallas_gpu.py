@@ -40,7 +40,8 @@ from jax.experimental import pallas as pl
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, decay, \
-    forward_chunk, forward_rows, fused_scan, load_rows, restart, sigmoid, softplus, with_initial_state
+    forward_chunk, forward_rows, fused_scan, load_rows, require_powers_of_two, restart, sigmoid, softplus, \
+    with_initial_state
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -74,10 +75,11 @@ class _IO:
     row per step (`_channel_sums`) to "dBC", else as columns to "dB" and "dC"; misplaced carries that
     function's layout check."""
 
+    keeps_states = False        # registers: the backward recomputes each state on its walk back
+
     def __init__(self, refs: dict, t0, has_z: bool, *, restarts: bool = True, scatter: bool = False,
                  interpret: bool = False, misplaced=None):
         self.refs, self.t0, self.has_z, self.restarts = refs, t0, has_z, restarts
-        self.keeps_states = False          # registers: the backward recomputes each state on its walk back
         self.scatter, self.interpret, self.misplaced = scatter, interpret, misplaced
 
     def row(self, name, i):
@@ -688,9 +690,7 @@ def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM
     per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
     segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
     a forward without a backward on a grid of whole_forward_grid programs or more runs whole."""
-    for name, value in (("chunk", chunk), ("inference_chunk", inference_chunk)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"pallas_gpu {name}={value}: must be a power of two")
+    require_powers_of_two("pallas_gpu", chunk=chunk, inference_chunk=inference_chunk)
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
                forward_segment_grid=forward_segment_grid, whole_forward_grid=whole_forward_grid,

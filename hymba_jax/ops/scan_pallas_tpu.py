@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
-    forward_chunk, fused_scan, with_initial_state
+    forward_chunk, fused_scan, require_powers_of_two, with_initial_state
 
 T = TypeVar("T")
 
@@ -52,10 +52,11 @@ class _IO:
     into step-major scratches (`_unstage`); the backward's channel sums into the lanes of one row per step
     (`put_sums`)."""
 
+    keeps_states = True         # VMEM: the backward keeps each step's state for its walk back
+
     def __init__(self, refs: dict, d: dict, first: int, restarts: bool):
         self.refs, self.n, self.sub, self.record = refs, d["n"], d["sub"], d["record"]
         self.first, self.restarts, self.has_z = first, restarts, "z" in refs
-        self.keeps_states = True
 
     def row(self, name, i):
         return self.refs[name + "_rows"][pl.ds((self.first + i) * _STEP, self.sub), :]
@@ -341,9 +342,7 @@ def kernels(chunk: int = CHUNK, forward_chunks: int = FORWARD_CHUNKS, lanes: int
     """chunk: time steps per backward grid step and between the states the forward keeps, a power of two
     (`_record`); forward_chunks: chunks per forward grid step, at most; lanes, sublanes: the channel block's
     register shape (`_blocks`)."""
-    for name, value in (("chunk", chunk), ("forward_chunks", forward_chunks)):
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"pallas_tpu {name}={value}: must be a power of two")
+    require_powers_of_two("pallas_tpu", chunk=chunk, forward_chunks=forward_chunks)
     cfg = dict(chunk=chunk, forward_chunks=forward_chunks, lanes=lanes, sublanes=sublanes, interpret=interpret)
     return Kernels(chunk, functools.partial(_forward, cfg=cfg), functools.partial(_backward, cfg=cfg))
 

@@ -199,20 +199,41 @@ def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
 
 
 def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
-    """Without a backward pass the forward runs whole on a grid of WHOLE_FORWARD_GRID programs or more (8 x
-    2048 x 3200: 800; the entry states' pass would cost more than it saves) and in segments below it; with
-    a backward it always splits (to FORWARD_SEGMENT_GRID programs). All equal the reference."""
+    """Without a backward pass the forward runs whole on a grid of INFERENCE_GRID programs or more (8 x 2048 x
+    3200: 800), in two segments on half that (4 x 4096), the second one's entry state carried across the
+    pieces FORWARD_SEGMENT_GRID asks for, and in those pieces below; with a backward always in the pieces.
+    2 rows x 2 channel blocks (4 programs), 12 chunks of 2 steps, 4 pieces (resets at steps 5 and 13 of row
+    0, 8 of row 1: in pieces 0, 2 and 1): whole, 2 segments of 2 pieces, 4 segments, all the reference."""
     inputs, reset = make_inputs(3, jnp.float32, BATCH)
     ref_grads, (ref_y, ref_last) = reference(inputs, reset)
-    for whole_grid, split in ((4, False), (5, True)):          # 2 rows x 2 channel blocks: 4 programs
-        fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=4, block_d=8, forward_segment_grid=8,
-                                          whole_forward_grid=whole_grid, interpret=True)
+    for inference_grid, segments in ((4, 1), (8, 2), (16, 4)):
+        fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=2, block_d=8, forward_segment_grid=16,
+                                          inference_grid=inference_grid, interpret=True)
         y, last = jax.jit(fn)(*inputs[:8], reset, inputs[8])
-        assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6
-        calls = str(jax.make_jaxpr(fn)(*inputs[:8], reset, inputs[8]))
-        assert ("selective_scan_segment_states" in calls) == split, whole_grid
-        calls = str(jax.make_jaxpr(value_and_grads(fn))(inputs, reset))
-        assert "selective_scan_segment_states" in calls, whole_grid
+        assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6, segments
+        grids = _kernel_grids(jax.make_jaxpr(fn)(*inputs[:8], reset, inputs[8]).jaxpr)
+        time_axis = (segments,) if segments > 1 else ()
+        assert grids["selective_scan_forward"] == (BATCH, 2) + time_axis, segments
+        # the entry pass: one program per piece before the last segment
+        assert grids.get("selective_scan_segment_states") == (
+            None if segments == 1 else (BATCH, 2, 4 - 4 // segments)), segments
+        # with a backward (6 chunks of 4 steps): 2 segments whatever inference_grid, the entry pass over the first
+        grids = _kernel_grids(jax.make_jaxpr(value_and_grads(fn))(inputs, reset).jaxpr)
+        assert grids["selective_scan_forward"] == (BATCH, 2, 2) and grids["selective_scan_segment_states"] == (BATCH, 2)
+
+
+def _kernel_grids(jaxpr) -> dict:
+    """{kernel name: grid} of the Pallas calls in a jaxpr, its sub-jaxprs included."""
+    grids = {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = eqn.params.get("name_and_src_info", eqn.params.get("name"))   # the field's name moved in jax
+            grids[getattr(name, "name", name)] = tuple(eqn.params["grid_mapping"].grid)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                grids.update(_kernel_grids(inner))
+    return grids
 
 
 def test_pallas_gpu_many_segments_stay_within_1e6_of_float64():

@@ -9,24 +9,24 @@ reductions took 160): no shared memory and no barrier in the per-step path. More
 a tile's states across warps, and every step then pays cross-warp sums (measured in docs/performance.md).
 
 The kernels are bound by latency and parallelism, not bytes, so both passes split time into segments run by
-separate programs (`_segments`): the forward's programs start from the state entering their segment, found first
-by a pass of the state recurrence alone over each earlier segment (`_segment_entries`), the backward's from the
+separate programs (`_segments`): the forward's programs start from the state entering their segment, found first by
+a pass of the state recurrence alone over each earlier segment (`_segment_entries`), the backward's from the
 adjoint at their segment's end, found likewise in reverse (`_segment_ends`); a small kernel carries the passes'
-results across segments (`_through_segments`). The products of a segment's decays are one exp of its summed
-deltas (`Span`). A forward without a backward on a grid of WHOLE_FORWARD_GRID programs or more already keeps the
-GPU busy and runs whole. All but the backward kernel branch per chunk on whether a document starts in it
-(`_per_chunk`), so most chunks run without restart selects. Multiply-adds are spelled out as fma instructions
-(`_fma`, `_state_dot`): the Triton that jax uses contracts none. The backward kernel keeps neither the initial
-state nor its gradient in registers: it reads h0 once per chunk, and the adjoint pass gathers the gradient from
-the adjoints entering the document starts (`StartAdjoints`; 255 registers leave no room for either, and kept
-they made the kernel spill). Rows are read straight from global memory at (t, channel block), so nothing but y
-(forward) and the input gradients (backward) crosses memory at (B, L, D) size; the forward writes the state once
-per chunk, and only when a backward pass follows. The forward loads the next chunk's rows before computing the
-current one: with six one-warp programs per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and
-Nsight Compute put half of the forward's stalls on them. The backward does not: carrying its four rows per step
-through the loop made it spill and run 1.4x slower (H200, docs/performance.md). dB and dC are summed over
-channel blocks outside the kernel (one (B, L, 2N) partial per block). `interpret=True` runs the same kernels on
-the CPU (tests).
+results across segments (`_through_segments`). The products of a segment's decays are one exp of its summed deltas
+(`Span`). A forward without a backward on a grid of INFERENCE_GRID programs runs whole, on half that in two
+segments, its second segment's entry found from finer pieces that keep the state pass's GPU busy. All but the
+backward kernel branch per chunk on whether a document starts in it (`_per_chunk`), so most chunks run without
+restart selects. Multiply-adds are spelled out as fma instructions (`_fma`, `_state_dot`): the Triton that jax uses
+contracts none. The backward kernel keeps neither the initial state nor its gradient in registers: it reads h0 once
+per chunk, and the adjoint pass gathers the gradient from the adjoints entering the document starts
+(`StartAdjoints`; 255 registers leave no room for either, and kept they made the kernel spill). Rows are read
+straight from global memory at (t, channel block), so nothing but y (forward) and the input gradients (backward)
+crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a backward pass
+follows. The forward loads the next chunk's rows before computing the current one: with six one-warp programs per
+SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute put half of the forward's stalls on
+them. The backward does not: carrying its four rows per step through the loop made it spill and run 1.4x slower
+(H200, docs/performance.md). dB and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial
+per block). `interpret=True` runs the same kernels on the CPU (tests).
 """
 
 from __future__ import annotations
@@ -59,13 +59,19 @@ NUM_WARPS = 1
 # 2026-12-04): 8 x 2048 (800 programs a segment) 4.56 / 4.44 / 4.57 ms at 8 / 16 / 32 segments, 4 x 4096 (400)
 # 4.47 / 4.60 at 32 / 64: short programs, many waves.
 SEGMENT_GRID = 12800
-# The forward splits time likewise (`_forward`), a pass finding each segment's entry state first; without a
-# backward only on grids under WHOLE_FORWARD_GRID programs. H200, d_inner 3200 (docs/performance.md, 2026-12-03,
-# evening; kernel times from a profile): the forward keeping states at 8 x 2048 1.22 ms whole against 1.13 in 8
-# segments (0.73 + 0.41 for the entry states), forward+backward at 4 x 4096 6.07 against 5.04 in 16; the
-# forward alone at 8 x 2048 0.73 whole against 1.17 in 8; 2 x 4096 (200 programs) 0.66 in 32 segments.
+# The forward splits time likewise (`_forward`), a pass finding each segment's entry state first. H200, d_inner
+# 3200 (docs/performance.md, 2026-12-03, evening; kernel times from a profile): the forward keeping states at
+# 8 x 2048 1.22 ms whole against 1.13 in 8 segments (0.73 + 0.41 for the entry states), forward+backward at
+# 4 x 4096 6.07 against 5.04 in 16.
 FORWARD_SEGMENT_GRID = 6400
-WHOLE_FORWARD_GRID = 800
+# A forward without a backward runs whole on grids of INFERENCE_GRID programs or more, and in two segments on
+# grids of half as many, its second segment's entry state found from FORWARD_SEGMENT_GRID pieces of the first
+# (`_segment_entries`); on smaller grids in those pieces, as with a backward. Long segments run slower per step
+# (one wave of programs), which pays only where it spares half the entry pass. H200 (docs/performance.md,
+# 2026-12-04, evening): 8 x 2048 (800 programs) 0.72 ms whole; 4 x 4096 0.932 in 2 segments against 0.978 in 16
+# (kernels 0.661 + 0.205 for the entry states against 0.569 + 0.345); 2 x 4096 and 1 x 8192 0.563 and 0.598
+# in 4 and 8 segments against 0.534 and 0.569 in 32 and 64.
+INFERENCE_GRID = 800
 
 
 class _IO:
@@ -280,16 +286,21 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     # Without a backward pass there are no chunk-start states to keep, so the loop can unroll further.
     chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
     n_chunks = length // chunk
-    block, segments = _segments(cfg, batch, width, n_chunks, "forward_")
-    if not keep_starts and cfg["forward_segments"] is None and batch * (width // block) >= cfg["whole_forward_grid"]:
-        segments = 1            # throughput-bound already: the entry states' pass would cost more than it saves
+    block, pieces = _segments(cfg, batch, width, n_chunks, "forward_")
+    segments = pieces
+    programs = batch * (width // block)
+    if not keep_starts and programs >= cfg["inference_grid"]:
+        segments = 1
+    elif not keep_starts and 2 * programs >= cfg["inference_grid"]:
+        segments = min(2, pieces)
     per_segment = n_chunks // segments
     has_z = c.z is not None
     names_in, operands = _inputs(c, chunk)
     names_in = names_in + ["entry"]
-    operands = operands + [_segment_entries(c, cfg, chunk, block, segments)]
+    operands = operands + [_segment_entries(c, cfg, chunk, block, segments, pieces)]
     row, _, _, _, _, state = _specs(length, n, block)
-    by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
+    split = pieces // segments if segments > 1 else 1          # the entries are at every piece's start
+    by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s * split, 0, j))
     in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block, chunk)] + [by_segment]
     starts_spec = pl.BlockSpec((None, n_chunks, n, block), lambda b, j, s: (b, 0, 0, j))
     names_out = ["y"] + (["starts"] if keep_starts else []) + ["last"]
@@ -393,25 +404,29 @@ def _through_segments(first, decays, sums, cfg, block: int, reverse: bool = Fals
                        cfg)(first, decays, sums)
 
 
-def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
-    """The state entering each time segment, (B, segments, N, D): h0 for the first; for the others, from
-    the segment before it alone (`state_chunk`, one program per (row, channel block, segment), all
-    segments at once) carried forward through the segments' decay products."""
+def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int, pieces: int):
+    """The state entering each of `pieces` time pieces (a multiple of segments) up to the last segment's first,
+    (B, pieces - pieces / segments + 1, N, D), so that every (pieces / segments)-th enters a segment: h0 for
+    the first; for the others, from the piece before it alone (`state_chunk`, one program per (row, channel
+    block, piece), all at once) carried forward through the pieces' decay products. One segment: (B, 1, N, D),
+    h0."""
     if segments == 1:
         return c.h0[:, None]
     batch, length, width = c.x.shape
     n = c.A.shape[0]
-    per_segment = length // chunk // segments
+    split = pieces // segments
+    count = pieces - split                    # the pieces before the last segment
+    per_piece = length // chunk // pieces
     has_z = c.z is not None
     names_in, operands = _inputs(c, chunk)
     in_specs = [_lift(spec) for spec in _in_specs(names_in, length, n, block, chunk)]
     out = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s, 0, j))
-    shape = jax.ShapeDtypeStruct((batch, segments - 1, n, width), jnp.float32)
+    shape = jax.ShapeDtypeStruct((batch, count, n, width), jnp.float32)
 
     def kernel(refs):
         p = Params.from_refs(refs)
-        first = _segment_index(segments - 1) * per_segment        # the segment whose end this finds
-        rows_of = _chunk_rows(refs, first, per_segment, chunk, has_z, ("x", "dt"))
+        first = _segment_index(count) * per_piece        # the piece whose end this finds
+        rows_of = _chunk_rows(refs, first, per_piece, chunk, has_z, ("x", "dt"))
 
         def body(k, carry):
             h, span, rows = carry
@@ -420,12 +435,12 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int):
                                  lambda io: state_chunk(io, h, span, p, chunk, rows))
             return h, span, ahead
 
-        h, span, _ = jax.lax.fori_loop(0, per_segment, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
+        h, span, _ = jax.lax.fori_loop(0, per_piece, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
         refs["sums"][...] = h
         refs["decays"][...] = span.decays(p)
 
     sums, decays = _segmented_call("selective_scan_segment_states", kernel, names_in, ["sums", "decays"],
-                                   (shape, shape), in_specs, (out, out), batch, width // block, segments - 1,
+                                   (shape, shape), in_specs, (out, out), batch, width // block, count,
                                    cfg)(*operands)
     return _through_segments(c.h0, decays, sums, cfg, block)
 
@@ -684,16 +699,17 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, segments: int | None = None, segment_grid: int = SEGMENT_GRID,
             forward_segments: int | None = None, forward_segment_grid: int = FORWARD_SEGMENT_GRID,
-            whole_forward_grid: int = WHOLE_FORWARD_GRID, interpret: bool = False) -> Kernels:
+            inference_grid: int = INFERENCE_GRID, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
     per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
     segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
-    a forward without a backward on a grid of whole_forward_grid programs or more runs whole."""
+    a forward without a backward runs whole on a grid of inference_grid programs or more, in two segments on
+    half that (`INFERENCE_GRID`)."""
     require_powers_of_two("pallas_gpu", chunk=chunk, inference_chunk=inference_chunk)
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
-               forward_segment_grid=forward_segment_grid, whole_forward_grid=whole_forward_grid,
+               forward_segment_grid=forward_segment_grid, inference_grid=inference_grid,
                interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 

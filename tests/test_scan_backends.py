@@ -200,15 +200,16 @@ def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):
 
 def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
     """Without a backward pass the forward runs whole on a grid of INFERENCE_GRID programs or more (8 x 2048 x
-    3200: 800), in two segments on half that (4 x 4096), the second one's entry state carried across the
-    pieces FORWARD_SEGMENT_GRID asks for, and in those pieces below; with a backward always in the pieces.
-    2 rows x 2 channel blocks (4 programs), 12 chunks of 2 steps, 4 pieces (resets at steps 5 and 13 of row
-    0, 8 of row 1: in pieces 0, 2 and 1): whole, 2 segments of 2 pieces, 4 segments, all the reference."""
+    3200: 800), in two segments on half that (4 x 4096) if they fit in one WAVE, the second one's entry state
+    carried across the pieces FORWARD_SEGMENT_GRID asks for, and in those pieces otherwise; with a backward
+    always in the pieces. 2 rows x 2 channel blocks (4 programs), 12 chunks of 2 steps, 4 pieces (resets at
+    steps 5 and 13 of row 0, 8 of row 1: in pieces 0, 2 and 1): whole, 2 segments of 2 pieces, 4 segments (a
+    grid too small, or 2 segments that take two waves), all the reference."""
     inputs, reset = make_inputs(3, jnp.float32, BATCH)
     ref_grads, (ref_y, ref_last) = reference(inputs, reset)
-    for inference_grid, segments in ((4, 1), (8, 2), (16, 4)):
+    for inference_grid, wave, segments in ((4, 8, 1), (8, 8, 2), (8, 7, 4), (16, 64, 4)):
         fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=2, block_d=8, forward_segment_grid=16,
-                                          inference_grid=inference_grid, interpret=True)
+                                          inference_grid=inference_grid, wave=wave, interpret=True)
         y, last = jax.jit(fn)(*inputs[:8], reset, inputs[8])
         assert rel(y, ref_y) < 5e-6 and rel(last, ref_last) < 5e-6, segments
         grids = _kernel_grids(jax.make_jaxpr(fn)(*inputs[:8], reset, inputs[8]).jaxpr)

@@ -14,17 +14,17 @@ a pass of the state recurrence alone over each earlier segment (`_segment_entrie
 adjoint at their segment's end, found likewise in reverse (`_segment_ends`); a small kernel carries the passes'
 results across segments (`_through_segments`). The products of a segment's decays are one exp of its summed deltas
 (`Span`). A forward without a backward on a grid of INFERENCE_GRID programs runs whole, on half that in two
-segments, its second segment's entry found from finer pieces that keep the state pass's GPU busy. All but the
-backward kernel branch per chunk on whether a document starts in it (`_per_chunk`), so most chunks run without
-restart selects. Multiply-adds are spelled out as fma instructions (`_fma`, `_state_dot`): the Triton that jax uses
-contracts none. The backward kernel keeps neither the initial state nor its gradient in registers: it reads h0 once
-per chunk, and the adjoint pass gathers the gradient from the adjoints entering the document starts
-(`StartAdjoints`; 255 registers leave no room for either, and kept they made the kernel spill). Rows are read
-straight from global memory at (t, channel block), so nothing but y (forward) and the input gradients (backward)
-crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a backward pass
-follows. The forward loads the next chunk's rows before computing the current one: with six one-warp programs per
-SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute put half of the forward's stalls on
-them. The backward does not: carrying its four rows per step through the loop made it spill and run 1.4x slower
+segments (where they fit in one WAVE), its second segment's entry found from finer pieces that keep the state
+pass's GPU busy. All but the backward kernel branch per chunk on whether a document starts in it (`_per_chunk`), so
+most chunks run without restart selects. Multiply-adds are spelled out as fma instructions (`_fma`, `_state_dot`):
+the Triton that jax uses contracts none. The backward kernel keeps neither the initial state nor its gradient in
+registers: it reads h0 once per chunk, and the adjoint pass gathers the gradient from the adjoints entering the
+document starts (`StartAdjoints`; 255 registers leave no room for either, and kept they made the kernel spill).
+Rows are read straight from global memory at (t, channel block), so nothing but y (forward) and the input gradients
+(backward) crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a backward
+pass follows. The forward loads the next chunk's rows before computing the current one: with six one-warp programs
+per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute put half of the forward's stalls
+on them. The backward does not: carrying its four rows per step through the loop made it spill and run 1.4x slower
 (H200, docs/performance.md). dB and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial
 per block). `interpret=True` runs the same kernels on the CPU (tests).
 """
@@ -65,13 +65,17 @@ SEGMENT_GRID = 12800
 # 4 x 4096 6.07 against 5.04 in 16.
 FORWARD_SEGMENT_GRID = 6400
 # A forward without a backward runs whole on grids of INFERENCE_GRID programs or more, and in two segments on
-# grids of half as many, its second segment's entry state found from FORWARD_SEGMENT_GRID pieces of the first
-# (`_segment_entries`); on smaller grids in those pieces, as with a backward. Long segments run slower per step
-# (one wave of programs), which pays only where it spares half the entry pass. H200 (docs/performance.md,
-# 2026-12-04, evening): 8 x 2048 (800 programs) 0.72 ms whole; 4 x 4096 0.932 in 2 segments against 0.978 in 16
-# (kernels 0.661 + 0.205 for the entry states against 0.569 + 0.345); 2 x 4096 and 1 x 8192 0.563 and 0.598
-# in 4 and 8 segments against 0.534 and 0.569 in 32 and 64.
+# grids of half as many whose two segments fit in one WAVE, its second segment's entry state found from
+# FORWARD_SEGMENT_GRID pieces of the first (`_segment_entries`); on other grids in those pieces, as with a
+# backward. Long segments run slower per step, which pays only where it spares half the entry pass and adds no
+# second wave. H200 (docs/performance.md, 2026-12-04, evening), forward alone: 8 x 2048 (800 programs) 0.72 ms
+# whole; 4 x 4096 0.932 in 2 segments against 0.978 in 16 (kernels 0.661 + 0.205 for the entry states against
+# 0.569 + 0.345), 5 x 4096 1.014 against 1.237; 6 x 4096 (1200 programs in 2 segments, two waves) 1.722
+# against 1.488 in 16; 2 x 4096 and 1 x 8192 0.563 and 0.598 in 4 and 8 segments against 0.534 and 0.569 in
+# 32 and 64.
 INFERENCE_GRID = 800
+# Programs the H200 runs at once: 132 SMs x 8 (the forward's 255 registers leave room for 8 one-warp programs).
+WAVE = 1056
 
 
 class _IO:
@@ -291,7 +295,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     programs = batch * (width // block)
     if not keep_starts and programs >= cfg["inference_grid"]:
         segments = 1
-    elif not keep_starts and 2 * programs >= cfg["inference_grid"]:
+    elif not keep_starts and cfg["inference_grid"] <= 2 * programs <= cfg["wave"]:
         segments = min(2, pieces)
     per_segment = n_chunks // segments
     has_z = c.z is not None
@@ -699,17 +703,17 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, segments: int | None = None, segment_grid: int = SEGMENT_GRID,
             forward_segments: int | None = None, forward_segment_grid: int = FORWARD_SEGMENT_GRID,
-            inference_grid: int = INFERENCE_GRID, interpret: bool = False) -> Kernels:
+            inference_grid: int = INFERENCE_GRID, wave: int = WAVE, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
     per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
     segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
     a forward without a backward runs whole on a grid of inference_grid programs or more, in two segments on
-    half that (`INFERENCE_GRID`)."""
+    half that where they fit in one wave of programs (`INFERENCE_GRID`)."""
     require_powers_of_two("pallas_gpu", chunk=chunk, inference_chunk=inference_chunk)
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
-               forward_segment_grid=forward_segment_grid, inference_grid=inference_grid,
+               forward_segment_grid=forward_segment_grid, inference_grid=inference_grid, wave=wave,
                interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 

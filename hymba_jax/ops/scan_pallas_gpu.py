@@ -291,12 +291,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     chunk = cfg["chunk"] if keep_starts else cfg["inference_chunk"]
     n_chunks = length // chunk
     block, pieces = _segments(cfg, batch, width, n_chunks, "forward_")
-    segments = pieces
-    programs = batch * (width // block)
-    if not keep_starts and programs >= cfg["inference_grid"]:
-        segments = 1
-    elif not keep_starts and cfg["inference_grid"] <= 2 * programs <= cfg["wave"]:
-        segments = min(2, pieces)
+    segments = pieces if keep_starts else _inference_segments(cfg, batch * (width // block), pieces)
     per_segment = n_chunks // segments
     has_z = c.z is not None
     names_in, operands = _inputs(c, chunk)
@@ -337,6 +332,17 @@ def _forward(c: Canon, keep_starts: bool, cfg):
                            [specs[k] for k in names_out], batch, width // block, segments, cfg)(*operands)
     outs = dict(zip(names_out, outs))
     return outs["y"], outs.get("starts"), outs["last"]
+
+
+def _inference_segments(cfg, programs: int, pieces: int) -> int:
+    """Time segments of a forward without a backward on a grid of `programs` (row, channel block) programs,
+    its entry-state pass cut into `pieces`: one from cfg's inference_grid programs; two from half that, while
+    they fit in one of cfg's waves; else the pieces (`INFERENCE_GRID`)."""
+    if programs >= cfg["inference_grid"]:
+        return 1
+    if cfg["inference_grid"] <= 2 * programs <= cfg["wave"]:
+        return min(2, pieces)
+    return pieces
 
 
 class Span(NamedTuple):

@@ -298,7 +298,7 @@ def _forward(c: Canon, keep_starts: bool, cfg):
     names_in = names_in + ["entry"]
     operands = operands + [_segment_entries(c, cfg, chunk, block, segments, pieces)]
     row, _, _, _, _, state = _specs(length, n, block)
-    split = pieces // segments if segments > 1 else 1          # the entries are at every piece's start
+    split = pieces // segments          # `_segment_entries` gives the state entering every piece
     by_segment = pl.BlockSpec((None, None, n, block), lambda b, j, s: (b, s * split, 0, j))
     in_specs = [_lift(spec) for spec in _in_specs(names_in[:-1], length, n, block, chunk)] + [by_segment]
     starts_spec = pl.BlockSpec((None, n_chunks, n, block), lambda b, j, s: (b, 0, 0, j))

@@ -38,9 +38,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def load_kernels(profile_dir: str) -> list[tuple[str, float, str]]:
-    """(kernel name, duration in microseconds, the HLO op that launched it or '') of every GPU kernel in the
-    newest trace under profile_dir."""
+def load_kernels(profile_dir: str) -> list[tuple[str, float, str, float]]:
+    """(kernel name, duration in microseconds, the HLO op that launched it or '', start in microseconds) of every
+    GPU kernel in the newest trace under profile_dir."""
     paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
@@ -54,18 +54,20 @@ def load_kernels(profile_dir: str) -> list[tuple[str, float, str]]:
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
     gpu = {pid for pid, name in processes.items() if "GPU" in name or "gpu" in name}
     streams = {key for key, name in threads.items() if key[0] in gpu and name.lower().startswith("stream")}
-    return [(e["name"], float(e["dur"]), e.get("args", {}).get("hlo_op", "")) for e in events
+    return [(e["name"], float(e["dur"]), e.get("args", {}).get("hlo_op", ""), float(e["ts"])) for e in events
             if e.get("ph") == "X" and (e["pid"], e["tid"]) in streams]
 
 
 def summarize(profile_dir: str, steps: int) -> dict:
     """Per-step GPU time (ms) by category, the 15 most expensive kernels, and the 15 most expensive HLO ops
-    (to find a kernel's op in the compiled module, e.g. from XLA_FLAGS=--xla_dump_to)."""
+    (to find a kernel's op in the compiled module, e.g. from XLA_FLAGS=--xla_dump_to); span_ms: per step, from
+    the first kernel's start to the last one's end, so span - busy is the GPU's idle time between kernels
+    of back-to-back steps."""
     kernels = load_kernels(profile_dir)
     by_category: dict[str, float] = collections.defaultdict(float)
     by_name: dict[str, float] = collections.defaultdict(float)
     by_op: dict[str, float] = collections.defaultdict(float)
-    for name, dur, op in kernels:
+    for name, dur, op, _ in kernels:
         by_category[category(name)] += dur
         by_name[name] += dur
         if op:
@@ -74,6 +76,8 @@ def summarize(profile_dir: str, steps: int) -> dict:
     return dict(
         kernels_per_step=len(kernels) / steps,
         busy_ms=per_step(sum(by_category.values())),
+        span_ms=per_step(max((ts + dur for _, dur, _, ts in kernels), default=0.0)
+                         - min((ts for *_, ts in kernels), default=0.0)),
         categories_ms={k: per_step(v) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         top_kernels_ms=[(k[:90], per_step(v)) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]],
         top_ops_ms=[(k[:90], per_step(v)) for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[:15]],

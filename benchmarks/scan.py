@@ -10,7 +10,10 @@ every document restarts from (`--no-initial-state`: a model without meta tokens;
 Forward+backward: the input gradients for given output cotangents (`jax.vjp`; dy in y's dtype), as a
 training step's backward receives them; until 2026-12-03 it was the gradient of a loss over y, which added
 that loss's XLA work to the time (the cotangent's fp32 -> bf16 conversion alone 0.074 ms at 8 x 2048).
-Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready. Memory:
+Time: median over samples of `reps` back-to-back calls after warm-up, ended by block_until_ready; with
+--profile also each kernel's GPU time and the GPU's span per call over back-to-back calls (the first kernel's
+start to the last one's end): what the timed call takes beyond the span is host time (the first call's
+dispatch and the final sync, spread over the reps), not kernels or gaps between them. Memory:
 compiled temp + output bytes (memory_analysis). Floors: bytes that must move (inputs read once, outputs
 written once) at the measured copy bandwidth; exponentials (B L D N per pass; the backward recomputes
 them) at the measured exp rate.
@@ -76,13 +79,16 @@ def cotangents(forward, args, wy, wl):
 
 
 def kernel_times(compiled, args, trace_dir: str, calls: int = 5) -> dict:
-    """GPU time per call (ms) of the kernels of `calls` back-to-back calls, by kernel name, largest first
-    (a jax.profiler trace summarized by benchmarks/profile_summary.py)."""
+    """GPU time per call (ms) of the kernels of `calls` back-to-back calls, by kernel name, largest first,
+    then their sum ("busy") and the GPU's span per call from the first kernel's start to the last one's end
+    ("span": what is more than busy is idle between kernels); a jax.profiler trace summarized by
+    benchmarks/profile_summary.py."""
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             out = compiled(*args)
         jax.block_until_ready(out)
-    return dict(summarize(trace_dir, calls)["top_kernels_ms"][:8])
+    summary = summarize(trace_dir, calls)
+    return dict(summary["top_kernels_ms"][:8], busy=summary["busy_ms"], span=summary["span_ms"])
 
 
 def rel(a, b) -> float:
@@ -196,7 +202,7 @@ def main():
                 row[kind + "_temp_bytes"] = mem.temp_size_in_bytes
                 row[kind + "_s"] = timeit(compiled, *fargs, reps=3 if name == "sequential" else 10)
                 if args.profile:
-                    trace_dir = os.path.join(args.profile, re.sub(r"[^\w.=-]", "_", f"{name}_{kind}"))
+                    trace_dir = os.path.join(args.profile, re.sub(r"[^\w.-]", "_", f"{name}_{kind}"))
                     row[kind + "_kernels_ms"] = kernel_times(compiled, fargs, trace_dir)
             except Exception as e:  # noqa: BLE001 - a failing backend is reported, the others still run
                 row[kind + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"

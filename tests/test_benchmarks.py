@@ -29,8 +29,8 @@ def write_trace(directory: Path, events: list[dict]) -> None:
         json.dump({"traceEvents": meta + events}, f)
 
 
-def kernel(name: str, dur: float, tid: int = 7, pid: int = 2, op: str = "") -> dict:
-    return {"ph": "X", "pid": pid, "tid": tid, "ts": 0.0, "dur": dur, "name": name,
+def kernel(name: str, dur: float, tid: int = 7, pid: int = 2, op: str = "", ts: float = 0.0) -> dict:
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name,
             **({"args": {"hlo_op": op, "hlo_module": "jit_step"}} if op else {})}
 
 
@@ -38,7 +38,7 @@ def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
     """Two steps: only the GPU stream rows count (the 'XLA Ops' row and host rows repeat or are not GPU
     work), per step, grouped by the kernel-name rules."""
     write_trace(tmp_path, [
-        kernel("selective_scan_backward", 300.0), kernel("selective_scan_forward__1", 100.0),
+        kernel("selective_scan_backward", 300.0, ts=100.0), kernel("selective_scan_forward__1", 100.0, ts=1000.0),
         kernel("nvjet_sm90_tst_192x192_64x3_1x1_h_bz_coopB_NTN", 200.0),
         kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma", 120.0),
         kernel("loop_multiply_fusion_63", 40.0), kernel("input_reduce_fusion_2", 20.0),
@@ -50,6 +50,7 @@ def test_profile_summary_counts_stream_kernels_by_kind(tmp_path):
     summary = profile_summary.summarize(str(tmp_path), steps=2)
     assert summary["kernels_per_step"] == 5
     assert summary["busy_ms"] == pytest.approx(0.425)
+    assert summary["span_ms"] == pytest.approx(0.55)     # from the first start (0) to the last end (1100), 2 steps
     assert summary["categories_ms"] == pytest.approx({
         "scan (pallas_gpu)": 0.2, "matmul": 0.1, "attention": 0.06, "elementwise fusion": 0.02,
         "reduction fusion": 0.01, "copy / transpose": 0.03, "collective": 0.005})

@@ -223,6 +223,25 @@ def test_pallas_gpu_forward_alone_splits_time_only_on_small_grids(reference):
         assert grids["selective_scan_forward"] == (BATCH, 2, 2) and grids["selective_scan_segment_states"] == (BATCH, 2)
 
 
+@pytest.mark.parametrize("lookahead", [0, 1, 4, 6])
+def test_pallas_gpu_loads_columns_ahead_across_chunks(reference, lookahead):
+    """Every pass reads each step's B and C columns `lookahead` steps of its walk before the step (`_Columns`),
+    the last steps' loads reaching into the next chunk: forward, from the last chunk back in the adjoint pass.
+    0 loads at the step, 4 a whole chunk ahead, 6 is capped at the chunk (4). Several chunks per segment
+    (2 segments of 4 chunks with a backward, 8 chunks of 4 alone), resets in both: the reference."""
+    fn = scan_pallas_gpu.with_kernels(chunk=4, inference_chunk=4, block_d=8, segments=2, forward_segments=2,
+                                      column_lookahead=lookahead, inference_column_lookahead=lookahead,
+                                      entry_column_lookahead=lookahead, interpret=True)
+    inputs, reset = make_inputs(5, jnp.float32, BATCH)
+    ref_grads, (ref_y, ref_last) = reference(inputs, reset)
+    grads, (y, last) = value_and_grads(fn)(inputs, reset)
+    y_alone, last_alone = jax.jit(fn)(*inputs[:8], reset, inputs[8])
+    for got, want in ((y, ref_y), (last, ref_last), (y_alone, ref_y), (last_alone, ref_last)):
+        assert rel(got, want) < 5e-6
+    for name, g, ref_g in zip(NAMES, grads, ref_grads):
+        assert rel(g, ref_g) < 5e-6, name
+
+
 def _kernel_grids(jaxpr) -> dict:
     """{kernel name: grid} of the Pallas calls in a jaxpr, its sub-jaxprs included."""
     grids = {}

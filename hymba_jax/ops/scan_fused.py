@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -224,18 +224,22 @@ def load_rows(io: ChunkIO, steps: int, names: tuple[str, ...]) -> list[dict]:
     return [{k: io.row(k, i) for k in names} for i in range(steps)]
 
 
-def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[list[dict]] = None) -> Array:
+def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[list[dict]] = None,
+                  cols: Optional[Sequence[dict]] = None) -> Array:
     """Advance the (N, bD) state over `steps` positions, writing y; returns the state after them.
 
-    All of a chunk's loads come first: they do not depend on the state, so their latency overlaps. rows:
-    the chunk's rows (`load_rows` of `forward_rows`) when the caller loaded them ahead: the GPU kernel
-    loads the next chunk's rows before computing this one, as they come from HBM and their latency would
-    otherwise stall every chunk (the B and C columns, read by every program of a row, come from L2)."""
+    All of a chunk's loads come first: they do not depend on the state, so their latency overlaps. rows,
+    cols: the chunk's rows (`load_rows` of `forward_rows`) and B and C columns (`cols[i]["B"]`, indexed in
+    step order) when the caller loads them itself: the GPU kernel loads the next chunk's rows before computing
+    this one, as they come from HBM and their latency would otherwise stall every chunk, and each step's
+    columns (from L2: every program of a row reads them) a few steps before it, across chunks."""
     if rows is None:
         rows = load_rows(io, steps, forward_rows(io.has_z))
-    cols = [dict(B=io.col("B", i), C=io.col("C", i), start=io.starts(i)) for i in range(steps)]
+    if cols is None:
+        cols = [dict(B=io.col("B", i), C=io.col("C", i)) for i in range(steps)]
+    starts = [io.starts(i) for i in range(steps)]
     for i in range(steps):
-        s = {**rows[i], **cols[i]}
+        s = dict(rows[i], **cols[i], start=starts[i])
         h = restart(s["start"], h, p.h0)
         delta = softplus(s["dt"] + p.bias)
         h = io.fma(decay(delta, p.A, p.A_log2), h, (delta * s["x"]) * s["B"])

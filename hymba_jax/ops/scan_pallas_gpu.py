@@ -24,9 +24,11 @@ Rows are read straight from global memory at (t, channel block), so nothing but 
 (backward) crosses memory at (B, L, D) size; the forward writes the state once per chunk, and only when a backward
 pass follows. The forward loads the next chunk's rows before computing the current one: with six one-warp programs
 per SM (8 x 2048 x 3200) nothing else hides their HBM latency, and Nsight Compute put half of the forward's stalls
-on them. The backward does not: carrying its four rows per step through the loop made it spill and run 1.4x slower
-(H200, docs/performance.md). dB and dC are summed over channel blocks outside the kernel (one (B, L, 2N) partial
-per block). `interpret=True` runs the same kernels on the CPU (tests).
+on them. The backward does not: carrying its four rows per step through the loop made it spill and run 1.4x
+slower (H200, docs/performance.md). The forward and the entry-state pass load each step's B and C columns (from
+L2) a few steps ahead, across chunks (`_Columns`): each thread holds whole columns, so a chunk's at once made the
+forward spill, and each at its step left the L2's latency exposed. dB and dC are summed over channel blocks
+outside the kernel (one (B, L, 2N) partial per block). `interpret=True` runs the same kernels on the CPU (tests).
 """
 
 from __future__ import annotations
@@ -74,8 +76,20 @@ FORWARD_SEGMENT_GRID = 6400
 # against 1.488 in 16; 2 x 4096 and 1 x 8192 0.563 and 0.598 in 4 and 8 segments against 0.534 and 0.569 in
 # 32 and 64.
 INFERENCE_GRID = 800
-# Programs the H200 runs at once: 132 SMs x 8 (the forward's 255 registers leave room for 8 one-warp programs).
+# Programs the H200 runs at once: 132 SMs x 8 (the forward alone's 242 registers leave room for 8 one-warp
+# programs).
 WAVE = 1056
+# How many steps ahead of its use each pass loads a step's B and C columns (`_Columns`): the forward keeping
+# states (chunks of CHUNK), the forward alone (INFERENCE_CHUNK) and the entry-state pass. H200, 4 x 4096 x 3200
+# (docs/performance.md, 2026-12-04, night), kernel times: the forward keeping states 0.646 ms at 3 against
+# 0.746 with each chunk's columns loaded at its start (243 registers), 0.889 / 0.679 at 2 / 4; the forward
+# alone 0.655 at 2 against 0.659 (255 registers and spills), 0.685 / 0.700 at 3 / 4, 0.94 loading each
+# column at its step (168 registers, no spills: the L2's latency exposed); the entry pass of
+# forward+backward 0.359 at 2 against 0.400 loading at the step. The adjoint pass loads at the step: ahead
+# it ran slower (0.473 / 0.599 / 0.557 ms at 2 / 1 / 4 against 0.418).
+COLUMN_LOOKAHEAD = 3
+INFERENCE_COLUMN_LOOKAHEAD = 2
+ENTRY_COLUMN_LOOKAHEAD = 2
 
 
 class _IO:
@@ -269,13 +283,37 @@ def _block(cfg, width: int) -> int:
     return channel_block(width, cfg["block_d"] or BLOCK_D)
 
 
-def _chunk_rows(refs, first, count: int, chunk: int, has_z: bool, names: tuple[str, ...]):
-    """rows_of(k): the rows `names` of chunk first + k of a walk over `count` chunks, loaded ahead of the
-    chunk's arithmetic; past the walk's end its last chunk's (the last look-ahead is unused)."""
-    def rows_of(k):
-        return load_rows(_IO(refs, (first + jnp.minimum(k, count - 1)) * chunk, has_z), chunk, names)
+def _chunk_io(refs, first, count: int, chunk: int, has_z: bool):
+    """io_of(k): the `_IO` of chunk first + k of a walk over `count` chunks, for loads ahead of the chunk's
+    arithmetic; past the walk's end its last chunk's (the last look-ahead is unused)."""
+    def io_of(k):
+        return _IO(refs, (first + jnp.minimum(k, count - 1)) * chunk, has_z)
 
-    return rows_of
+    return io_of
+
+
+class _Columns:
+    """A chunk's columns `names` (B, C: (N, 1) each) by step, each loaded `len(first)` steps before the step
+    that reads it, those of the chunk's last steps reaching into the next chunk (`next_io`). first: the
+    columns of the chunk's first steps, loaded by the chunk before (`first_of` before the first chunk);
+    after the walk, `next` holds the next chunk's. Indexed in step order. Every thread holds whole columns,
+    2N registers a step, so how far ahead trades registers against the L2's latency (`COLUMN_LOOKAHEAD`)."""
+
+    def __init__(self, io: _IO, next_io: _IO, first: list[dict], steps: int, names: tuple[str, ...]):
+        self.io, self.next_io, self.steps, self.names = io, next_io, steps, names
+        self.ahead, self.loaded, self.next = len(first), dict(enumerate(first)), []
+
+    @staticmethod
+    def first_of(io: _IO, ahead: int, steps: int, names: tuple[str, ...]) -> list[dict]:
+        return [{k: io.col(k, i) for k in names} for i in range(min(ahead, steps))]
+
+    def __getitem__(self, i: int) -> dict:
+        for j in (i, i + self.ahead):
+            if j >= self.steps:
+                self.next.append({k: self.next_io.col(k, j - self.steps) for k in self.names})
+            elif j not in self.loaded:
+                self.loaded[j] = {k: self.io.col(k, j) for k in self.names}
+        return self.loaded[i]
 
 
 def _forward(c: Canon, keep_starts: bool, cfg):
@@ -311,17 +349,25 @@ def _forward(c: Canon, keep_starts: bool, cfg):
         p = Params.from_refs(refs)
         segment = _segment_index(segments)
         first = segment * per_segment
-        rows_of = _chunk_rows(refs, first, per_segment, chunk, has_z, forward_rows(has_z))
+        io_of = _chunk_io(refs, first, per_segment, chunk, has_z)
+        rows_of = lambda k: load_rows(io_of(k), chunk, forward_rows(has_z))
 
         def body(k, carry):
-            h, rows = carry
+            h, rows, cols = carry
             if keep_starts:
                 refs["starts"][first + k] = h
             ahead = rows_of(k + 1)       # issued before this chunk's arithmetic, which hides their latency
-            return _per_chunk(refs, first + k, chunk, has_z, cfg["interpret"],
-                              lambda io: forward_chunk(io, h, p, chunk, rows)), ahead
 
-        h, _ = jax.lax.fori_loop(0, per_segment, body, (refs["entry"][...], rows_of(0)))
+            def step(io):
+                columns = _Columns(io, io_of(k + 1), cols, chunk, ("B", "C"))
+                return forward_chunk(io, h, p, chunk, rows, columns), columns.next
+
+            h, cols = _per_chunk(refs, first + k, chunk, has_z, cfg["interpret"], step)
+            return h, ahead, cols
+
+        lookahead = cfg["column_lookahead" if keep_starts else "inference_column_lookahead"]
+        cols = _Columns.first_of(io_of(0), lookahead, chunk, ("B", "C"))
+        h, _, _ = jax.lax.fori_loop(0, per_segment, body, (refs["entry"][...], rows_of(0), cols))
 
         @pl.when(segment == segments - 1)
         def _():
@@ -366,14 +412,14 @@ class Span(NamedTuple):
         return jnp.where(self.restarts > 0, 0.0, decay(self.deltas, p.A, p.A_log2))
 
 
-def state_chunk(io: _IO, h, span: Span, p: Params, steps: int, rows: list[dict]):
+def state_chunk(io: _IO, h, span: Span, p: Params, steps: int, rows: list[dict], cols):
     """The state recurrence alone over one chunk (no y): h <- a_t h + delta_t x_t B_t, from h0 where a
     document starts, and the chunk's `Span`: the state after the chunk = span.decays * (the state before
-    it) + (this h, from h = 0). rows: the chunk's x and dt rows."""
+    it) + (this h, from h = 0). rows: the chunk's x and dt rows; cols: its B columns (`_Columns`)."""
     for i in range(steps):
         start = io.starts(i)
         delta = softplus(rows[i]["dt"] + p.bias)
-        h = io.fma(decay(delta, p.A, p.A_log2), restart(start, h, p.h0), (delta * rows[i]["x"]) * io.col("B", i))
+        h = io.fma(decay(delta, p.A, p.A_log2), restart(start, h, p.h0), (delta * rows[i]["x"]) * cols[i]["B"])
         span = span.add(delta, start)
     return h, span
 
@@ -436,16 +482,22 @@ def _segment_entries(c: Canon, cfg, chunk: int, block: int, segments: int, piece
     def kernel(refs):
         p = Params.from_refs(refs)
         first = _segment_index(count) * per_piece        # the piece whose end this finds
-        rows_of = _chunk_rows(refs, first, per_piece, chunk, has_z, ("x", "dt"))
+        io_of = _chunk_io(refs, first, per_piece, chunk, has_z)
+        rows_of = lambda k: load_rows(io_of(k), chunk, ("x", "dt"))
 
         def body(k, carry):
-            h, span, rows = carry
+            h, span, rows, cols = carry
             ahead = rows_of(k + 1)
-            h, span = _per_chunk(refs, first + k, chunk, has_z, cfg["interpret"],
-                                 lambda io: state_chunk(io, h, span, p, chunk, rows))
-            return h, span, ahead
 
-        h, span, _ = jax.lax.fori_loop(0, per_piece, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0)))
+            def step(io):
+                columns = _Columns(io, io_of(k + 1), cols, chunk, ("B",))
+                return state_chunk(io, h, span, p, chunk, rows, columns) + (columns.next,)
+
+            h, span, cols = _per_chunk(refs, first + k, chunk, has_z, cfg["interpret"], step)
+            return h, span, ahead, cols
+
+        cols = _Columns.first_of(io_of(0), cfg["entry_column_lookahead"], chunk, ("B",))
+        h, span, _, _ = jax.lax.fori_loop(0, per_piece, body, (jnp.zeros_like(p.A), Span.empty(p), rows_of(0), cols))
         refs["sums"][...] = h
         refs["decays"][...] = span.decays(p)
 
@@ -709,18 +761,23 @@ def pow2_state_kernels(forward: Callable, backward: Callable, starts_axis: int, 
 def kernels(chunk: int = CHUNK, block_d: int | None = None, num_warps: int = NUM_WARPS,
             inference_chunk: int = INFERENCE_CHUNK, segments: int | None = None, segment_grid: int = SEGMENT_GRID,
             forward_segments: int | None = None, forward_segment_grid: int = FORWARD_SEGMENT_GRID,
-            inference_grid: int = INFERENCE_GRID, wave: int = WAVE, interpret: bool = False) -> Kernels:
+            inference_grid: int = INFERENCE_GRID, wave: int = WAVE, column_lookahead: int = COLUMN_LOOKAHEAD,
+            inference_column_lookahead: int = INFERENCE_COLUMN_LOOKAHEAD,
+            entry_column_lookahead: int = ENTRY_COLUMN_LOOKAHEAD, interpret: bool = False) -> Kernels:
     """chunk: time steps per backward chunk (and between the states the forward keeps for it);
     inference_chunk: the forward's unroll when no backward follows. Both powers of two. block_d: channels
     per program (None: BLOCK_D). segments, forward_segments: the backward's and the forward's time
     segments, or None for the fewest that make segment_grid, forward_segment_grid programs (`_segments`);
     a forward without a backward runs whole on a grid of inference_grid programs or more, in two segments on
-    half that where they fit in one wave of programs (`INFERENCE_GRID`)."""
+    half that where they fit in one wave of programs (`INFERENCE_GRID`). column_lookahead,
+    inference_column_lookahead, entry_column_lookahead: how many steps ahead the forward keeping states, the
+    forward alone and the entry-state pass load each step's columns (`COLUMN_LOOKAHEAD`)."""
     require_powers_of_two("pallas_gpu", chunk=chunk, inference_chunk=inference_chunk)
     cfg = dict(chunk=chunk, inference_chunk=inference_chunk, block_d=block_d, num_warps=num_warps,
                segments=segments, segment_grid=segment_grid, forward_segments=forward_segments,
                forward_segment_grid=forward_segment_grid, inference_grid=inference_grid, wave=wave,
-               interpret=interpret)
+               column_lookahead=column_lookahead, inference_column_lookahead=inference_column_lookahead,
+               entry_column_lookahead=entry_column_lookahead, interpret=interpret)
     return pow2_state_kernels(_forward, _backward, 2, max(chunk, inference_chunk), cfg)
 
 

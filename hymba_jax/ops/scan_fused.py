@@ -29,6 +29,7 @@ from hymba_jax.ops.scan_chunked import PAD_DT, pad_time
 from hymba_jax.parallel import kernel_mesh_axes
 
 Array = jax.Array
+LOG2E = math.log2(math.e)
 
 
 class Canon(NamedTuple):
@@ -138,6 +139,9 @@ class ChunkIO(Protocol):
     has_z: bool
     keeps_states: bool      # the backward keeps each step's state for its walk back, rather than recomputing it
 
+    def softplus(self, v: Array) -> Array: ...          # `softplus`, in the kernel's form (`fast_math`)
+    def sigmoid(self, v: Array) -> Array: ...           # `sigmoid` likewise
+
     def row(self, name: str, i: int) -> Array: ...      # x, dt, z, dy
     def col(self, name: str, i: int) -> Array: ...      # B, C
     def starts(self, i: int) -> Optional[Array]: ...    # bool, broadcast: a document starts at step i;
@@ -158,14 +162,20 @@ def with_initial_state(c: Canon) -> Canon:
     return c._replace(h0=jnp.zeros((c.x.shape[0],) + c.A.shape, jnp.float32))
 
 
+def fast_math(dtype) -> bool:
+    """Whether kernels whose inputs x have `dtype` take the fast forms of exp, softplus and sigmoid: for
+    inputs narrower than fp32. On a GPU exp2 is one instruction (MUFU ex2) where an exact exp takes about ten
+    (a range reduction to extra precision around the same ex2), log1p a dozen more and a division a branch;
+    a scan takes N exps per channel and step, and softplus and sigmoid once or twice. The fast forms' errors
+    put the gradients a few 1e-6 from 'sequential' (dA; measured on the H200, docs/performance.md): a
+    thousandth of a bf16 ulp, but above the 1e-6 that fp32 inputs keep with the exact functions."""
+    return jnp.dtype(dtype) != jnp.float32
+
+
 def exp2_rates(A: Array, dtype) -> Optional[Array]:
-    """`decay`'s A_log2 for a kernel whose inputs x have `dtype`: A log2(e) for inputs narrower than fp32
-    (the decays then take the hardware exp2), None for fp32 (the exact exp). On a GPU exp2 is one
-    instruction (MUFU ex2) where an exact exp takes about ten (a range reduction to extra precision around
-    the same ex2), and a scan takes N of them per channel and step. Its error on the unreduced argument puts
-    the gradients about 3e-6 from 'sequential' (dA; measured on the H200, docs/performance.md): a thousandth
-    of a bf16 ulp, but above the 1e-6 that fp32 inputs keep with the exact exp."""
-    return A * math.log2(math.e) if jnp.dtype(dtype) != jnp.float32 else None
+    """`decay`'s A_log2 for a kernel whose inputs x have `dtype`: A log2(e) where the kernel takes the fast
+    forms (`fast_math`; the decays then take the hardware exp2), None for the exact exp."""
+    return A * LOG2E if fast_math(dtype) else None
 
 
 def decay(delta: Array, A: Array, A_log2: Optional[Array] = None) -> Array:
@@ -192,12 +202,31 @@ class Params(NamedTuple):
         return cls(A, refs["D"][...], refs["bias"][...], h0, exp2_rates(A, refs["x"].dtype))
 
 
-def softplus(v):
-    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+def softplus(v, reciprocal: Optional[Callable] = None):
+    """log(1 + e^v), fp32. With `reciprocal` (a kernel's 1/x, possibly approximate: `fast_math`), e^-|v| by
+    exp2 and the log1p by `log1p_unit`; else the exact functions."""
+    if reciprocal is None:
+        return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
+    return jnp.maximum(v, 0.0) + log1p_unit(jnp.exp2(-LOG2E * jnp.abs(v)), reciprocal)
 
 
-def sigmoid(v):
-    return 1.0 / (1.0 + jnp.exp(-v))
+def sigmoid(v, reciprocal: Optional[Callable] = None):
+    """1 / (1 + e^-v), fp32; with `reciprocal` (as `softplus`), e^-v by exp2 and the division by it."""
+    if reciprocal is None:
+        return 1.0 / (1.0 + jnp.exp(-v))
+    return reciprocal(1.0 + jnp.exp2(-LOG2E * v))
+
+
+def log1p_unit(e, reciprocal: Callable):
+    """log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, by its series to s^13 (the next term
+    is below 1.3e-8 of the sum), in Horner form: one reciprocal and eight multiply-adds, where a GPU's log1p
+    reduces its argument first, and branches."""
+    s = e * reciprocal(2.0 + e)
+    t = s * s
+    series = 1.0 / 13.0
+    for k in (11, 9, 7, 5, 3, 1):
+        series = series * t + 1.0 / k
+    return 2.0 * s * series
 
 
 def _load_step(io: ChunkIO, i: int, names: tuple[str, ...], cols: tuple[str, ...] = ("B", "C")) -> dict:
@@ -241,11 +270,11 @@ def forward_chunk(io: ChunkIO, h: Array, p: Params, steps: int, rows: Optional[l
     for i in range(steps):
         s = dict(rows[i], **cols[i], start=starts[i])
         h = restart(s["start"], h, p.h0)
-        delta = softplus(s["dt"] + p.bias)
+        delta = io.softplus(s["dt"] + p.bias)
         h = io.fma(decay(delta, p.A, p.A_log2), h, (delta * s["x"]) * s["B"])
         y = io.fma(p.D, s["x"], io.state_dot(h, s["C"]))
         if io.has_z:
-            y = y * (s["z"] * sigmoid(s["z"]))
+            y = y * (s["z"] * io.sigmoid(s["z"]))
         io.put_row("y", i, y)
     return h
 
@@ -270,7 +299,7 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
     for i in range(steps):                                   # recompute the chunk's states
         s = _load_step(io, i, ("x", "dt"), cols=("B",))
         hp = restart(s["start"], h, p.h0)
-        delta = softplus(s["dt"] + p.bias)
+        delta = io.softplus(s["dt"] + p.bias)
         a = decay(delta, p.A, p.A_log2)
         h = io.fma(a, hp, (delta * s["x"]) * s["B"])
         # A GPU recomputes h on the way back (an FMA costs less than its registers); a TPU keeps it in VMEM
@@ -292,7 +321,7 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         if h is None:
             h = io.fma(a, hp, u * s["B"])
         if io.has_z:
-            zs = sigmoid(s["z"])
+            zs = io.sigmoid(s["z"])
             y_pre = io.fma(p.D, x, io.state_dot(h, s["C"]))
             io.put_row("dz", i, dy * y_pre * (zs * (1.0 + s["z"] * (1.0 - zs))))
             g = dy * (s["z"] * zs)
@@ -305,7 +334,7 @@ def backward_chunk(io: ChunkIO, h_start: Array, dh: Array, acc: Accum, p: Params
         dhp = dh * a
         q = dhp * hp
         dA = io.fma(q, delta, dA)
-        dv = io.fma(io.state_dot(q, rate), rate_scale, du * x) * sigmoid(s["dt"] + p.bias)
+        dv = io.fma(io.state_dot(q, rate), rate_scale, du * x) * io.sigmoid(s["dt"] + p.bias)
         dbias = dbias + dv
         io.put_row("ddt", i, dv)
         io.put_row("dx", i, io.fma(du, delta, g * p.D))

@@ -42,8 +42,8 @@ from jax.experimental import pallas as pl
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, decay, \
-    forward_chunk, forward_rows, fused_scan, load_rows, require_powers_of_two, restart, sigmoid, softplus, \
-    with_initial_state
+    fast_math, forward_chunk, forward_rows, fused_scan, load_rows, require_powers_of_two, restart, sigmoid, \
+    softplus, with_initial_state
 
 try:  # the Triton compiler parameters (absent from some jaxlib builds; not needed in interpret mode)
     from jax.experimental.pallas import triton as plgpu
@@ -105,6 +105,7 @@ class _IO:
                  interpret: bool = False, misplaced=None):
         self.refs, self.t0, self.has_z, self.restarts = refs, t0, has_z, restarts
         self.scatter, self.interpret, self.misplaced = scatter, interpret, misplaced
+        self.fast = fast_math(refs["x"].dtype)
 
     def row(self, name, i):
         return self.refs[name][pl.ds(self.t0 + i, 1), :].astype(jnp.float32)
@@ -123,6 +124,22 @@ class _IO:
 
     def fma(self, a, b, c):
         return _fma(a, b, c, self.interpret)
+
+    def softplus(self, v):
+        return softplus(v, self.reciprocal if self.fast else None)
+
+    def sigmoid(self, v):
+        return sigmoid(v, self.reciprocal if self.fast else None)
+
+    def reciprocal(self, v):
+        """1 / v by one `rcp.approx.ftz.f32` (MUFU rcp, within an ulp), where a division is a Newton iteration
+        around it and a branch for large and tiny v; 1 / v in interpret mode. For the fast forms only
+        (`fast_math`)."""
+        if self.interpret:
+            return 1.0 / v
+        [out] = plgpu.elementwise_inline_asm("rcp.approx.ftz.f32 $0, $1;", args=[v], constraints="=f,f", pack=1,
+                                             result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
+        return out
 
     def state_dot(self, a, b):
         return _state_dot(a, b, self.fma)
@@ -418,7 +435,7 @@ def state_chunk(io: _IO, h, span: Span, p: Params, steps: int, rows: list[dict],
     it) + (this h, from h = 0). rows: the chunk's x and dt rows; cols: its B columns (`_Columns`)."""
     for i in range(steps):
         start = io.starts(i)
-        delta = softplus(rows[i]["dt"] + p.bias)
+        delta = io.softplus(rows[i]["dt"] + p.bias)
         h = io.fma(decay(delta, p.A, p.A_log2), restart(start, h, p.h0), (delta * rows[i]["x"]) * cols[i]["B"])
         span = span.add(delta, start)
     return h, span
@@ -577,8 +594,8 @@ def adjoint_chunk(io: _IO, dh, span: Span, p: Params, steps: int, at_starts: Sta
     starts = [io.starts(i) for i in range(steps)]
     for i in reversed(range(steps)):
         s = rows[i]
-        g = s["dy"] * (s["z"] * sigmoid(s["z"])) if io.has_z else s["dy"]
-        delta = softplus(s["dt"] + p.bias)
+        g = s["dy"] * (s["z"] * io.sigmoid(s["z"])) if io.has_z else s["dy"]
+        delta = io.softplus(s["dt"] + p.bias)
         dh = io.fma(io.col("C", i), g, dh) * decay(delta, p.A, p.A_log2)
         walked = span.add(delta, starts[i])
         if starts[i] is not None:

@@ -34,7 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from hymba_jax.ops.scan import register_backend
 from hymba_jax.ops.scan_fused import Accum, Canon, Kernels, Params, backward_chunk, channel_block, \
-    forward_chunk, fused_scan, require_powers_of_two, with_initial_state
+    forward_chunk, fused_scan, require_powers_of_two, sigmoid, softplus, with_initial_state
 
 T = TypeVar("T")
 
@@ -75,6 +75,12 @@ class _IO:
 
     def fma(self, a, b, c):
         return a * b + c
+
+    def softplus(self, v):
+        return softplus(v)
+
+    def sigmoid(self, v):
+        return sigmoid(v)
 
     def state_dot(self, a, b):
         return jnp.sum(a * b, axis=0)

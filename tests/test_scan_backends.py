@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from hymba_jax.ops import scan_chunked, scan_pallas_gpu, scan_pallas_tpu
+from hymba_jax.ops import scan_chunked, scan_fused, scan_pallas_gpu, scan_pallas_tpu
 from hymba_jax.ops.scan import available_backends, selective_scan
 from hymba_jax.ops.scan_fused import Canon
 
@@ -157,6 +158,29 @@ def test_pallas_gpu_spells_out_multiply_adds():
     assert "fma.rn.f32" in program
     assert "inline_asm" not in str(jax.make_jaxpr(lambda a: scan_pallas_gpu._fma(a, a, a, interpret=True))(
         jnp.ones((16, 32))))
+
+
+def test_fast_softplus_and_sigmoid_against_float64():
+    """The fast forms the kernels take with bf16 inputs (`fast_math`): log1p on [0, 1] as 2 atanh(e / (2 + e))
+    by its series (`log1p_unit`) within 3e-7 of float64; softplus and sigmoid from exp2 within 2.5e-6 over
+    [-30, 30] (the rounding of -|v| log2(e), amplified by the exponent), from 0 to 1 at the far ends. The
+    exact forms (no reciprocal) stay within 3e-7. On the GPU the reciprocal is one `rcp.approx.ftz.f32`."""
+    reciprocal = lambda v: 1.0 / v
+    e = jnp.linspace(0.0, 1.0, 100001, dtype=jnp.float32)[1:]
+    want = np.log1p(np.asarray(e, np.float64))
+    assert np.max(np.abs(np.asarray(scan_fused.log1p_unit(e, reciprocal), np.float64) / want - 1)) < 3e-7
+    v = jnp.linspace(-30.0, 30.0, 100001, dtype=jnp.float32)
+    v64 = np.asarray(v, np.float64)
+    exact = dict(softplus=np.logaddexp(0.0, v64), sigmoid=1.0 / (1.0 + np.exp(-v64)))
+    for name, fn in (("softplus", scan_fused.softplus), ("sigmoid", scan_fused.sigmoid)):
+        for rcp, tol in ((reciprocal, 2.5e-6), (None, 3e-7)):
+            got = np.asarray(fn(v, rcp), np.float64)
+            assert np.max(np.abs(got / exact[name] - 1)) < tol, (name, rcp)
+    assert float(scan_fused.sigmoid(jnp.float32(-200.0), reciprocal)) == 0.0
+    assert float(scan_fused.softplus(jnp.float32(-200.0), reciprocal)) == 0.0
+    io = scan_pallas_gpu._IO({"x": jnp.zeros((1, 1), jnp.bfloat16)}, 0, False)
+    assert io.fast and not scan_pallas_gpu._IO({"x": jnp.zeros((1, 1), jnp.float32)}, 0, False).fast
+    assert "rcp.approx.ftz.f32" in str(jax.make_jaxpr(io.reciprocal)(jnp.ones((16, 32))))
 
 
 def test_pallas_gpu_splits_time_into_segments_on_small_grids(reference):

@@ -168,7 +168,8 @@ def fast_math(dtype) -> bool:
     (a range reduction to extra precision around the same ex2), log1p a dozen more and a division a branch;
     a scan takes N exps per channel and step, and softplus and sigmoid once or twice. The fast forms' errors
     put the gradients a few 1e-6 from 'sequential' (dA; measured on the H200, docs/performance.md): a
-    thousandth of a bf16 ulp, but above the 1e-6 that fp32 inputs keep with the exact functions."""
+    thousandth of a bf16 ulp, but above the 1e-6 that fp32 inputs keep with the exact functions. A platform's
+    `ChunkIO.softplus` and `sigmoid` may keep the exact forms where the fast ones gain nothing (the TPU)."""
     return jnp.dtype(dtype) != jnp.float32
 
 

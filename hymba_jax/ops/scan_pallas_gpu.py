@@ -313,8 +313,9 @@ class _Columns:
     """A chunk's columns `names` (B, C: (N, 1) each) by step, each loaded `len(first)` steps before the step
     that reads it, those of the chunk's last steps reaching into the next chunk (`next_io`). first: the
     columns of the chunk's first steps, loaded by the chunk before (`first_of` before the first chunk);
-    after the walk, `next` holds the next chunk's. Indexed in step order. Every thread holds whole columns,
-    2N registers a step, so how far ahead trades registers against the L2's latency (`COLUMN_LOOKAHEAD`)."""
+    after the walk, `next` holds the next chunk's. Indexed once per step, in step order. Every thread holds
+    whole columns, 2N registers a step, so how far ahead trades registers against the L2's latency
+    (`COLUMN_LOOKAHEAD`)."""
 
     def __init__(self, io: _IO, next_io: _IO, first: list[dict], steps: int, names: tuple[str, ...]):
         self.io, self.next_io, self.steps, self.names = io, next_io, steps, names

@@ -77,6 +77,8 @@ class _IO:
         return a * b + c
 
     def softplus(self, v):
+        # The exact forms also with bf16 inputs: the fast ones (`fast_math`) left the v5p schedule the same to
+        # the bundle, its steps bound by the scalar loads of B_t and C_t (docs/performance.md).
         return softplus(v)
 
     def sigmoid(self, v):

@@ -137,9 +137,7 @@ class _IO:
         (`fast_math`)."""
         if self.interpret:
             return 1.0 / v
-        [out] = plgpu.elementwise_inline_asm("rcp.approx.ftz.f32 $0, $1;", args=[v], constraints="=f,f", pack=1,
-                                             result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.float32)])
-        return out
+        return _asm("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v], jnp.float32)
 
     def state_dot(self, a, b):
         return _state_dot(a, b, self.fma)
@@ -154,6 +152,13 @@ class _IO:
             self.refs[name][self.t0 + i] = jnp.sum(terms, axis=1, keepdims=True)
 
 
+def _asm(code: str, constraints: str, args: list, dtype):
+    """One PTX instruction per element (Triton inline asm), its result of `dtype` shaped as args[0]."""
+    [out] = plgpu.elementwise_inline_asm(code, args=args, constraints=constraints, pack=1,
+                                         result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype)])
+    return out
+
+
 def _fma(a, b, c, interpret: bool):
     """a * b + c, broadcast, fp32, as one `fma.rn.f32` (one rounding). The H200's jax 0.11 compiles Pallas
     kernels with Triton's FP fusion off, so a multiply and an add stay two instructions there (Nsight Compute,
@@ -163,9 +168,7 @@ def _fma(a, b, c, interpret: bool):
         return a * b + c
     shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b), jnp.shape(c))
     args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in (a, b, c)]
-    [out] = plgpu.elementwise_inline_asm("fma.rn.f32 $0, $1, $2, $3;", args=args, constraints="=f,f,f,f", pack=1,
-                                         result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
-    return out
+    return _asm("fma.rn.f32 $0, $1, $2, $3;", "=f,f,f,f", args, jnp.float32)
 
 
 def _state_dot(a, b, fma):
@@ -190,10 +193,7 @@ def _shuffle_xor(v, mask: int, interpret: bool):
     the channel axis (axis 1) of a one-warp program's tiles; interpret mode permutes that axis instead."""
     if interpret:
         return jnp.take(v, jnp.arange(v.shape[1]) ^ mask, axis=1)
-    [out] = plgpu.elementwise_inline_asm(f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, -1;", args=[v],
-                                         constraints="=f,f", pack=1,
-                                         result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])
-    return out
+    return _asm(f"shfl.sync.bfly.b32 $0, $1, {mask}, 0x1f, -1;", "=f,f", [v], v.dtype)
 
 
 def _misplaced(v, interpret: bool):
@@ -203,8 +203,7 @@ def _misplaced(v, interpret: bool):
     if interpret:
         return jnp.zeros((1, v.shape[1]), jnp.int32)
     column = jax.lax.broadcasted_iota(jnp.int32, v.shape, 1)
-    [lane] = plgpu.elementwise_inline_asm("mov.u32 $0, %laneid;", args=[v], constraints="=r,f", pack=1,
-                                          result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)])
+    lane = _asm("mov.u32 $0, %laneid;", "=r,f", [v], jnp.int32)
     return jnp.max((lane != column).astype(jnp.int32), axis=0, keepdims=True)
 
 
@@ -322,15 +321,19 @@ class _Columns:
         self.ahead, self.loaded, self.next = len(first), dict(enumerate(first)), []
 
     @staticmethod
-    def first_of(io: _IO, ahead: int, steps: int, names: tuple[str, ...]) -> list[dict]:
-        return [{k: io.col(k, i) for k in names} for i in range(min(ahead, steps))]
+    def load(io: _IO, i: int, names: tuple[str, ...]) -> dict:
+        return {k: io.col(k, i) for k in names}
+
+    @classmethod
+    def first_of(cls, io: _IO, ahead: int, steps: int, names: tuple[str, ...]) -> list[dict]:
+        return [cls.load(io, i, names) for i in range(min(ahead, steps))]
 
     def __getitem__(self, i: int) -> dict:
         for j in (i, i + self.ahead):
             if j >= self.steps:
-                self.next.append({k: self.next_io.col(k, j - self.steps) for k in self.names})
+                self.next.append(self.load(self.next_io, j - self.steps, self.names))
             elif j not in self.loaded:
-                self.loaded[j] = {k: self.io.col(k, j) for k in self.names}
+                self.loaded[j] = self.load(self.io, j, self.names)
         return self.loaded[i]
 
 

@@ -76,7 +76,7 @@ FORWARD_SEGMENT_GRID = 6400
 # against 1.488 in 16; 2 x 4096 and 1 x 8192 0.563 and 0.598 in 4 and 8 segments against 0.534 and 0.569 in
 # 32 and 64.
 INFERENCE_GRID = 800
-# Programs the H200 runs at once: 132 SMs x 8 (the forward alone's 242 registers leave room for 8 one-warp
+# Programs the H200 runs at once: 132 SMs x 8 (the forward alone's 241 registers leave room for 8 one-warp
 # programs).
 WAVE = 1056
 # How many steps ahead of its use each pass loads a step's B and C columns (`_Columns`): the forward keeping
